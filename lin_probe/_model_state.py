@@ -1,0 +1,64 @@
+"""Measure a model without leaving a trace on it.
+
+A monitor runs extra forward passes on the user's model. Those passes must use eval semantics
+(no dropout noise, BatchNorm on running statistics) and must leave train/eval flags, ``.grad``s,
+buffers and every global RNG stream exactly as they were, so that a run with the monitor is
+bit-identical to one without.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Restore the python, numpy, torch CPU (and CUDA, if initialised) RNG states on exit."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else [], enabled=True):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def eval_semantics(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode for the duration, then restore each one's own flag.
+
+    Restoring per submodule (not a blanket ``model.train(mode)``) keeps user setups such as a
+    frozen BatchNorm inside a training model intact.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with preserved_rng_state():
+            yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Named parameters with ``requires_grad`` (the ones an optimizer trains), detached."""
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(
+            "The model has no trainable parameters (none with requires_grad=True), so its NTK is zero. "
+            "Unfreeze the parameters you train, or probe the submodule that is trained."
+        )
+    return params
+
+
+def model_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Named buffers, detached (BatchNorm running stats are read, never written, in eval mode)."""
+    return {name: b.detach() for name, b in model.named_buffers()}
