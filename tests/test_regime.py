@@ -1,0 +1,76 @@
+"""The exit rule, checked against a brute-force reading of its definition."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from lin_probe.regime import RegimeTracker
+
+
+def brute_force_exit(steps: list[int], values: list[float], tol: float, patience: int) -> int | None:
+    """First step of the first window of `patience` consecutive (non-NaN) checks all above tol."""
+    kept = [(s, v) for s, v in zip(steps, values, strict=True) if not math.isnan(v)]
+    for i in range(len(kept) - patience + 1):
+        window = kept[i : i + patience]
+        if all(v > tol for _, v in window):
+            return window[0][0]
+    return None
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_exit_step_matches_definition(seed: int) -> None:
+    rng = random.Random(seed)
+    patience = rng.randint(1, 4)
+    tol = 0.1
+    steps = sorted(rng.sample(range(0, 500), 30))
+    values = [rng.choice([0.05, 0.2, 0.1, float("nan"), 0.11, 0.0]) for _ in steps]
+    tracker = RegimeTracker(tol, patience)
+    confirmations = [s for s, v in zip(steps, values, strict=True) if tracker.update(s, v)]
+    expected = brute_force_exit(steps, values, tol, patience)
+    assert tracker.exit_step == expected
+    assert len(confirmations) == (0 if expected is None else 1)
+
+
+def test_exit_never_moves_and_equal_to_tolerance_is_inside() -> None:
+    tracker = RegimeTracker(0.1, 2)
+    assert not tracker.update(0, 0.1)  # equal is inside
+    assert not tracker.update(10, 0.2)
+    assert tracker.update(20, 0.3)
+    assert tracker.exit_step == 10
+    for step, value in [(30, 0.0), (40, 0.5), (50, 0.5), (60, 0.5)]:
+        assert not tracker.update(step, value)
+    assert tracker.exit_step == 10
+
+
+def test_state_round_trip_mid_streak() -> None:
+    full = RegimeTracker(0.1, 3)
+    resumed = RegimeTracker(0.1, 3)
+    stream = [(0, 0.0), (1, 0.2), (2, 0.3), (4, 0.4), (8, 0.5)]
+    for step, value in stream[:3]:
+        full.update(step, value)
+        resumed.update(step, value)
+    fresh = RegimeTracker(0.1, 3)
+    fresh.load_state_dict(resumed.state_dict())
+    for step, value in stream[3:]:
+        full.update(step, value)
+        fresh.update(step, value)
+    assert fresh.exit_step == full.exit_step == 1
+
+
+@pytest.mark.parametrize(
+    ("tol", "patience", "exc"),
+    [
+        (0.0, 1, ValueError),
+        (-1.0, 1, ValueError),
+        (float("nan"), 1, TypeError),
+        (0.1, 0, ValueError),
+        (0.1, 1.5, TypeError),
+        ("0.1", 1, TypeError),
+    ],
+)
+def test_bad_arguments(tol: float, patience: int, exc: type[Exception]) -> None:
+    with pytest.raises(exc, match="tolerance|patience"):
+        RegimeTracker(tol, patience)
