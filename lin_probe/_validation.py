@@ -30,7 +30,9 @@ def as_feature_matrix(inputs: Tensor, name: str = "inputs", min_rows: int = 1) -
     pointer to ``features_fn``.
     """
     if not isinstance(inputs, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor with a leading batch dimension, got {type(inputs).__name__}.")
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor with a leading batch dimension, got {type(inputs).__name__}."
+        )
     if inputs.dim() < 1:
         raise ValueError(f"`{name}` must have a leading batch dimension, got a 0-d tensor.")
     if not inputs.is_floating_point():

@@ -72,5 +72,5 @@ def test_state_round_trip_mid_streak() -> None:
     ],
 )
 def test_bad_arguments(tol: float, patience: int, exc: type[Exception]) -> None:
-    with pytest.raises(exc, match="tolerance|patience"):
+    with pytest.raises(exc, match=r"tolerance|patience"):
         RegimeTracker(tol, patience)

@@ -1,0 +1,128 @@
+"""Tiny Lightning setups shared by the callback tests, and readers for what they log."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TwoLayerNet(nn.Module):
+    """The paper's net ``f(x) = m^{-1/2} Σ_r v_r φ(w_rᵀx/√d)`` (NTK parameterisation)."""
+
+    def __init__(self, d: int, width: int, outputs: int = 1, *, seed: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(width, d, generator=gen))
+        self.v = nn.Parameter(torch.randn(outputs, width, generator=gen))
+        self.dropout = nn.Dropout(dropout)
+        self.d, self.width = d, width
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = torch.relu(x @ self.w.T / math.sqrt(self.d))
+        return self.dropout(hidden) @ self.v.T / math.sqrt(self.width)
+
+
+class Regressor(pl.LightningModule):
+    """An ordinary LightningModule: MSE, SGD, an optional scheduler."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float,
+        *,
+        momentum: float = 0.0,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        loss: str = "mse",
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.momentum = momentum
+        self.scheduler = scheduler
+        self.loss_name = loss
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _loss(self, pred: Tensor, y: Tensor) -> Tensor:
+        if self.loss_name == "cross_entropy":
+            return F.cross_entropy(pred, y)
+        return F.mse_loss(pred, y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return self._loss(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", self._loss(self(x), y))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        if self.scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"},
+        }
+
+
+def sphere_data(n: int, d: int, outputs: int = 1, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Inputs on the sphere of radius √d and a smooth nonlinear target (so training moves)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    x = x / x.norm(dim=1, keepdim=True) * math.sqrt(d)
+    teacher = torch.randn(d, outputs, generator=gen) / math.sqrt(d)
+    y = torch.tanh(2 * x @ teacher) + 0.5 * (x[:, :outputs] ** 2 - 1)
+    return x, y
+
+
+def loaders(
+    x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, batch_size: int, *, shuffle: bool = False
+) -> tuple[DataLoader, DataLoader]:
+    gen = torch.Generator().manual_seed(123)
+    train = DataLoader(
+        TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None
+    )
+    val = DataLoader(TensorDataset(x_val, y_val), batch_size=len(x_val))
+    return train, val
+
+
+def make_trainer(
+    tmp_path: Path, callbacks: list[pl.Callback], *, name: str = "run", **kwargs: Any
+) -> pl.Trainer:
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": TensorBoardLogger(str(tmp_path), name=name, version=0),
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 1.0,
+        "deterministic": True,
+    }
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def read_events(log_dir: str | Path) -> EventAccumulator:
+    acc = EventAccumulator(
+        str(log_dir), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0, "images": 0}
+    )
+    acc.Reload()
+    return acc
+
+
+def scalar_series(acc: EventAccumulator, tag: str) -> dict[int, float]:
+    return {event.step: event.value for event in acc.Scalars(tag)}
