@@ -380,30 +380,12 @@ class LinearRegimeMonitor(Callback):
             return self.features_fn(inputs)
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        assert self._measurer is not None and self._shadow is not None and self._initial is not None
-        try:
-            record: dict[str, float] = {"step": step}
-            record.update(self._measurer.functional(pl_module, self._shadow, self._initial.initial_outputs))
-            eigenvalues = None
-            if is_ntk_step(step, self.ntk_every_n_steps):
-                theta = self._measurer.ntk(pl_module, self._param_weights)
-                record.update(self._measurer.ntk_check(theta, self._initial))
-                eigenvalues = torch.linalg.eigvalsh(theta)
-        except Exception as err:  # never crash the user's run over a measurement
-            self._warn_once(
-                "measure",
-                f"lin_probe could not measure at step {step} ({type(err).__name__}: {err}); "
-                "logging NaN and carrying on.",
-            )
-            record = {"step": step, "functional_distance": math.nan, "functional_distance_rel": math.nan}
-            eigenvalues = None
-        if not all(
-            math.isfinite(v) for k, v in record.items() if k != "step" and k != "functional_distance_rel"
-        ):
+        record, eigenvalues = self._measure(pl_module, step)
+        if not all(math.isfinite(v) for v in record.values()):
             self._warn_once(
                 "nonfinite",
-                f"Non-finite values measured at step {step} (NaN/inf in the network or "
-                "shadow output); they are logged as they are and training continues.",
+                f"Non-finite values measured at step {step} (NaN/inf in the network or shadow output, or in "
+                "the NTK); they are logged as NaN/inf and training continues.",
             )
         newly_exited = self.regime.update(step, record["functional_distance_rel"])
         record["in_linear_regime"] = 0.0 if self.regime.exited else 1.0
@@ -418,6 +400,36 @@ class LinearRegimeMonitor(Callback):
                 self._active = False
                 self._pending_batches = []
             self._checks_since_exit += 1
+
+    def _measure(self, pl_module: pl.LightningModule, step: int) -> tuple[dict[str, float], Tensor | None]:
+        """One check's record and Θ_t's eigenvalues; a part that fails is NaN, never an exception."""
+        assert self._measurer is not None and self._shadow is not None and self._initial is not None
+        record: dict[str, float] = {"step": step}
+        try:
+            record.update(self._measurer.functional(pl_module, self._shadow, self._initial.initial_outputs))
+        except Exception as err:  # never crash the user's run over a measurement
+            self._warn_once(
+                "functional",
+                f"lin_probe could not compare network and shadow at step {step} "
+                f"({type(err).__name__}: {err}); logging NaN and carrying on.",
+            )
+            record.update(functional_distance=math.nan, functional_distance_rel=math.nan)
+        if not is_ntk_step(step, self.ntk_every_n_steps):
+            return record, None
+        try:
+            theta = self._measurer.ntk(pl_module, self._param_weights)
+        except Exception as err:
+            self._warn_once(
+                "ntk",
+                f"lin_probe could not compute the NTK at step {step} "
+                f"({type(err).__name__}: {err}); logging NaN and carrying on.",
+            )
+            theta = None
+        if theta is None or not bool(torch.isfinite(theta).all()):
+            record.update(ntk_gap=math.nan, ntk_drift=math.nan)
+            return record, None
+        record.update(self._measurer.ntk_check(theta, self._initial))
+        return record, torch.linalg.eigvalsh(theta)
 
     def _publish(self, trainer: pl.Trainer, record: Mapping[str, float], eigenvalues: Tensor | None) -> None:
         step = int(record["step"])

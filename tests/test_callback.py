@@ -330,3 +330,49 @@ def test_unknown_batch_structure_names_batch_to_xy(tmp_path: Path) -> None:
     ok = LinearRegimeMonitor(probe=(x[:16], y[:16]), batch_to_xy=lambda b: (b["inputs"], b["targets"]))
     make_trainer(tmp_path, [ok], name="ok", max_steps=2).fit(DictBatches(TwoLayerNet(D, 8), 0.1), data)
     assert [r["step"] for r in ok.history] == [0, 1, 2]
+
+
+def test_progress_bar_shows_relative_distance(tmp_path: Path) -> None:
+    trainer, _, _, _ = _run(tmp_path, monitor=LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=2), max_steps=4)
+    assert "lin_probe/functional_distance_rel" in trainer.progress_bar_metrics
+    trainer, _, _, _ = _run(
+        tmp_path, monitor=LinearRegimeMonitor(n_probe=N_VAL, progress_bar=False), max_steps=2, name="nobar"
+    )
+    assert "lin_probe/functional_distance_rel" not in trainer.progress_bar_metrics
+
+
+def test_diverging_network_warns_once_and_training_continues(tmp_path: Path) -> None:
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=1, log_spaced=False)
+    with pytest.warns(UserWarning, match="Non-finite") as record:
+        trainer, model, _, _ = _run(tmp_path, width=8, lr=500.0, monitor=monitor, max_steps=12)
+    assert trainer.global_step == 12  # the run was not cut short by the monitor
+    assert sum("Non-finite" in str(w.message) for w in record) == 1
+    assert any(not math.isfinite(r["loss_network"]) for r in monitor.history)
+
+
+def test_configurable_from_lightning_cli_yaml(tmp_path: Path) -> None:
+    from pytorch_lightning.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  max_steps: 2\n"
+        "  logger: false\n"
+        "  enable_checkpointing: false\n"
+        "  callbacks:\n"
+        "    - class_path: lin_probe.LinearRegimeMonitor\n"
+        "      init_args:\n"
+        "        every_n_steps: 2\n"
+        "        tolerance: 0.25\n"
+        "        loss: cross_entropy\n"
+        "        log_spaced: false\n"
+    )
+    cli = LightningCLI(pl.LightningModule, run=False, args=["--config", str(config)])
+    monitors = [cb for cb in cli.trainer.callbacks if isinstance(cb, LinearRegimeMonitor)]
+    assert len(monitors) == 1
+    assert (monitors[0].every_n_steps, monitors[0].tolerance, monitors[0].loss, monitors[0].log_spaced) == (
+        2,
+        0.25,
+        "cross_entropy",
+        False,
+    )
