@@ -192,13 +192,7 @@ class LinearRegimeMonitor(Callback):
         if not self._active or self._stepper is None:
             return
         batches, self._pending_batches = self._pending_batches, []
-        scale = 1.0 / trainer.accumulate_grad_batches  # Lightning divides the loss by this
-        try:
-            for x, y in batches:
-                self._stepper.accumulate(x, y, scale=scale)
-            self._stepper.step(lr=float(optimizer.param_groups[0]["lr"]))
-        except Exception as err:  # a monitor must never take the training run down with it
-            self._disable(f"the linear shadow could not take a step ({type(err).__name__}: {err})")
+        self._shadow_step(trainer, batches, lr=float(optimizer.param_groups[0]["lr"]))
         if trainer.gradient_clip_val:
             self._warn_once(
                 "clip",
@@ -296,14 +290,7 @@ class LinearRegimeMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Probe, Θ_0, the affine fit and the shadow — once, before the first optimizer step."""
-        device = pl_module.device
-        if self.probe is not None:
-            probe = probe_from_argument(self.probe, self.n_probe)
-        else:
-            probe = probe_from_dataloaders(
-                trainer.val_dataloaders, trainer.train_dataloader, self.n_probe, self.batch_to_xy
-            )
-        self._probe = probe.to(device)
+        self._probe = self._gather_probe(trainer).to(pl_module.device, _floating_dtype(pl_module))
         self._param_weights = _param_weights(pl_module, optimizer)
         self._measurer = self._make_measurer()
         ntk0 = self._measurer.ntk(pl_module, self._param_weights)
@@ -318,6 +305,17 @@ class LinearRegimeMonitor(Callback):
                 "architecture, so distances from it say little about the network's own kernel regime "
                 "(watch `lin_probe/ntk_drift` instead).",
             )
+
+    def _gather_probe(self, trainer: pl.Trainer) -> ProbeSet:
+        """The probe set, identical on every rank: under DDP each rank's dataloader yields a different
+        shard (DistributedSampler), so rank zero's probe is broadcast to all."""
+        if self.probe is not None:
+            probe = probe_from_argument(self.probe, self.n_probe)
+        else:
+            probe = probe_from_dataloaders(
+                trainer.val_dataloaders, trainer.train_dataloader, self.n_probe, self.batch_to_xy
+            )
+        return trainer.strategy.broadcast(probe, src=0) if trainer.world_size > 1 else probe
 
     def _build(
         self,
@@ -351,7 +349,9 @@ class LinearRegimeMonitor(Callback):
     ) -> None:
         """Rebuild from a checkpoint instead of re-measuring: Θ_0 is the kernel at *initialisation*."""
         targets = state["probe_targets"]
-        self._probe = ProbeSet(state["probe_inputs"], targets, state["probe_source"]).to(pl_module.device)
+        self._probe = ProbeSet(state["probe_inputs"], targets, state["probe_source"]).to(
+            pl_module.device, _floating_dtype(pl_module)
+        )
         self._param_weights = dict(state["param_weights"])
         self._measurer = self._make_measurer()
         kernel = AffineKernel(**state["kernel"])
@@ -362,6 +362,34 @@ class LinearRegimeMonitor(Callback):
         self._last_optimizer_step = int(state["last_optimizer_step"])
         self._checks_since_exit = int(state["checks_since_exit"])
         self._active = bool(state["active"])
+
+    def _shadow_step(self, trainer: pl.Trainer, batches: list[tuple[Tensor, Tensor]], lr: float) -> None:
+        """One mirrored shadow step on this optimizer step's micro-batches, in lock-step across ranks.
+
+        Under DDP the network steps with the gradient averaged over ranks, so the shadow's gradient
+        is averaged too. Ranks first agree on whether every one of them could accumulate: a rank
+        that failed alone must not leave the others waiting in the collective (all stop together).
+        """
+        assert self._stepper is not None
+        failure: str | None = None
+        try:
+            for x, y in batches:
+                # Lightning divides the loss by accumulate_grad_batches; so does the shadow.
+                self._stepper.accumulate(x, y, scale=1.0 / trainer.accumulate_grad_batches)
+        except Exception as err:  # a monitor must never take the training run down with it
+            failure = f"{type(err).__name__}: {err}"
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
+            failure is not None, all=False
+        ):
+            failure = failure or "another rank failed to accumulate the shadow's gradient"
+        if failure is not None:
+            self._stepper.discard()
+            self._disable(f"the linear shadow could not take a step ({failure})")
+            return
+        try:
+            self._stepper.step(lr=lr, reduce_grad=_mean_over_ranks(trainer))
+        except Exception as err:
+            self._disable(f"the linear shadow could not take a step ({type(err).__name__}: {err})")
 
     def _make_measurer(self) -> ProbeMeasurer:
         assert self._probe is not None
@@ -381,6 +409,10 @@ class LinearRegimeMonitor(Callback):
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         record, eigenvalues = self._measure(pl_module, step)
+        if trainer.world_size > 1:
+            # Every rank measured the same thing; rank zero's record makes the exit (and so the
+            # stop_after_exit schedule that gates the shadow's collectives) identical everywhere.
+            record = trainer.strategy.broadcast(record, src=0)
         if not all(math.isfinite(v) for v in record.values()):
             self._warn_once(
                 "nonfinite",
@@ -538,6 +570,27 @@ def _param_weights(pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer)
         else:
             weights[name] = 1.0
     return weights
+
+
+def _floating_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating parameter (probe inputs are cast to it); ``None`` if none."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+def _mean_over_ranks(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+    """Average a gradient over DDP ranks (as DDP does for the network); ``None`` in a single process."""
+    if trainer.world_size <= 1:
+        return None
+    world_size = trainer.world_size
+
+    def mean(grad: Tensor) -> Tensor:
+        # An explicit sum then divide: gloo has no AVG, and every rank gets bit-identical results.
+        return trainer.strategy.reduce(grad.clone(), reduce_op="sum") / world_size
+
+    return mean
 
 
 def _to_cpu(state: Mapping[str, Any]) -> dict[str, Any]:

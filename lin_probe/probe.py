@@ -33,9 +33,14 @@ class ProbeSet:
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
-    def to(self, device: torch.device) -> ProbeSet:
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> ProbeSet:
+        """On ``device``; floating inputs also cast to ``dtype`` (the model's), so a float32 probe
+        can measure a float64 model. Integer inputs (token ids) and targets keep their dtype."""
+        inputs = self.inputs.to(device)
+        if dtype is not None and inputs.is_floating_point():
+            inputs = inputs.to(dtype)
         targets = None if self.targets is None else self.targets.to(device)
-        return ProbeSet(self.inputs.to(device), targets, self.source)
+        return ProbeSet(inputs, targets, self.source)
 
 
 def default_batch_to_xy(batch: Any) -> tuple[Tensor, Tensor | None]:

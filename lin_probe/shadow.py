@@ -103,7 +103,24 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
             "Make the model deep-copyable (no non-leaf tensors or open handles as attributes), or pass "
             "center=False to use the pure linear model without f_0."
         ) from err
-    return _freeze(frozen)
+    return _freeze(_without_patched_forwards(frozen))
+
+
+def _without_patched_forwards(copied: nn.Module) -> nn.Module:
+    """Drop instance-level ``forward`` overrides from a deep copy: they still call the *original* module.
+
+    Compiling a LightningModule (``torch.compile(module)`` handed to a Trainer) makes Lightning set
+    ``module.forward = dynamo_ctx(module.forward)`` on the instance; ``deepcopy`` keeps that function
+    as is, so the copy's forward would silently run the live, training network instead of ``f_0``.
+    The class's own ``forward`` computes the same function (uncompiled) on the copy's parameters.
+    A compiled submodule (``torch.compile(net)``, an ``OptimizedModule``) rebinds itself on copy.
+    """
+    for module in copied.modules():
+        if getattr(module, "_compiler_ctx", None) is None:
+            continue  # not compiled through Lightning (an nn.Module compiled on its own copies fine)
+        vars(module).pop("forward", None)
+        module._compiler_ctx = None
+    return copied
 
 
 def _kernel_state(kernel: AffineKernel) -> dict[str, Any]:
@@ -367,17 +384,34 @@ class ShadowTrainer:
             B.grad.add_(grad)
         return loss.detach()
 
-    def step(self, lr: float) -> None:
-        """One mirrored update of ``B`` with learning rate ``lr``, then clear ``B.grad``."""
+    def step(self, lr: float, reduce_grad: Callable[[Tensor], Tensor] | None = None) -> None:
+        """One mirrored update of ``B`` with learning rate ``lr``, then clear ``B.grad``.
+
+        ``reduce_grad`` maps the accumulated gradient to the one applied: under data parallelism the
+        network steps with the gradient averaged over processes, and so must the shadow.
+        """
         lr = _check_lr(lr)
-        if self.shadow.B.grad is None:
+        B = self.shadow.B
+        if B.grad is None:
             raise RuntimeError(
                 "ShadowTrainer.step() called with no accumulated gradient; call accumulate(x, y) for each "
                 "micro-batch of the optimizer step first."
             )
+        if reduce_grad is not None:
+            reduced = reduce_grad(B.grad)
+            if not isinstance(reduced, Tensor) or reduced.shape != B.shape:
+                raise ValueError(
+                    f"`reduce_grad` must return a tensor of B's shape {tuple(B.shape)}, got "
+                    f"{getattr(reduced, 'shape', type(reduced).__name__)}."
+                )
+            B.grad = reduced.to(dtype=B.dtype, device=B.device)
         for group in self._optimizer.param_groups:
             group["lr"] = lr
         self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def discard(self) -> None:
+        """Drop a partly accumulated gradient (a failed micro-batch must not leak into a later step)."""
         self._optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:

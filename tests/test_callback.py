@@ -344,7 +344,7 @@ def test_progress_bar_shows_relative_distance(tmp_path: Path) -> None:
 def test_diverging_network_warns_once_and_training_continues(tmp_path: Path) -> None:
     monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=1, log_spaced=False)
     with pytest.warns(UserWarning, match="Non-finite") as record:
-        trainer, model, _, _ = _run(tmp_path, width=8, lr=500.0, monitor=monitor, max_steps=12)
+        trainer, _, _, _ = _run(tmp_path, width=8, lr=500.0, monitor=monitor, max_steps=12)
     assert trainer.global_step == 12  # the run was not cut short by the monitor
     assert sum("Non-finite" in str(w.message) for w in record) == 1
     assert any(not math.isfinite(r["loss_network"]) for r in monitor.history)

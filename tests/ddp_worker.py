@@ -1,0 +1,75 @@
+"""A 2-process CPU (gloo) DDP fit with LinearRegimeMonitor, run by tests/test_robustness_ddp.py.
+
+``strategy="ddp"`` re-launches ``sys.argv`` for the other ranks, which inside pytest would re-run
+pytest; a standalone script relaunches itself instead. Each rank writes ``rank{R}.json`` (its
+``monitor.history``, ``exit_step``, fitted kernel and final parameters); rank zero's TensorBoard
+logs land under ``OUT/tb``.
+
+Usage: ``python tests/ddp_worker.py OUT [--momentum M] [--no-monitor]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _lightning_setups import Regressor, TwoLayerNet, loaders, sphere_data
+
+from lin_probe.callback import LinearRegimeMonitor
+
+# Shared with the test: the data, model and schedule the single-process replay must reproduce.
+D, N_TRAIN, N_VAL, WIDTH, LR = 16, 64, 32, 8, 2.0
+PER_RANK_BATCH, MAX_STEPS, N_PROBE = 16, 12, 16
+EVERY_N_STEPS, TOLERANCE, PATIENCE = 3, 0.05, 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--momentum", type=float, default=0.0)
+    parser.add_argument("--no-monitor", action="store_true")
+    args = parser.parse_args()
+
+    x, y = sphere_data(N_TRAIN + N_VAL, D)
+    train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], PER_RANK_BATCH)
+    model = Regressor(TwoLayerNet(D, WIDTH), LR, momentum=args.momentum)
+    monitor = LinearRegimeMonitor(
+        n_probe=N_PROBE, every_n_steps=EVERY_N_STEPS, tolerance=TOLERANCE, patience=PATIENCE
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        callbacks=[] if args.no_monitor else [monitor],
+        logger=TensorBoardLogger(str(args.out), name="tb", version=0),
+        max_steps=MAX_STEPS,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    trainer.fit(model, train, val)
+    kernel = monitor.kernel
+    report = {
+        "rank": trainer.global_rank,
+        "history": monitor.history,
+        "exit_step": monitor.exit_step,
+        "kernel": None if kernel is None else [kernel.a, kernel.b, kernel.c],
+        "callback_metrics": {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("lin_probe/")
+        },
+        "params": [p.detach().flatten().tolist() for p in model.parameters()],
+        "global_step": trainer.global_step,
+    }
+    (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
