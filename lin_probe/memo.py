@@ -1,0 +1,526 @@
+"""The memorizing shadow: the paper's linear model plus the ``c·I`` part of the NTK on training points.
+
+At initialisation the NTK is ``Θ_0 ≈ a·K + b·11ᵀ + c·I``. The paper's shadow ``f_0 + ψB`` has kernel
+``a·K + b·11ᵀ`` only; the ``c·I`` part is what lets a network fit its own training points, and when
+``n`` is a small multiple of ``d`` its absence makes that shadow depart early even though the
+network's NTK has not moved. This shadow adds one offset per training example,
+
+    f_memo(x, i) = f_0(x) + ψ(x)B + √c·V[i]          (held-out points: no V term)
+
+so that gradient descent on ``(B, V)`` is kernel gradient descent with ``a·K + b·11ᵀ + c·I`` on
+training points (``∂f_i/∂V_i = √c``, so example ``i``'s own step adds ``c·∂L/∂f_i``) and with
+``a·K + b·11ᵀ`` elsewhere. ``B`` and ``V`` are trained by one mirror of the user's optimizer, so SGD
+momentum, Nesterov, weight decay and dampening act on both exactly as on the network's parameters.
+
+Memory: ``V`` holds ``N_train × C`` floats (plus the same again per optimizer buffer: one for SGD
+momentum, two for Adam), and ``ExampleIds`` in hashing mode 16 bytes (plus dict overhead) per
+distinct input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lin_probe.kernel import AffineKernel
+from lin_probe.losses import LossFn
+from lin_probe.shadow import (
+    FeaturesFn,
+    LinearShadow,
+    OutputFn,
+    _check_closure_free,
+    _check_lr,
+    _constructor_arguments,
+    _move,
+    _reference_hyperparameters,
+    _unwrap_optimizer,
+)
+
+_DIGEST_BYTES = 16  # blake2b-128: collision odds ~N²/2¹²⁹, negligible for any dataset
+UNKNOWN_ID = -1  # the id of a point that is not a training example (held out): no V term
+
+
+# ---------------------------------------------------------------------------------------------
+# example identity
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_digests(x: Tensor) -> list[bytes]:
+    """One blake2b digest per example of the bytes of its (flattened) input row, dtype included.
+
+    Hashing the raw bytes makes identity exact for an un-augmented dataset; any change of the
+    input (augmentation, noise, another dtype) is a different example.
+    """
+    rows = x.detach().reshape(x.shape[0], -1).contiguous().cpu()
+    raw = rows.view(torch.uint8) if rows.shape[1] > 0 else rows.to(torch.uint8)
+    prefix = str(rows.dtype).encode()
+    return [
+        hashlib.blake2b(prefix + row.numpy().tobytes(), digest_size=_DIGEST_BYTES).digest() for row in raw
+    ]
+
+
+class ExampleIds:
+    """Maps batches to stable example ids: the batch's dataset indices when given, else input hashes.
+
+    With ``indices`` (e.g. from ``lin_probe.data.WithIndex``) the id *is* the index. Without, each
+    distinct input row gets the next free id the first time it is seen (a growing table), so an
+    un-augmented dataset gets the same identities either way, up to numbering. One instance uses
+    one mode: mixing would give two examples the same id. ``max_examples`` bounds the table (and
+    index values), turning an unbounded growth — augmented inputs are new rows each epoch — into a
+    clear error.
+    """
+
+    def __init__(self, *, max_examples: int | None = None) -> None:
+        if max_examples is not None and (
+            isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+        ):
+            raise ValueError(f"`max_examples` must be a positive int or None, got {max_examples!r}.")
+        self.max_examples = max_examples
+        self.mode: str | None = None  # "index" or "hash", fixed by the first call
+        self._table: dict[bytes, int] = {}
+        self._keys: list[bytes] = []
+
+    def __len__(self) -> int:
+        """Distinct examples seen in hashing mode (0 in index mode: the ids are the indices)."""
+        return len(self._keys)
+
+    def __call__(self, x: Tensor, indices: Tensor | None = None) -> Tensor:
+        """Ids ``(n,)`` long on ``x``'s device; unseen inputs are registered (hashing mode)."""
+        if indices is not None:
+            self._set_mode("index")
+            return self._checked_indices(x, indices)
+        self._set_mode("hash")
+        ids = [self._register(key) for key in _row_digests(_checked_inputs(x))]
+        return torch.tensor(ids, dtype=torch.long, device=x.device)
+
+    def lookup(self, x: Tensor) -> Tensor:
+        """Ids of already-seen inputs, ``UNKNOWN_ID`` (-1) for the rest; registers nothing.
+
+        For a probe set drawn from training data in hashing mode: its rows that are training
+        examples get their ``c·I`` term, the others are held out.
+        """
+        if self.mode == "index":
+            raise RuntimeError(
+                "ExampleIds is in index mode, where ids are dataset indices and inputs are not recorded; "
+                "get the probe's ids from its batches' indices (lin_probe.data.indices_from_batch)."
+            )
+        keys = _row_digests(_checked_inputs(x))
+        return torch.tensor([self._table.get(k, UNKNOWN_ID) for k in keys], dtype=torch.long, device=x.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Mode and hash table (ids in order) as tensors, so a resumed run maps rows to the same ids."""
+        keys = torch.frombuffer(bytearray(b"".join(self._keys)), dtype=torch.uint8) if self._keys else None
+        table = (
+            keys.reshape(-1, _DIGEST_BYTES).clone()
+            if keys is not None
+            else torch.zeros(0, _DIGEST_BYTES, dtype=torch.uint8)
+        )
+        return {"mode": self.mode, "keys": table, "max_examples": self.max_examples}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        if not isinstance(state, Mapping) or not {"mode", "keys"} <= set(state):
+            raise ValueError("ExampleIds state must be the dict returned by ExampleIds.state_dict().")
+        keys = state["keys"]
+        if not isinstance(keys, Tensor) or keys.dim() != 2 or keys.shape[1] != _DIGEST_BYTES:
+            raise ValueError(f"ExampleIds state 'keys' must be a (N, {_DIGEST_BYTES}) uint8 tensor.")
+        self.mode = state["mode"]
+        self.max_examples = state.get("max_examples", self.max_examples)
+        self._keys = [bytes(row.tolist()) for row in keys.to(torch.uint8)]
+        self._table = {key: i for i, key in enumerate(self._keys)}
+
+    def _set_mode(self, mode: str) -> None:
+        """Fix the mode on first use; refuse a switch, which would alias two examples' ids."""
+        if self.mode is None:
+            self.mode = mode
+        elif self.mode != mode:
+            raise ValueError(
+                f"ExampleIds was first used in {self.mode} mode and now in {mode} mode; ids from the two "
+                "would collide. Give indices for every batch (WithIndex) or for none."
+            )
+
+    def _register(self, key: bytes) -> int:
+        """The id of ``key``, adding it to the table when new."""
+        found = self._table.get(key)
+        if found is not None:
+            return found
+        if self.max_examples is not None and len(self._keys) >= self.max_examples:
+            raise ValueError(
+                f"More than max_examples={self.max_examples} distinct inputs seen: inputs are probably "
+                "augmented or noisy, so hashing counts every draw as a new example. Wrap the dataset in "
+                "lin_probe.data.WithIndex so batches carry stable example indices."
+            )
+        self._table[key] = len(self._keys)
+        self._keys.append(key)
+        return self._table[key]
+
+    def _checked_indices(self, x: Tensor, indices: Tensor) -> Tensor:
+        """Indices as a 1-D long tensor on ``x``'s device, one per example, in range."""
+        indices = torch.as_tensor(indices)
+        rows = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else None
+        if indices.dim() != 1 or indices.is_floating_point() or indices.dtype == torch.bool:
+            raise ValueError(
+                f"`indices` must be a 1-D integer tensor (one dataset index per example), got dtype "
+                f"{indices.dtype} and shape {tuple(indices.shape)}."
+            )
+        if rows is not None and indices.shape[0] != rows:
+            raise ValueError(
+                f"{indices.shape[0]} indices for a batch of {rows} examples; give one per example."
+            )
+        if indices.numel() and int(indices.min()) < 0:
+            raise ValueError("`indices` must be >= 0 (dataset indices).")
+        if self.max_examples is not None and indices.numel() and int(indices.max()) >= self.max_examples:
+            raise ValueError(
+                f"Index {int(indices.max())} >= max_examples={self.max_examples}; pass the training set's length."
+            )
+        device = x.device if isinstance(x, Tensor) else indices.device
+        return indices.to(device=device, dtype=torch.long)
+
+
+def _checked_inputs(x: Any) -> Tensor:
+    """Hashing needs the input rows as a tensor with a batch dimension."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise TypeError(
+            f"Example identity by hashing needs the batch inputs as a tensor with a leading batch dimension, "
+            f"got {type(x).__name__}; wrap the dataset in lin_probe.data.WithIndex to give indices instead."
+        )
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# the memorizing shadow
+# ---------------------------------------------------------------------------------------------
+
+
+class MemorizingShadow(LinearShadow):
+    """``f_memo(x, ids) = f_0(x) + ψ(x)B + √c·V[ids]``: the paper's shadow plus one offset per training example.
+
+    ``V`` (``rows × C``, zeros at start) has a row per example id; ids that are ``None``, negative
+    (``UNKNOWN_ID``) or beyond the table are held-out points and get no offset. Called with
+    ``ids=None`` it is the paper's shadow with this shadow's own ``B`` — which is what a probe of
+    held-out points sees. ``c < 0`` (a fit whose diagonal is below the affine part) gives no offset.
+    """
+
+    def __init__(
+        self,
+        kernel: AffineKernel,
+        *,
+        in_features: int,
+        out_features: int,
+        initial_model: nn.Module | None = None,
+        output_fn: OutputFn | None = None,
+        features_fn: FeaturesFn | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        capacity: int = 0,
+    ) -> None:
+        super().__init__(
+            kernel,
+            in_features=in_features,
+            out_features=out_features,
+            initial_model=initial_model,
+            output_fn=output_fn,
+            features_fn=features_fn,
+            dtype=dtype,
+            device=device,
+        )
+        _check_capacity(capacity)
+        self.V = nn.Parameter(torch.zeros(capacity, out_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        kernel: AffineKernel,
+        example_inputs: Any,
+        *,
+        center: bool = True,
+        output_fn: OutputFn | None = None,
+        features_fn: FeaturesFn | None = None,
+        capacity: int | None = None,
+    ) -> MemorizingShadow:
+        """As ``LinearShadow.from_model``; ``capacity`` (e.g. ``len(train_dataset)``) preallocates ``V``."""
+        shadow = super().from_model(
+            model, kernel, example_inputs, center=center, output_fn=output_fn, features_fn=features_fn
+        )
+        assert isinstance(shadow, MemorizingShadow)
+        if capacity is not None:
+            _check_capacity(capacity)
+            shadow.grow(capacity)
+        return shadow
+
+    @property
+    def rows(self) -> int:
+        """Number of example offsets allocated."""
+        return int(self.V.shape[0])
+
+    @property
+    def memo_scale(self) -> float:
+        """``√c`` (0 for ``c ≤ 0``): ``∂f_i/∂V_i``, so example ``i``'s own kernel entry gains ``c``."""
+        return math.sqrt(max(self.kernel.c, 0.0))
+
+    def memo(self, ids: Tensor | None, n: int) -> Tensor:
+        """``√c·V[ids]`` (``n × C``), zero for held-out ids (``None``, negative or unallocated)."""
+        V = self.V
+        if ids is None or self.rows == 0:
+            return torch.zeros(n, self.out_features, dtype=V.dtype, device=V.device)
+        ids = _checked_ids(ids, n).to(V.device)
+        known = (ids >= 0) & (ids < self.rows)
+        gathered = V[ids.clamp(0, self.rows - 1)]
+        return torch.where(known[:, None], gathered, torch.zeros((), dtype=V.dtype, device=V.device)) * (
+            self.memo_scale
+        )
+
+    def forward(self, x: Any, ids: Tensor | None = None) -> Tensor:
+        """``f_0(x) + ψ(x)B + √c·V[ids]`` (``n × C``)."""
+        base = super().forward(x)
+        return base + self.memo(ids, base.shape[0])
+
+    def grow(self, rows: int) -> int:
+        """Make room for ``rows`` example offsets (new rows zero, gradient padded too); returns the old count.
+
+        ``V`` keeps its identity (its ``.data`` is replaced), so an optimizer holding it still does;
+        its per-row state must be padded by the owner of that optimizer.
+        """
+        old = self.rows
+        if rows <= old:
+            return old
+        V = self.V
+        V.data = _pad_rows(V.data, rows)
+        if V.grad is not None:
+            V.grad = _pad_rows(V.grad, rows)
+        return old
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Resize ``V`` to the saved table first: a checkpoint may hold more (or fewer) examples."""
+        saved = state_dict.get(prefix + "V")
+        if isinstance(saved, Tensor) and saved.dim() == 2 and saved.shape[0] != self.rows:
+            self.V.data = torch.zeros(
+                saved.shape[0], self.out_features, dtype=self.V.dtype, device=self.V.device
+            )
+            self.V.grad = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _pad_rows(tensor: Tensor, rows: int) -> Tensor:
+    """``tensor`` with zero rows appended up to ``rows``."""
+    extra = torch.zeros(rows - tensor.shape[0], *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([tensor, extra])
+
+
+def _check_capacity(capacity: Any) -> None:
+    """A non-negative int number of rows."""
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(
+            f"`capacity` must be a non-negative int (e.g. len(train_dataset)), got {capacity!r}."
+        )
+
+
+def _checked_ids(ids: Tensor, n: int | None) -> Tensor:
+    """Ids as a 1-D long tensor with one entry per example (``n``; ``None``: any count)."""
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(
+            "`ids` must be a 1-D integer tensor of example ids (from ExampleIds), got "
+            f"{type(ids).__name__}{'' if not isinstance(ids, Tensor) else f' {ids.dtype} {tuple(ids.shape)}'}."
+        )
+    if n is not None and ids.shape[0] != n:
+        raise ValueError(f"{ids.shape[0]} ids for {n} examples; give one id per example.")
+    return ids.long()
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer mirroring on (B, V)
+# ---------------------------------------------------------------------------------------------
+
+
+def _build_mirror_on(optimizer: Optimizer, params: Sequence[nn.Parameter]) -> Optimizer:
+    """Same class and reference-group hyperparameters as ``optimizer``, on ``params`` (one group)."""
+    cls = type(optimizer)
+    _check_closure_free(cls)
+    hyper = _reference_hyperparameters(optimizer)
+    try:
+        mirror = cls(list(params), **_constructor_arguments(cls, hyper))
+    except Exception as err:  # a constructor needing more than its group's hyperparameters
+        raise TypeError(
+            f"Cannot rebuild {cls.__name__} for the memorizing shadow from its hyperparameters "
+            f"({type(err).__name__}: {err}); train with torch.optim.SGD (exact correspondence) or "
+            "torch.optim.Adam."
+        ) from err
+    mirror.param_groups[0].update(hyper)
+    return mirror
+
+
+def _pad_optimizer_state(optimizer: Optimizer, param: nn.Parameter, old_rows: int) -> None:
+    """Zero-pad the per-row state of ``param`` (momentum, moments) after it grew from ``old_rows``.
+
+    Exact wherever the optimizer starts per-element state at zero (SGD momentum, Adam/AdamW moments,
+    RMSprop): a preallocated row that never had a gradient holds exactly zero state.
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == old_rows:
+            if value.shape[1:] == param.shape[1:]:
+                state[key] = _pad_rows(value, param.shape[0])
+
+
+def _reduced(reduce_grad: Callable[[Tensor], Tensor], param: nn.Parameter) -> Tensor:
+    """``reduce_grad(param.grad)``, checked to keep the parameter's shape, dtype and device."""
+    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+    reduced = reduce_grad(grad)
+    if not isinstance(reduced, Tensor) or reduced.shape != param.shape:
+        raise ValueError(
+            f"`reduce_grad` must return a tensor of the gradient's shape {tuple(param.shape)}, got "
+            f"{getattr(reduced, 'shape', type(reduced).__name__)}; under data parallelism V must have the "
+            "same rows on every process (pass capacity=len(train_dataset))."
+        )
+    return reduced.to(dtype=param.dtype, device=param.device)
+
+
+class MemorizingShadowTrainer:
+    """Trains a :class:`MemorizingShadow`'s ``B`` and ``V`` with one mirror of the user's optimizer.
+
+    Same protocol as ``ShadowTrainer``, plus example ids: ``accumulate(x, y, ids, scale)`` per
+    micro-batch, then ``step(lr)``. New ids grow ``V`` (by doubling) and zero-pad its optimizer
+    state, which for SGD is exactly what a preallocated table would hold. SGD (momentum, Nesterov,
+    weight decay, dampening, maximize) is mirrored exactly; other optimizers by class and
+    hyperparameters on ``[B, V]`` with one warning (Adam then normalises each example's offset
+    per coordinate, which has no kernel reading).
+    """
+
+    def __init__(self, shadow: MemorizingShadow, optimizer: Optimizer, loss_fn: LossFn) -> None:
+        if not isinstance(shadow, MemorizingShadow):
+            raise TypeError(f"`shadow` must be a MemorizingShadow, got {type(shadow).__name__}.")
+        if not callable(loss_fn):
+            raise TypeError(
+                "`loss_fn` must be callable as loss_fn(prediction, target); see losses.resolve_loss."
+            )
+        self.shadow = shadow
+        self.loss_fn = loss_fn
+        self._optimizer = _build_mirror_on(_unwrap_optimizer(optimizer), [shadow.B, shadow.V])
+        if not self.exact:
+            warnings.warn(
+                f"lin_probe: mirroring {type(self._optimizer).__name__} on the memorizing shadow with the same "
+                "hyperparameters, but the kernel correspondence holds only for (momentum) gradient descent; "
+                "read the distances as indicative.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    @property
+    def exact(self) -> bool:
+        """True when the mirrored update is plain/momentum SGD, for which the kernel reading holds."""
+        return type(self._optimizer) is torch.optim.SGD
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The mirrored optimizer on ``[shadow.B, shadow.V]`` (read it; drive it through :meth:`step`)."""
+        return self._optimizer
+
+    def accumulate(self, x: Any, y: Tensor, ids: Tensor, scale: float = 1.0) -> Tensor:
+        """Add ``∂(scale·loss(shadow(x, ids), y))/∂(B, V)`` to the gradients; returns the unscaled loss."""
+        shadow = self.shadow
+        ids = self._training_ids(ids)
+        self._ensure_rows(int(ids.max()) + 1 if ids.numel() else 0)
+        target = _move(y, shadow.B.device)
+        if isinstance(target, Tensor) and target.is_floating_point():
+            target = target.to(shadow.B.dtype)
+        with torch.inference_mode(False), torch.enable_grad():
+            loss = self.loss_fn(shadow(x, ids), target)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    "`loss_fn` must return a scalar tensor (reduce over the batch, e.g. a mean)."
+                )
+            grads = torch.autograd.grad(loss.reshape(()) * scale, [shadow.B, shadow.V], allow_unused=True)
+        for param, grad in zip((shadow.B, shadow.V), grads, strict=True):
+            grad = torch.zeros_like(param) if grad is None else grad.detach()
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
+        return loss.detach()
+
+    def step(self, lr: float, reduce_grad: Callable[[Tensor], Tensor] | None = None) -> None:
+        """One mirrored update of ``B`` and ``V`` with learning rate ``lr``, then clear their gradients.
+
+        ``reduce_grad`` (as in ``ShadowTrainer.step``) maps each accumulated gradient, ``B``'s then
+        ``V``'s, to the one applied: under data parallelism, the mean over processes. ``V``'s rows must
+        then mean the same examples on every process, with the same row count: use dataset indices
+        (``WithIndex`` with a distributed sampler) and ``capacity=len(train_dataset)``, not hashing.
+        """
+        lr = _check_lr(lr)
+        if self.shadow.B.grad is None:
+            raise RuntimeError(
+                "MemorizingShadowTrainer.step() called with no accumulated gradient; call "
+                "accumulate(x, y, ids) for each micro-batch of the optimizer step first."
+            )
+        if reduce_grad is not None:
+            for param in (self.shadow.B, self.shadow.V):
+                param.grad = _reduced(reduce_grad, param)
+        for group in self._optimizer.param_groups:
+            group["lr"] = lr
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def discard(self) -> None:
+        """Drop a partly accumulated gradient (a failed micro-batch must not leak into a later step)."""
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The mirrored optimizer's state (its ``V`` buffers have the shadow's current row count)."""
+        return {"optimizer": self._optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; load the shadow's own state first, so ``V`` has the saved rows."""
+        if not isinstance(state, Mapping) or "optimizer" not in state:
+            raise ValueError(
+                "MemorizingShadowTrainer state must be the dict returned by MemorizingShadowTrainer.state_dict()."
+            )
+        self._optimizer.load_state_dict(state["optimizer"])
+        V = self.shadow.V
+        for value in self._optimizer.state.get(V, {}).values():
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape != V.shape:
+                raise ValueError(
+                    f"Optimizer state for V has shape {tuple(value.shape)} but V is {tuple(V.shape)}; "
+                    "load the shadow's state_dict (which resizes V) before the trainer's."
+                )
+
+    def _training_ids(self, ids: Tensor) -> Tensor:
+        """Training ids: one non-negative id per example, on the shadow's device."""
+        if not isinstance(ids, Tensor):
+            raise TypeError(
+                f"`ids` must be a tensor of example ids (from ExampleIds), got {type(ids).__name__}."
+            )
+        ids = _checked_ids(ids, None)  # the count is checked against x in the forward
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError(
+                "Training example ids must be >= 0; held-out points (id -1) cannot be trained on."
+            )
+        return ids.to(self.shadow.V.device)
+
+    def _ensure_rows(self, needed: int) -> None:
+        """Grow ``V`` (at least doubling, to amortise copies) and pad its optimizer state."""
+        shadow = self.shadow
+        if needed <= shadow.rows:
+            return
+        old = shadow.grow(max(needed, 2 * shadow.rows))
+        _pad_optimizer_state(self._optimizer, shadow.V, old)
+
+
+__all__ = ["UNKNOWN_ID", "ExampleIds", "MemorizingShadow", "MemorizingShadowTrainer"]
