@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -35,11 +35,9 @@ from lin_probe.shadow import (
     FeaturesFn,
     LinearShadow,
     OutputFn,
-    _check_closure_free,
+    _build_mirror,
     _check_lr,
-    _constructor_arguments,
     _move,
-    _reference_hyperparameters,
     _unwrap_optimizer,
 )
 
@@ -351,23 +349,6 @@ def _checked_ids(ids: Tensor, n: int | None) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _build_mirror_on(optimizer: Optimizer, params: Sequence[nn.Parameter]) -> Optimizer:
-    """Same class and reference-group hyperparameters as ``optimizer``, on ``params`` (one group)."""
-    cls = type(optimizer)
-    _check_closure_free(cls)
-    hyper = _reference_hyperparameters(optimizer)
-    try:
-        mirror = cls(list(params), **_constructor_arguments(cls, hyper))
-    except Exception as err:  # a constructor needing more than its group's hyperparameters
-        raise TypeError(
-            f"Cannot rebuild {cls.__name__} for the memorizing shadow from its hyperparameters "
-            f"({type(err).__name__}: {err}); train with torch.optim.SGD (exact correspondence) or "
-            "torch.optim.Adam."
-        ) from err
-    mirror.param_groups[0].update(hyper)
-    return mirror
-
-
 def _pad_optimizer_state(optimizer: Optimizer, param: nn.Parameter, old_rows: int) -> None:
     """Zero-pad the per-row state of ``param`` (momentum, moments) after it grew from ``old_rows``.
 
@@ -416,7 +397,7 @@ class MemorizingShadowTrainer:
             )
         self.shadow = shadow
         self.loss_fn = loss_fn
-        self._optimizer = _build_mirror_on(_unwrap_optimizer(optimizer), [shadow.B, shadow.V])
+        self._optimizer = _build_mirror(_unwrap_optimizer(optimizer), [shadow.B, shadow.V])
         if not self.exact:
             warnings.warn(
                 f"lin_probe: mirroring {type(self._optimizer).__name__} on the memorizing shadow with the same "

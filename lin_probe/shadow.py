@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -299,13 +299,13 @@ def _constructor_arguments(cls: type[Optimizer], hyper: Mapping[str, Any]) -> di
     return {key: value for key, value in hyper.items() if key in names}
 
 
-def _build_mirror(optimizer: Optimizer, param: nn.Parameter) -> Optimizer:
-    """Same class, same reference-group hyperparameters, on ``[param]`` only."""
+def _build_mirror(optimizer: Optimizer, params: Sequence[nn.Parameter]) -> Optimizer:
+    """Same class, same reference-group hyperparameters, on ``params`` only (one group)."""
     cls = type(optimizer)
     _check_closure_free(cls)
     hyper = _reference_hyperparameters(optimizer)
     try:
-        mirror = cls([param], **_constructor_arguments(cls, hyper))
+        mirror = cls(list(params), **_constructor_arguments(cls, hyper))
     except Exception as err:  # a constructor needing more than its group's hyperparameters
         raise TypeError(
             f"Cannot rebuild {cls.__name__} for the linear shadow from its hyperparameters "
@@ -345,7 +345,7 @@ class ShadowTrainer:
             )
         self.shadow = shadow
         self.loss_fn = loss_fn
-        self._optimizer = _build_mirror(_unwrap_optimizer(optimizer), shadow.B)
+        self._optimizer = _build_mirror(_unwrap_optimizer(optimizer), [shadow.B])
         if not self.exact:
             warnings.warn(
                 f"lin_probe: mirroring {type(self._optimizer).__name__} on the linear shadow with the same "
