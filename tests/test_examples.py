@@ -1,0 +1,179 @@
+"""Every example runs with ``--fast`` as a user would run it, and prints / logs what it claims.
+
+Each script is run in a subprocess (``sys.executable``) with its TensorBoard logs in a temporary
+directory; the tests parse the printed exit step and tables and read the event files back. One
+BLAS/OpenMP thread: on a shared, oversubscribed machine multi-threaded LAPACK calls (the NTK's
+``eigvalsh``) can take seconds instead of milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _lightning_setups import read_events, scalar_series
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+LIN_PROBE_TAGS = (
+    "functional_distance",
+    "functional_distance_rel",
+    "loss_network",
+    "loss_linear",
+    "in_linear_regime",
+    "ntk_gap",
+    "ntk_drift",
+    "fit_a",
+    "fit_b",
+    "fit_c",
+    "fit_rel_error",
+)
+EXIT = re.compile(r"^exit step: (\d+|none)", re.MULTILINE)
+
+
+def run_example(name: str, log_dir: Path, *args: str) -> str:
+    """Run ``examples/<name> --fast --log-dir <log_dir>``; return its stdout (fail with its stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--fast", "--log-dir", str(log_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def printed_exit(stdout: str) -> int | None:
+    found = EXIT.findall(stdout)
+    assert len(found) == 1, f"expected one 'exit step:' line, got {found}:\n{stdout}"
+    return None if found[0] == "none" else int(found[0])
+
+
+def check_event_file(run_dir: Path, exit_step: int | None, *, ntk: bool = True) -> None:
+    """The lin_probe scalars exist with finite values, and the logged exit step is the printed one."""
+    assert list(run_dir.glob("events.out.tfevents.*")), f"no event file in {run_dir}"
+    acc = read_events(run_dir)
+    scalars = set(acc.Tags()["scalars"])
+    for name in LIN_PROBE_TAGS:
+        if not ntk and name in ("ntk_gap", "ntk_drift"):
+            continue
+        key = f"lin_probe/{name}"
+        assert key in scalars, f"{key} missing from {sorted(scalars)}"
+        values = scalar_series(acc, key)
+        assert values and all(math.isfinite(v) for v in values.values()), key
+    rel = scalar_series(acc, "lin_probe/functional_distance_rel")
+    assert rel[0] == 0.0 and len(rel) >= 4
+    logged_exit = scalar_series(acc, "lin_probe/exit_step") if "lin_probe/exit_step" in scalars else {}
+    if exit_step is None:
+        assert not logged_exit
+        assert all(v == 1.0 for v in scalar_series(acc, "lin_probe/in_linear_regime").values())
+    else:
+        assert list(logged_exit.values()) == [float(exit_step)]
+        assert scalar_series(acc, "lin_probe/in_linear_regime")[0] == 1.0
+
+
+def table_rows(stdout: str, n_columns: int) -> list[list[str]]:
+    """Whitespace-separated rows of numbers with exactly ``n_columns`` cells (the printed tables)."""
+    number = re.compile(r"^-?(\d+(\.\d*)?|nan|none|-)$")
+    rows = []
+    for line in stdout.splitlines():
+        cells = line.split()
+        if len(cells) == n_columns and all(number.match(c) for c in cells):
+            rows.append(cells)
+    return rows
+
+
+def final_accuracies(stdout: str) -> tuple[float, float, float]:
+    match = re.search(r"final: accuracy network ([\d.]+), linear ([\d.]+), agreement ([\d.]+)", stdout)
+    assert match, stdout
+    return float(match[1]), float(match[2]), float(match[3])
+
+
+@pytest.mark.slow
+def test_add_to_existing_trainer(tmp_path: Path) -> None:
+    out = run_example("add_to_existing_trainer.py", tmp_path)
+    exit_step = printed_exit(out)
+    assert f"tensorboard --logdir {tmp_path}" in out
+    match = re.search(r"accuracy network ([\d.]+) vs linear model ([\d.]+)", out)
+    assert match and float(match[1]) > 0.8, out  # the ordinary classifier still learns
+    check_event_file(tmp_path / "existing_trainer" / "version_0", exit_step)
+
+
+@pytest.mark.slow
+def test_paper_two_layer(tmp_path: Path) -> None:
+    out = run_example("paper_two_layer.py", tmp_path)
+    coefficients = {}
+    for label in ("closed", "fitted"):
+        match = re.search(rf"^\s*{label}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.MULTILINE)
+        assert match, out
+        coefficients[label] = [float(v) for v in match.groups()]
+    # ReLU, both layers, s = 1/d: a = 1/4 + 1/4, c = E[φ'²] + E[φ²] − a − b = 1 − a − b
+    closed, fitted = coefficients["closed"], coefficients["fitted"]
+    assert closed[0] == pytest.approx(0.5, abs=1e-4)
+    assert sum(closed) == pytest.approx(1.0, abs=1e-3)
+    for c, f in zip(closed, fitted, strict=True):
+        assert f == pytest.approx(c, abs=0.05), coefficients  # width 512: finite-width error ~ a few %
+    rel_error = float(re.search(r"relative spectral error of the fit: ([\d.]+)", out)[1])
+    assert 0 < rel_error < 0.2
+    rows = table_rows(out, 5)  # step dist_rel loss_net loss_lin ntk_drift
+    steps = [int(r[0]) for r in rows]
+    assert steps[:2] == [1, 10] and steps[-1] == 60, out
+    loss_first, loss_last = float(rows[0][2]), float(rows[-1][2])
+    assert loss_last < loss_first  # training moved
+    for r in rows:
+        assert 0 < float(r[1]) < 1.0  # early agreement: the shadow explains most of the movement
+    check_event_file(tmp_path / "paper_two_layer_relu" / "version_0", printed_exit(out))
+
+
+@pytest.mark.slow
+def test_digits_mlp(tmp_path: Path) -> None:
+    out = run_example("digits_mlp.py", tmp_path)
+    assert re.search(r"^4-hidden-layer ReLU MLP", out, re.MULTILINE), out
+    network, linear, agreement = final_accuracies(out)
+    assert network > 0.5 and linear > 0.5 and 0 < agreement <= 1
+    rows = table_rows(out, 6)
+    assert [int(r[0]) for r in rows][:5] == [0, 1, 2, 4, 8]
+    assert float(rows[0][1]) == 0.0 and float(rows[0][4]) == 1.0  # identical at init
+    check_event_file(tmp_path / "digits_mlp" / "version_0", printed_exit(out))
+
+
+@pytest.mark.slow
+def test_digits_cnn(tmp_path: Path) -> None:
+    out = run_example("digits_cnn.py", tmp_path)
+    assert re.search(r"^CNN \(16 channels\) on 8×8 digits", out, re.MULTILINE), out
+    network, _, agreement = final_accuracies(out)
+    assert network > 0.3 and 0 < agreement <= 1
+    rows = table_rows(out, 6)
+    assert float(rows[0][1]) == 0.0 and float(rows[0][2]) == pytest.approx(float(rows[0][3]))
+    check_event_file(tmp_path / "digits_cnn" / "version_0", printed_exit(out))
+
+
+@pytest.mark.slow
+def test_width_sweep_wider_leaves_later(tmp_path: Path) -> None:
+    out = run_example("width_sweep.py", tmp_path)
+    rows = table_rows(out, 7)  # width lr exit_step lr*exit rel@10 rel@100 steps
+    assert [int(r[0]) for r in rows] == [64, 2048], out
+    exits = {int(r[0]): (math.inf if r[2] == "none" else int(r[2])) for r in rows}
+    rel_10 = {int(r[0]): float(r[4]) for r in rows}
+    assert exits[64] < exits[2048], out  # the paper's claim: wider nets stay linear longer
+    assert rel_10[2048] < rel_10[64]
+    for r in rows:  # a run stops early only after its exit (at the next epoch end, 14 steps per epoch)
+        steps_run = int(r[6])
+        if r[2] == "none":
+            assert steps_run == 120, out
+        else:
+            assert int(r[2]) <= steps_run < int(r[2]) + 3 * 14 + 14, out
+    for width, exit_step in exits.items():
+        check_event_file(
+            tmp_path / "width_sweep" / f"width{width}_lr2",
+            None if math.isinf(exit_step) else exit_step,
+            ntk=False,
+        )
