@@ -27,11 +27,28 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check lin_probe tests examples benchmarks
-	$(BIN)/ruff format --check lin_probe tests examples benchmarks
+	$(BIN)/ruff check lin_probe tests examples benchmarks reproduce
+	$(BIN)/ruff format --check lin_probe tests examples benchmarks reproduce
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ntk_speed.py
+
+# Not in CI: builds benchmarks/peers/.venv (jax 0.4.23, neural-tangents 0.6.5) and prints the
+# lin_probe table, then neural-tangents' on the same configs. E.g. BENCH_ARGS="--quick --threads 1".
+BENCH_ARGS ?=
+.PHONY: bench-peers
+bench-peers: $(STAMP)
+	benchmarks/peers/setup_venv.sh $(PYTHON)
+	$(BIN)/python benchmarks/ntk_speed.py $(BENCH_ARGS)
+	benchmarks/peers/.venv/bin/python benchmarks/peers/nt_speed.py $(BENCH_ARGS)
+
+# Every number and figure of docs/reproduction.md (figures into docs/figures/); ~10-20 min on 2 cores.
+.PHONY: reproduce
+reproduce: $(STAMP)
+	$(BIN)/python reproduce/table1_coefficients.py
+	$(BIN)/python reproduce/table2_spectral_error.py
+	$(BIN)/python reproduce/digits_runs.py
+	$(BIN)/python reproduce/figure2_exit_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache lightning_logs runs

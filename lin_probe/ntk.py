@@ -32,6 +32,12 @@ over example chunks, then one jvp per output and chunk; only the diagonal ``c``-
 ``c``-th jvp is kept, so no cross-output terms appear and no Jacobian is ever built. Example chunks
 satisfy ``b·k·(a + k·itemsize) ≤ budget/2``.
 
+*Structured layers* (``method="auto"``, the default). ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``
+layers get their exact Gram block from layer inputs and output cotangents
+(:mod:`lin_probe.ntk_structured`, which documents its own memory estimate under the same budget);
+every other differentiated parameter goes through the dense path above and the two parts add.
+``method="generic"`` uses the dense path for everything.
+
 *Predictions* (:func:`predict`). ``no_grad`` forwards over chunks with ``b·(a + C·itemsize) ≤ budget``.
 """
 
@@ -48,9 +54,13 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from lin_probe._model_state import eval_semantics, model_buffers, trainable_parameters
 from lin_probe._validation import check_finite
+from lin_probe.ntk_structured import NotStructurable, structured_ntk
 
 DEFAULT_MEMORY_BUDGET_BYTES: int = 1 << 30
 """Bytes the NTK paths may spend on Jacobian blocks and activations (see the module docstring)."""
+
+METHODS = ("auto", "generic", "structured")
+"""Accepted ``method`` values of :func:`empirical_ntk`."""
 
 OutputFn = Callable[[Any], Tensor]
 Forward = Callable[[dict[str, Tensor], Tensor], Tensor]
@@ -93,28 +103,40 @@ def empirical_ntk(
     output_fn: OutputFn | None = None,
     param_weights: Mapping[str, float] | None = None,
     memory_budget: int | None = None,
+    method: str = "auto",
 ) -> Tensor:
     """The trace-averaged empirical NTK ``(1/C) Σ_c J_c J_cᵀ`` (``n × n``, parameters' dtype).
 
     Differentiates only parameters with ``requires_grad`` (frozen ones are constants, as for the
     optimizer). ``param_weights`` maps parameter names to ``lr_group / lr_ref`` (missing → 1).
+    ``method``: ``"auto"`` uses the structured per-layer Gram for Linear/Conv layers where it is
+    exact and the generic torch.func path for the rest (falling back to generic entirely if a
+    batch contradicts the checks); ``"generic"`` differentiates everything with torch.func;
+    ``"structured"`` is ``"auto"`` that raises instead of silently going fully generic (no
+    structurable parameter, one example over the budget, or a failed batch check), for callers
+    that rely on the speed.
     """
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
     inputs = _prepare_inputs(model, inputs)
     _check_chunk_size(chunk_size)
     budget = _resolve_budget(memory_budget)
     params = trainable_parameters(model)
     weights = _resolve_weights(model, params, param_weights)
     active = {name: p for name, p in params.items() if weights[name] > 0.0}
-    return _generic_ntk(
-        model,
-        inputs,
-        active,
-        output_fn=output_fn,
-        weights=weights,
-        memory_budget=budget,
-        chunk_size=chunk_size,
-        dtype=_kernel_dtype(params),
-    )
+    options: dict[str, Any] = {"weights": weights, "memory_budget": budget, "chunk_size": chunk_size}
+    dtype = _kernel_dtype(params)
+    if method != "generic":
+        part = _structured_part(
+            model, inputs, active, output_fn, options, dtype, strict=method == "structured"
+        )
+        if part is not None:
+            theta, covered = part
+            rest = {name: p for name, p in active.items() if name not in covered}
+            if not rest:
+                return theta
+            return theta + _generic_ntk(model, inputs, rest, output_fn=output_fn, dtype=dtype, **options)
+    return _generic_ntk(model, inputs, active, output_fn=output_fn, dtype=dtype, **options)
 
 
 def ntk_matvec(
@@ -155,6 +177,39 @@ def ntk_matvec(
 
 
 # -------------------------------------------------------------------------- generic torch.func paths
+
+
+def _structured_part(
+    model: nn.Module,
+    inputs: Tensor,
+    active: dict[str, Tensor],
+    output_fn: OutputFn | None,
+    options: Mapping[str, Any],
+    dtype: torch.dtype,
+    *,
+    strict: bool,
+) -> tuple[Tensor, set[str]] | None:
+    """The structured layers' kernel and the names they cover; ``None`` → all generic (raises if ``strict``)."""
+    try:
+        part = structured_ntk(
+            model,
+            inputs,
+            active,
+            to_matrix=lambda raw, batch: _as_output_matrix(raw, output_fn, batch),
+            dtype=dtype,
+            **options,
+        )
+    except NotStructurable:
+        if strict:
+            raise
+        return None
+    if part is None and strict:
+        raise ValueError(
+            'method="structured" found no trainable nn.Linear / nn.Conv1d / nn.Conv2d parameter it can '
+            "handle exactly within the memory budget (see lin_probe.ntk_structured); use "
+            'method="auto" or "generic".'
+        )
+    return part
 
 
 def _generic_ntk(

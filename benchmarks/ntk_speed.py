@@ -1,0 +1,200 @@
+"""Speed and peak memory of the empirical NTK: torch.func baseline vs lin_probe's paths.
+
+Configurations (float32, inputs ~ N(0, 1)):
+
+* ``mlp``   784→1024→1024→10, ReLU, biases (1,863,690 parameters);
+* ``cnn8``  8×8×1 input: Conv(16, 3×3, same) → ReLU → Conv(32, 3×3, stride 2, pad 1) → ReLU →
+  Flatten → Linear(10) (9,930 parameters);
+* ``cnn32`` the same CNN on 32×32×3 inputs (87,018 parameters).
+
+(torch refuses ``padding="same"`` with stride 2; ``padding=1`` gives TF's "SAME" output size and
+the same cost, shifted by one pixel.)
+
+Methods: ``baseline`` the torch.func Jacobian contraction (``vmap(jacrev)`` over all examples, then
+``einsum`` of the full Jacobians, as in the torch.func NTK tutorial); ``generic`` and
+``structured``: ``empirical_ntk(method=...)``; ``spectral``: the matrix-free
+``spectral_norm(ntk_matvec(...), n)`` (Lanczos, no kernel formed).
+
+Each cell runs in a fresh subprocess: one warm-up call, then the median of 3 timed calls (1 if the
+warm-up took longer than ``--slow-after`` seconds). *Peak memory* is the child's peak resident set
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) minus its resident set right before the warm-up
+(torch imported, model and inputs built): the extra memory the computation needed at its worst,
+as the OS saw it. A baseline whose full Jacobian (``n·C·P·4`` bytes) exceeds ``--max-baseline-gb``
+is not run. Timings on a shared 2-core machine are noisy; compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+CONFIGS = ("mlp", "cnn8", "cnn32")
+METHODS = ("baseline", "generic", "structured", "spectral")
+INPUT_SHAPES = {"mlp": (784,), "cnn8": (1, 8, 8), "cnn32": (3, 32, 32)}
+
+
+def build(config: str) -> nn.Module:
+    """The benchmark network (seeded locally, float32)."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    if config == "mlp":
+        model: nn.Module = nn.Sequential(
+            nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
+    else:
+        channels, side = INPUT_SHAPES[config][0], INPUT_SHAPES[config][1]
+        model = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, padding="same"),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * (side // 2) ** 2, 10),
+        )
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+def baseline_ntk(model: nn.Module, x: Tensor) -> Tensor:
+    """torch.func tutorial NTK: full per-example Jacobians, then a contraction, trace-averaged."""
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
+
+    jac = vmap(jacrev(f), (None, 0))(params, x)
+    flat = [j.flatten(2) for j in jac.values()]
+    theta = sum(torch.einsum("iap,jap->ij", a, a) for a in flat)
+    return theta / flat[0].shape[1]
+
+
+def runner(method: str, model: nn.Module, x: Tensor) -> Callable[[], object]:
+    from lin_probe.ntk import empirical_ntk, ntk_matvec
+    from lin_probe.spectral import spectral_norm
+
+    if method == "baseline":
+        return lambda: baseline_ntk(model, x)
+    if method in ("generic", "structured"):
+        return lambda: empirical_ntk(model, x, method=method)
+    return lambda: spectral_norm(ntk_matvec(model, x), x.shape[0], op_dtype=torch.float32)
+
+
+def rss_bytes() -> int:
+    """Current resident set of this process (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(config: str, n: int, method: str, slow_after: float, threads: int | None) -> dict[str, object]:
+    """One cell, in this (fresh) process: warm-up, timed calls, peak RSS above the pre-run baseline."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = build(config)
+    x = torch.randn(n, *INPUT_SHAPES[config], generator=torch.Generator().manual_seed(1))
+    call = runner(method, model, x)
+    before = rss_bytes()
+    start = time.perf_counter()
+    call()
+    warm = time.perf_counter() - start
+    times = []
+    for _ in range(1 if warm > slow_after else 3):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"time": statistics.median(times), "runs": len(times), "peak": max(0, peak - before)}
+
+
+def baseline_bytes(config: str, n: int) -> int:
+    """The full Jacobian the baseline holds: ``n·C·P`` float32 numbers."""
+    params = sum(p.numel() for p in build(config).parameters())
+    return n * 10 * params * 4
+
+
+def measure(config: str, n: int, method: str, args: argparse.Namespace) -> dict[str, object]:
+    """Run one cell in a subprocess; a timeout or crash is reported, not raised."""
+    if method == "baseline" and baseline_bytes(config, n) > args.max_baseline_gb * 1e9:
+        return {"note": f"out of memory (needs {baseline_bytes(config, n) / 1e9:.1f} GB)"}
+    cmd = [sys.executable, __file__, "--worker", config, str(n), method, "--slow-after", str(args.slow_after)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"note": f"timeout (> {args.timeout:.0f} s)"}
+    if done.returncode != 0:
+        return {"note": f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def params_of(config: str) -> int:
+    return sum(p.numel() for p in build(config).parameters())
+
+
+HEADER = (
+    f"{'config':<7} {'params':>9} {'n':>5} {'method':<11} {'time s':>9} {'runs':>4} {'peak GB':>8} "
+    f"{'time/base':>9} {'mem/base':>9}"
+)
+
+
+def format_row(config: str, n: int, method: str, cell: dict[str, object], base: dict[str, object]) -> str:
+    """One table line; ratios are to the baseline cell of the same config and n (``-`` if it did not run)."""
+    lead = f"{config:<7} {params_of(config):>9,} {n:>5} {method:<11}"
+    if "time" not in cell:
+        return f"{lead} {cell['note']}"
+    t_ratio = f"{cell['time'] / base['time']:.4f}" if "time" in base else "-"
+    m_ratio = f"{cell['peak'] / max(1, base['peak']):.4f}" if "peak" in base else "-"
+    return (
+        f"{lead} {cell['time']:>9.3f} {cell['runs']:>4} {cell['peak'] / 1e9:>8.3f} {t_ratio:>9} {m_ratio:>9}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="n = 256 only, one timed call per cell")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--sizes", nargs="+", type=int, default=None, help="default 256 1024 (256 with --quick)"
+    )
+    parser.add_argument("--max-baseline-gb", type=float, default=8.0, help="skip larger baseline Jacobians")
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds per cell (subprocess killed)")
+    parser.add_argument("--slow-after", type=float, default=15.0, help="warm-up seconds above which 1 run")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each cell")
+    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "N", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        config, n, method = args.worker
+        print(json.dumps(worker(config, int(n), method, args.slow_after, args.threads)))
+        return
+    if args.quick:
+        args.slow_after = 0.0  # one timed call after the warm-up
+    sizes = args.sizes or ([256] if args.quick else [256, 1024])
+    threads = args.threads or torch.get_num_threads()
+    print(f"lin_probe NTK benchmark (torch {torch.__version__}, {threads} threads, float32)")
+    print(HEADER, flush=True)
+    for config in args.configs:
+        for n in sizes:
+            base: dict[str, object] = {}
+            for method in args.methods:
+                cell = measure(config, n, method, args)
+                base = cell if method == "baseline" else base
+                print(format_row(config, n, method, cell, base), flush=True)
+
+
+if __name__ == "__main__":
+    main()
