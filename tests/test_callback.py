@@ -333,7 +333,9 @@ def test_unknown_batch_structure_names_batch_to_xy(tmp_path: Path) -> None:
 
 
 def test_progress_bar_shows_relative_distance(tmp_path: Path) -> None:
-    trainer, _, _, _ = _run(tmp_path, monitor=LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=2), max_steps=4)
+    trainer, _, _, _ = _run(
+        tmp_path, monitor=LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=2), max_steps=4
+    )
     assert "lin_probe/functional_distance_rel" in trainer.progress_bar_metrics
     trainer, _, _, _ = _run(
         tmp_path, monitor=LinearRegimeMonitor(n_probe=N_VAL, progress_bar=False), max_steps=2, name="nobar"
