@@ -35,6 +35,9 @@ def _free_port() -> int:
 def _run_worker(out: Path, *extra: str) -> list[dict]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     env.pop("LOCAL_RANK", None)
+    # Lightning seeds its DistributedSampler from PL_GLOBAL_SEED, which any earlier seed_everything()
+    # in this pytest process leaves in os.environ; the replay assumes Lightning's default seed 0.
+    env.pop("PL_GLOBAL_SEED", None)
     done = subprocess.run(
         [sys.executable, str(WORKER), str(out), *extra],
         env=env,
