@@ -26,6 +26,7 @@ from lin_probe.kernel import AffineKernel, fit_affine_kernel
 from lin_probe.logging import TensorBoardPanels, exit_card, fit_card, tag
 from lin_probe.losses import LossFn, is_classification, resolve_loss
 from lin_probe.measure import InitialState, ProbeMeasurer
+from lin_probe.memo_tracking import MemoTracker
 from lin_probe.probe import (
     BatchToXY,
     ProbeSet,
@@ -73,6 +74,11 @@ class LinearRegimeMonitor(Callback):
         progress_bar: show ``functional_distance_rel`` in the progress bar.
         memory_budget: bytes the NTK computation may use (``None``: the library default).
         verbose: print the exit step (rank zero) when it is found.
+        memorization: also run the *memorizing* shadow, whose kernel includes the ``c·I`` term on
+            training points (per-example offsets, ``N_train × C`` floats), and report it under
+            ``lin_probe/memo/``. Example identity comes from batch indices
+            (:class:`lin_probe.data.WithIndex`) or else from a hash of each input row (augmented
+            inputs then count as new examples). Off by default: the paper's model stays the default.
 
     Example::
 
@@ -97,6 +103,7 @@ class LinearRegimeMonitor(Callback):
         progress_bar: bool = True,
         memory_budget: int | None = None,
         verbose: bool = True,
+        memorization: bool = False,
     ) -> None:
         super().__init__()
         _check_int("n_probe", n_probe, minimum=2)
@@ -135,17 +142,35 @@ class LinearRegimeMonitor(Callback):
         self.progress_bar = progress_bar
         self.memory_budget = memory_budget
         self.verbose = verbose
+        self.memorization = memorization
 
         self.history: list[dict[str, float]] = []
         self.regime = RegimeTracker(self.tolerance, self.patience)
         self._reset_run_state()
         self._pending_state: dict[str, Any] | None = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """Distinct per configuration, so two monitors (e.g. different tolerances) can share a Trainer."""
+        return self._generate_state_key(
+            n_probe=self.n_probe,
+            every_n_steps=self.every_n_steps,
+            tolerance=self.tolerance,
+            patience=self.patience,
+            memorization=self.memorization,
+        )
+
     # ------------------------------------------------------------------ public read-outs
     @property
     def exit_step(self) -> int | None:
         """First step of the first run of ``patience`` checks above ``tolerance``; ``None`` until found."""
         return self.regime.exit_step
+
+    @property
+    def memo_exit_step(self) -> int | None:
+        """The memorizing shadow's exit step (``memorization=True``); ``None`` until found or when off."""
+        return None if self._memo is None else self._memo.regime.exit_step
 
     @property
     def kernel(self) -> AffineKernel | None:
@@ -183,7 +208,7 @@ class LinearRegimeMonitor(Callback):
         x, y = self.batch_to_xy(batch)
         if y is None:
             raise TypeError("`batch_to_xy` returned no targets; the shadow needs (x, y) to take a step.")
-        self._pending_batches.append((x, y))
+        self._pending_batches.append((x, y, self._memo_ids(trainer, batch, x)))
 
     @override
     def on_before_optimizer_step(
@@ -255,6 +280,7 @@ class LinearRegimeMonitor(Callback):
             "last_optimizer_step": self._last_optimizer_step,
             "checks_since_exit": self._checks_since_exit,
             "active": self._active,
+            "memo": None if self._memo is None else self._memo.state_dict(),
         }
 
     @override
@@ -271,7 +297,8 @@ class LinearRegimeMonitor(Callback):
         self._stepper: ShadowTrainer | None = None
         self._measurer: ProbeMeasurer | None = None
         self._param_weights: dict[str, float] | None = None
-        self._pending_batches: list[tuple[Tensor, Tensor]] = []
+        self._pending_batches: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        self._memo: MemoTracker | None = None
         self._last_optimizer_step = 0
         self._checks_since_exit = 0
         self._active = False
@@ -295,7 +322,14 @@ class LinearRegimeMonitor(Callback):
         self._measurer = self._make_measurer()
         ntk0 = self._measurer.ntk(pl_module, self._param_weights)
         kernel = fit_affine_kernel(ntk0, self._kernel_inputs(self._probe.inputs).cpu())
-        self._build(pl_module, optimizer, kernel, ntk0, self._measurer.outputs(pl_module).detach())
+        self._build(
+            pl_module,
+            optimizer,
+            kernel,
+            ntk0,
+            self._measurer.outputs(pl_module).detach(),
+            _train_set_length(trainer),
+        )
         self._log_fit(trainer, pl_module)
         if kernel.rel_error is not None and kernel.rel_error > POOR_FIT_THRESHOLD:
             self._warn_once(
@@ -324,6 +358,7 @@ class LinearRegimeMonitor(Callback):
         kernel: AffineKernel,
         ntk0: Tensor,
         initial_outputs: Tensor,
+        capacity: int | None,
     ) -> None:
         assert self._probe is not None
         ntk_lin = kernel.matrix(self._kernel_inputs(self._probe.inputs).cpu()).to(torch.float64)
@@ -342,6 +377,20 @@ class LinearRegimeMonitor(Callback):
             features_fn=self.features_fn,
         ).to(pl_module.device)
         self._stepper = ShadowTrainer(self._shadow, optimizer, self.loss_fn)
+        if self.memorization:
+            self._memo = MemoTracker.build(
+                pl_module,
+                kernel,
+                self._probe.inputs,
+                optimizer,
+                self.loss_fn,
+                center=self.center,
+                output_fn=self.output_fn,
+                features_fn=self.features_fn,
+                capacity=capacity,
+                tolerance=self.tolerance,
+                patience=self.patience,
+            )
         self._active = True
 
     def _restore(
@@ -355,15 +404,20 @@ class LinearRegimeMonitor(Callback):
         self._param_weights = dict(state["param_weights"])
         self._measurer = self._make_measurer()
         kernel = AffineKernel(**state["kernel"])
-        self._build(pl_module, optimizer, kernel, state["ntk0"], state["initial_outputs"])
+        # capacity=None: the memorizing shadow's offset table takes its saved size from the state.
+        self._build(pl_module, optimizer, kernel, state["ntk0"], state["initial_outputs"], None)
         assert self._shadow is not None and self._stepper is not None
         self._shadow.load_state_dict(state["shadow"])
         self._stepper.load_state_dict(state["shadow_optimizer"])
         self._last_optimizer_step = int(state["last_optimizer_step"])
         self._checks_since_exit = int(state["checks_since_exit"])
         self._active = bool(state["active"])
+        if self._memo is not None and state.get("memo") is not None:
+            self._memo.load_state_dict(state["memo"])
 
-    def _shadow_step(self, trainer: pl.Trainer, batches: list[tuple[Tensor, Tensor]], lr: float) -> None:
+    def _shadow_step(
+        self, trainer: pl.Trainer, batches: list[tuple[Tensor, Tensor, Tensor | None]], lr: float
+    ) -> None:
         """One mirrored shadow step on this optimizer step's micro-batches, in lock-step across ranks.
 
         Under DDP the network steps with the gradient averaged over ranks, so the shadow's gradient
@@ -372,10 +426,12 @@ class LinearRegimeMonitor(Callback):
         """
         assert self._stepper is not None
         failure: str | None = None
+        scale = 1.0 / trainer.accumulate_grad_batches  # Lightning divides the loss by this; so do the shadows
         try:
-            for x, y in batches:
-                # Lightning divides the loss by accumulate_grad_batches; so does the shadow.
-                self._stepper.accumulate(x, y, scale=1.0 / trainer.accumulate_grad_batches)
+            for x, y, ids in batches:
+                self._stepper.accumulate(x, y, scale=scale)
+                if self._memo is not None and ids is not None:
+                    self._memo.accumulate(x, y, ids, scale)
         except Exception as err:  # a monitor must never take the training run down with it
             failure = f"{type(err).__name__}: {err}"
         if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
@@ -384,12 +440,39 @@ class LinearRegimeMonitor(Callback):
             failure = failure or "another rank failed to accumulate the shadow's gradient"
         if failure is not None:
             self._stepper.discard()
+            if self._memo is not None:
+                self._memo.discard()
             self._disable(f"the linear shadow could not take a step ({failure})")
             return
         try:
             self._stepper.step(lr=lr, reduce_grad=_mean_over_ranks(trainer))
+            if self._memo is not None:
+                self._memo.step(lr, _mean_over_ranks(trainer))
         except Exception as err:
             self._disable(f"the linear shadow could not take a step ({type(err).__name__}: {err})")
+
+    def _memo_ids(self, trainer: pl.Trainer, batch: Any, x: Tensor) -> Tensor | None:
+        """Example ids for the memorizing shadow; switches it off (with a warning) where identity is unsafe."""
+        if self._memo is None:
+            return None
+        try:
+            ids = self._memo.batch_ids(batch, x)
+        except Exception as err:
+            self._stop_memo(f"example identity failed ({type(err).__name__}: {err})")
+            return None
+        if trainer.world_size > 1 and self._memo.example_ids.mode != "index":
+            # Hashed ids are numbered per process, so ranks would average unrelated offsets.
+            self._stop_memo(
+                "under DDP it needs batch indices: wrap the training dataset in lin_probe.data.WithIndex"
+            )
+            return None
+        return ids
+
+    def _stop_memo(self, reason: str) -> None:
+        self._memo = None
+        self._warn_once(
+            "memo", f"The memorizing shadow is switched off: {reason}. The paper's shadow carries on."
+        )
 
     def _make_measurer(self) -> ProbeMeasurer:
         assert self._probe is not None
@@ -427,6 +510,11 @@ class LinearRegimeMonitor(Callback):
         self._publish(trainer, record, eigenvalues)
         if newly_exited:
             self._announce_exit(trainer, record)
+        if "memo/exit_step" in record and self.verbose:
+            rank_zero_info(
+                f"lin_probe: the memorizing shadow (kernel aK + b11ᵀ + cI) left the linear regime at step "
+                f"{int(record['memo/exit_step'])}."
+            )
         if self.regime.exited and self.stop_after_exit is not None:
             if self._checks_since_exit >= self.stop_after_exit:
                 self._active = False
@@ -437,8 +525,13 @@ class LinearRegimeMonitor(Callback):
         """One check's record and Θ_t's eigenvalues; a part that fails is NaN, never an exception."""
         assert self._measurer is not None and self._shadow is not None and self._initial is not None
         record: dict[str, float] = {"step": step}
+        initial_outputs = self._initial.initial_outputs
         try:
-            record.update(self._measurer.functional(pl_module, self._shadow, self._initial.initial_outputs))
+            network = self._measurer.network_outputs(pl_module)
+            linear = self._measurer.shadow_outputs(self._shadow, initial_outputs)
+            record.update(self._measurer.compare(network, linear, initial_outputs))
+            if self._memo is not None:
+                record.update(self._memo.measure(self._measurer, network, initial_outputs, step))
         except Exception as err:  # never crash the user's run over a measurement
             self._warn_once(
                 "functional",
@@ -539,7 +632,9 @@ class LinearRegimeMonitor(Callback):
             return None
         panels = TensorBoardPanels(logger.experiment)
         if not self._layout_registered:
-            panels.register_layout(classification=is_classification(self.loss))
+            panels.register_layout(
+                classification=is_classification(self.loss), memorization=self.memorization
+            )
             self._layout_registered = True
         return panels
 
@@ -570,6 +665,16 @@ def _param_weights(pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer)
         else:
             weights[name] = 1.0
     return weights
+
+
+def _train_set_length(trainer: pl.Trainer) -> int | None:
+    """Length of the training dataset, when the training dataloader exposes a sized one."""
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+    except TypeError:  # an IterableDataset without __len__
+        return None
 
 
 def _floating_dtype(module: torch.nn.Module) -> torch.dtype | None:

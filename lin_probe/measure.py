@@ -66,13 +66,29 @@ class ProbeMeasurer:
 
     def functional(self, model: nn.Module, shadow: LinearShadow, initial_outputs: Tensor) -> dict[str, float]:
         """Distances, losses and (for classification) agreement at the current parameters."""
-        network = self.outputs(model).to(torch.float64)
+        network = self.network_outputs(model)
+        return self.compare(network, self.shadow_outputs(shadow, initial_outputs), initial_outputs)
+
+    def network_outputs(self, model: nn.Module) -> Tensor:
+        """``f_t`` on the probe (float64), computed once per check and compared with every shadow."""
+        return self.outputs(model).to(torch.float64)
+
+    def shadow_outputs(
+        self, shadow: LinearShadow, initial_outputs: Tensor, offsets: Tensor | None = None
+    ) -> Tensor:
+        """``f_lin = f_0 + ψB (+ offsets)`` on the probe, with ``f_0`` cached at fit start instead of re-run."""
         with torch.no_grad():
-            # f_lin = f_0 + ψB, with f_0 on the probe cached at fit start instead of re-run each check.
-            linear = (shadow.features(self.probe.inputs) @ shadow.B).to(network.device, torch.float64)
+            linear = (shadow.features(self.probe.inputs) @ shadow.B).to(torch.float64)
+            if shadow.initial_model is not None:
+                linear = linear + initial_outputs.to(linear.device, torch.float64)
+            if offsets is not None:
+                linear = linear + offsets.to(linear.device, torch.float64)
+        return linear
+
+    def compare(self, network: Tensor, linear: Tensor, initial_outputs: Tensor) -> dict[str, float]:
+        """Distances, probe losses and (classification) agreement between network and one shadow."""
+        linear = linear.to(network.device)
         initial = initial_outputs.to(network.device, torch.float64)
-        if shadow.initial_model is not None:
-            linear = linear + initial
         distance = FunctionalDistance()
         distance.update(network, linear, initial)
         record = {name: float(value) for name, value in distance.compute().items()}

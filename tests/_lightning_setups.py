@@ -60,11 +60,11 @@ class Regressor(pl.LightningModule):
         return F.mse_loss(pred, y)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
+        x, y = batch[0], batch[1]
         return self._loss(self(x), y)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
+        x, y = batch[0], batch[1]
         self.log("val_loss", self._loss(self(x), y))
 
     def configure_optimizers(self) -> Any:
