@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,10 +34,7 @@ from lin_probe.shadow import (
     FeaturesFn,
     LinearShadow,
     OutputFn,
-    _build_mirror,
-    _check_lr,
-    _move,
-    _unwrap_optimizer,
+    ShadowTrainer,
 )
 
 _DIGEST_BYTES = 16  # blake2b-128: collision odds ~N²/2¹²⁹, negligible for any dataset
@@ -364,20 +360,7 @@ def _pad_optimizer_state(optimizer: Optimizer, param: nn.Parameter, old_rows: in
                 state[key] = _pad_rows(value, param.shape[0])
 
 
-def _reduced(reduce_grad: Callable[[Tensor], Tensor], param: nn.Parameter) -> Tensor:
-    """``reduce_grad(param.grad)``, checked to keep the parameter's shape, dtype and device."""
-    grad = param.grad if param.grad is not None else torch.zeros_like(param)
-    reduced = reduce_grad(grad)
-    if not isinstance(reduced, Tensor) or reduced.shape != param.shape:
-        raise ValueError(
-            f"`reduce_grad` must return a tensor of the gradient's shape {tuple(param.shape)}, got "
-            f"{getattr(reduced, 'shape', type(reduced).__name__)}; under data parallelism V must have the "
-            "same rows on every process (pass capacity=len(train_dataset))."
-        )
-    return reduced.to(dtype=param.dtype, device=param.device)
-
-
-class MemorizingShadowTrainer:
+class MemorizingShadowTrainer(ShadowTrainer):
     """Trains a :class:`MemorizingShadow`'s ``B`` and ``V`` with one mirror of the user's optimizer.
 
     Same protocol as ``ShadowTrainer``, plus example ids: ``accumulate(x, y, ids, scale)`` per
@@ -385,95 +368,31 @@ class MemorizingShadowTrainer:
     state, which for SGD is exactly what a preallocated table would hold. SGD (momentum, Nesterov,
     weight decay, dampening, maximize) is mirrored exactly; other optimizers by class and
     hyperparameters on ``[B, V]`` with one warning (Adam then normalises each example's offset
-    per coordinate, which has no kernel reading).
+    per coordinate, which has no kernel reading). Under data parallelism ``V``'s rows must mean the
+    same examples on every process, with the same row count: use dataset indices (``WithIndex``)
+    and ``capacity=len(train_dataset)``, not hashing.
     """
+
+    shadow: MemorizingShadow
 
     def __init__(self, shadow: MemorizingShadow, optimizer: Optimizer, loss_fn: LossFn) -> None:
         if not isinstance(shadow, MemorizingShadow):
             raise TypeError(f"`shadow` must be a MemorizingShadow, got {type(shadow).__name__}.")
-        if not callable(loss_fn):
-            raise TypeError(
-                "`loss_fn` must be callable as loss_fn(prediction, target); see losses.resolve_loss."
-            )
-        self.shadow = shadow
-        self.loss_fn = loss_fn
-        self._optimizer = _build_mirror(_unwrap_optimizer(optimizer), [shadow.B, shadow.V])
-        if not self.exact:
-            warnings.warn(
-                f"lin_probe: mirroring {type(self._optimizer).__name__} on the memorizing shadow with the same "
-                "hyperparameters, but the kernel correspondence holds only for (momentum) gradient descent; "
-                "read the distances as indicative.",
-                UserWarning,
-                stacklevel=2,
-            )
+        super().__init__(shadow, optimizer, loss_fn)
 
-    @property
-    def exact(self) -> bool:
-        """True when the mirrored update is plain/momentum SGD, for which the kernel reading holds."""
-        return type(self._optimizer) is torch.optim.SGD
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """``[B, V]``: the paper's readout and the per-example offsets."""
+        return [self.shadow.B, self.shadow.V]
 
-    @property
-    def optimizer(self) -> Optimizer:
-        """The mirrored optimizer on ``[shadow.B, shadow.V]`` (read it; drive it through :meth:`step`)."""
-        return self._optimizer
-
-    def accumulate(self, x: Any, y: Tensor, ids: Tensor, scale: float = 1.0) -> Tensor:
+    def accumulate(self, x: Any, y: Tensor, ids: Tensor, scale: float = 1.0) -> Tensor:  # type: ignore[override]
         """Add ``∂(scale·loss(shadow(x, ids), y))/∂(B, V)`` to the gradients; returns the unscaled loss."""
-        shadow = self.shadow
         ids = self._training_ids(ids)
         self._ensure_rows(int(ids.max()) + 1 if ids.numel() else 0)
-        target = _move(y, shadow.B.device)
-        if isinstance(target, Tensor) and target.is_floating_point():
-            target = target.to(shadow.B.dtype)
-        with torch.inference_mode(False), torch.enable_grad():
-            loss = self.loss_fn(shadow(x, ids), target)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(
-                    "`loss_fn` must return a scalar tensor (reduce over the batch, e.g. a mean)."
-                )
-            grads = torch.autograd.grad(loss.reshape(()) * scale, [shadow.B, shadow.V], allow_unused=True)
-        for param, grad in zip((shadow.B, shadow.V), grads, strict=True):
-            grad = torch.zeros_like(param) if grad is None else grad.detach()
-            param.grad = grad if param.grad is None else param.grad.add_(grad)
-        return loss.detach()
-
-    def step(self, lr: float, reduce_grad: Callable[[Tensor], Tensor] | None = None) -> None:
-        """One mirrored update of ``B`` and ``V`` with learning rate ``lr``, then clear their gradients.
-
-        ``reduce_grad`` (as in ``ShadowTrainer.step``) maps each accumulated gradient, ``B``'s then
-        ``V``'s, to the one applied: under data parallelism, the mean over processes. ``V``'s rows must
-        then mean the same examples on every process, with the same row count: use dataset indices
-        (``WithIndex`` with a distributed sampler) and ``capacity=len(train_dataset)``, not hashing.
-        """
-        lr = _check_lr(lr)
-        if self.shadow.B.grad is None:
-            raise RuntimeError(
-                "MemorizingShadowTrainer.step() called with no accumulated gradient; call "
-                "accumulate(x, y, ids) for each micro-batch of the optimizer step first."
-            )
-        if reduce_grad is not None:
-            for param in (self.shadow.B, self.shadow.V):
-                param.grad = _reduced(reduce_grad, param)
-        for group in self._optimizer.param_groups:
-            group["lr"] = lr
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-
-    def discard(self) -> None:
-        """Drop a partly accumulated gradient (a failed micro-batch must not leak into a later step)."""
-        self._optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The mirrored optimizer's state (its ``V`` buffers have the shadow's current row count)."""
-        return {"optimizer": self._optimizer.state_dict()}
+        return self._accumulate(lambda: self.shadow(x, ids), y, scale)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; load the shadow's own state first, so ``V`` has the saved rows."""
-        if not isinstance(state, Mapping) or "optimizer" not in state:
-            raise ValueError(
-                "MemorizingShadowTrainer state must be the dict returned by MemorizingShadowTrainer.state_dict()."
-            )
-        self._optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         V = self.shadow.V
         for value in self._optimizer.state.get(V, {}).values():
             if isinstance(value, Tensor) and value.dim() >= 1 and value.shape != V.shape:

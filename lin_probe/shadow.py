@@ -333,7 +333,8 @@ class ShadowTrainer:
     For SGD (momentum, Nesterov, weight decay, dampening, maximize) the mirror reproduces the update
     rule exactly and the function-space dynamics match while the NTK stays affine in the data
     kernel. Other optimizers are mirrored by class and hyperparameters, with one warning, since no
-    such correspondence is established for them.
+    such correspondence is established for them. Subclasses train more parameters than ``B`` by
+    overriding :meth:`trained_parameters`.
     """
 
     def __init__(self, shadow: LinearShadow, optimizer: Optimizer, loss_fn: LossFn) -> None:
@@ -345,15 +346,19 @@ class ShadowTrainer:
             )
         self.shadow = shadow
         self.loss_fn = loss_fn
-        self._optimizer = _build_mirror(_unwrap_optimizer(optimizer), [shadow.B])
+        self._optimizer = _build_mirror(_unwrap_optimizer(optimizer), self.trained_parameters())
         if not self.exact:
             warnings.warn(
-                f"lin_probe: mirroring {type(self._optimizer).__name__} on the linear shadow with the same "
-                "hyperparameters, but the linear-model correspondence (Hu et al., 2020) is established only "
-                "for (momentum) gradient descent; read the distances as indicative.",
+                f"lin_probe: mirroring {type(self._optimizer).__name__} on the {type(shadow).__name__} with the "
+                "same hyperparameters, but the linear-model correspondence (Hu et al., 2020) is established "
+                "only for (momentum) gradient descent; read the distances as indicative.",
                 UserWarning,
                 stacklevel=2,
             )
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What the mirrored optimizer trains: ``[B]`` for the paper's shadow."""
+        return [self.shadow.B]
 
     @property
     def exact(self) -> bool:
@@ -362,49 +367,47 @@ class ShadowTrainer:
 
     @property
     def optimizer(self) -> Optimizer:
-        """The mirrored optimizer on ``shadow.B`` (read it; drive it through :meth:`step`)."""
+        """The mirrored optimizer (read it; drive it through :meth:`step`)."""
         return self._optimizer
 
     def accumulate(self, x: Any, y: Tensor, scale: float = 1.0) -> Tensor:
         """Add ``∂(scale·loss(shadow(x), y))/∂B`` to ``B.grad`` (``B`` unchanged); returns the unscaled loss."""
-        B = self.shadow.B
-        target = _move(y, B.device)
+        return self._accumulate(lambda: self.shadow(x), y, scale)
+
+    def _accumulate(self, predict: Callable[[], Tensor], y: Tensor, scale: float) -> Tensor:
+        """Add the gradient of ``scale·loss(predict(), y)`` to every trained parameter's ``.grad``."""
+        params = self.trained_parameters()
+        target = _move(y, params[0].device)
         if isinstance(target, Tensor) and target.is_floating_point():
-            target = target.to(B.dtype)
+            target = target.to(params[0].dtype)
         with torch.inference_mode(False), torch.enable_grad():
-            loss = self.loss_fn(self.shadow(x), target)
+            loss = self.loss_fn(predict(), target)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(
                     "`loss_fn` must return a scalar tensor (reduce over the batch, e.g. a mean)."
                 )
-            (grad,) = torch.autograd.grad(loss.reshape(()) * scale, B)
-        if B.grad is None:
-            B.grad = grad.detach()
-        else:
-            B.grad.add_(grad)
+            grads = torch.autograd.grad(loss.reshape(()) * scale, params, allow_unused=True)
+        for param, grad in zip(params, grads, strict=True):
+            grad = torch.zeros_like(param) if grad is None else grad.detach()
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
         return loss.detach()
 
     def step(self, lr: float, reduce_grad: Callable[[Tensor], Tensor] | None = None) -> None:
-        """One mirrored update of ``B`` with learning rate ``lr``, then clear ``B.grad``.
+        """One mirrored update with learning rate ``lr``, then clear the gradients.
 
-        ``reduce_grad`` maps the accumulated gradient to the one applied: under data parallelism the
+        ``reduce_grad`` maps each accumulated gradient to the one applied: under data parallelism the
         network steps with the gradient averaged over processes, and so must the shadow.
         """
         lr = _check_lr(lr)
-        B = self.shadow.B
-        if B.grad is None:
+        params = self.trained_parameters()
+        if params[0].grad is None:
             raise RuntimeError(
-                "ShadowTrainer.step() called with no accumulated gradient; call accumulate(x, y) for each "
-                "micro-batch of the optimizer step first."
+                f"{type(self).__name__}.step() called with no accumulated gradient; call accumulate(...) "
+                "for each micro-batch of the optimizer step first."
             )
         if reduce_grad is not None:
-            reduced = reduce_grad(B.grad)
-            if not isinstance(reduced, Tensor) or reduced.shape != B.shape:
-                raise ValueError(
-                    f"`reduce_grad` must return a tensor of B's shape {tuple(B.shape)}, got "
-                    f"{getattr(reduced, 'shape', type(reduced).__name__)}."
-                )
-            B.grad = reduced.to(dtype=B.dtype, device=B.device)
+            for param in params:
+                param.grad = _reduced(reduce_grad, param)
         for group in self._optimizer.param_groups:
             group["lr"] = lr
         self._optimizer.step()
@@ -421,8 +424,23 @@ class ShadowTrainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved, so a resumed run continues the same trajectory."""
         if not isinstance(state, Mapping) or "optimizer" not in state:
-            raise ValueError("ShadowTrainer state must be the dict returned by ShadowTrainer.state_dict().")
+            raise ValueError(
+                f"{type(self).__name__} state must be the dict returned by {type(self).__name__}.state_dict()."
+            )
         self._optimizer.load_state_dict(state["optimizer"])
+
+
+def _reduced(reduce_grad: Callable[[Tensor], Tensor], param: nn.Parameter) -> Tensor:
+    """``reduce_grad(param.grad)``, checked to keep the parameter's shape, dtype and device."""
+    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+    reduced = reduce_grad(grad)
+    if not isinstance(reduced, Tensor) or reduced.shape != param.shape:
+        raise ValueError(
+            f"`reduce_grad` must return a tensor of the gradient's shape {tuple(param.shape)}, got "
+            f"{getattr(reduced, 'shape', type(reduced).__name__)}; under data parallelism every process "
+            "must hold the same shapes (for the memorizing shadow: capacity=len(train_dataset))."
+        )
+    return reduced.to(dtype=param.dtype, device=param.device)
 
 
 def _check_kernel(kernel: Any) -> None:
