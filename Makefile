@@ -49,6 +49,7 @@ reproduce: $(STAMP)
 	$(BIN)/python reproduce/table2_spectral_error.py
 	$(BIN)/python reproduce/digits_runs.py
 	$(BIN)/python reproduce/figure2_exit_step.py
+	$(BIN)/python reproduce/memo_comparison.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache lightning_logs runs
