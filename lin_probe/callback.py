@@ -22,7 +22,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lin_probe.kernel import AffineKernel, fit_affine_kernel
+from lin_probe.kernel import AffineKernel
 from lin_probe.logging import TensorBoardPanels, exit_card, fit_card, tag
 from lin_probe.losses import LossFn, is_classification, resolve_loss
 from lin_probe.measure import InitialState, ProbeMeasurer
@@ -37,7 +37,6 @@ from lin_probe.probe import (
 from lin_probe.regime import RegimeTracker, validate_patience, validate_tolerance
 from lin_probe.schedule import is_check_step, is_ntk_step
 from lin_probe.shadow import LinearShadow, ShadowTrainer
-from lin_probe.spectral import spectral_norm
 
 #: At fit start, a relative spectral error above this means the linear model is a poor proxy.
 POOR_FIT_THRESHOLD = 0.3
@@ -267,7 +266,8 @@ class LinearRegimeMonitor(Callback):
                 "c": initial.kernel.c,
                 "rel_error": initial.kernel.rel_error,
             },
-            "ntk0": initial.ntk0.clone(),
+            "ntk0": None if initial.ntk0 is None else initial.ntk0.clone(),  # None: matrix-free mode
+            "ntk0_norm": initial.ntk0_norm,
             "initial_outputs": initial.initial_outputs.detach().cpu().clone(),
             "probe_inputs": self._probe.inputs.detach().cpu().clone(),
             "probe_targets": None
@@ -320,13 +320,15 @@ class LinearRegimeMonitor(Callback):
         self._probe = self._gather_probe(trainer).to(pl_module.device, _floating_dtype(pl_module))
         self._param_weights = _param_weights(pl_module, optimizer)
         self._measurer = self._make_measurer()
-        ntk0 = self._measurer.ntk(pl_module, self._param_weights)
-        kernel = fit_affine_kernel(ntk0, self._kernel_inputs(self._probe.inputs).cpu())
+        kernel, ntk0, ntk0_norm = self._measurer.fit_initial(
+            pl_module, self._param_weights, self._kernel_inputs(self._probe.inputs).cpu()
+        )
         self._build(
             pl_module,
             optimizer,
             kernel,
             ntk0,
+            ntk0_norm,
             self._measurer.outputs(pl_module).detach(),
             _train_set_length(trainer),
         )
@@ -349,6 +351,13 @@ class LinearRegimeMonitor(Callback):
             probe = probe_from_dataloaders(
                 trainer.val_dataloaders, trainer.train_dataloader, self.n_probe, self.batch_to_xy
             )
+            if trainer.val_dataloaders is None:
+                rank_zero_info(
+                    "lin_probe: no validation dataloader was loaded before training, so the probe is "
+                    f"the {probe.source}. The linear shadow lacks the network's c·I kernel term, which "
+                    "acts on training points: held-out points (a validation loader, or `probe=`) judge the "
+                    "regime better."
+                )
         return trainer.strategy.broadcast(probe, src=0) if trainer.world_size > 1 else probe
 
     def _build(
@@ -356,18 +365,13 @@ class LinearRegimeMonitor(Callback):
         pl_module: pl.LightningModule,
         optimizer: torch.optim.Optimizer,
         kernel: AffineKernel,
-        ntk0: Tensor,
+        ntk0: Tensor | None,
+        ntk0_norm: float | None,
         initial_outputs: Tensor,
         capacity: int | None,
     ) -> None:
-        assert self._probe is not None
-        ntk_lin = kernel.matrix(self._kernel_inputs(self._probe.inputs).cpu()).to(torch.float64)
-        ntk0_norm = spectral_norm(ntk0)
-        if not ntk0_norm > 0:
-            raise ValueError(
-                "The model's NTK on the probe set is zero: nothing trainable reaches its output."
-            )
-        self._initial = InitialState(kernel, ntk0, ntk_lin, ntk0_norm, initial_outputs)
+        """``ntk0`` is ``None`` in matrix-free mode (then Θ_0 products come from the shadow's f_0)."""
+        assert self._probe is not None and self._measurer is not None and self._param_weights is not None
         self._shadow = LinearShadow.from_model(
             pl_module,
             kernel,
@@ -376,6 +380,22 @@ class LinearRegimeMonitor(Callback):
             output_fn=self.output_fn,
             features_fn=self.features_fn,
         ).to(pl_module.device)
+        self._initial = self._measurer.initial_state(
+            kernel,
+            ntk0,
+            ntk0_norm,
+            initial_outputs,
+            self._kernel_inputs(self._probe.inputs).cpu(),
+            initial_model=self._shadow.initial_model,
+            param_weights=self._param_weights,
+        )
+        if not self._initial.drift_available:
+            self._warn_once(
+                "drift",
+                f"The probe ({len(self._probe)} examples) is too large for a dense NTK, and with center=False "
+                "there is no copy of the model at init to take Θ_0 products from: `lin_probe/ntk_drift` is "
+                "NaN. Use center=True to measure it.",
+            )
         self._stepper = ShadowTrainer(self._shadow, optimizer, self.loss_fn)
         if self.memorization:
             self._memo = MemoTracker.build(
@@ -405,7 +425,15 @@ class LinearRegimeMonitor(Callback):
         self._measurer = self._make_measurer()
         kernel = AffineKernel(**state["kernel"])
         # capacity=None: the memorizing shadow's offset table takes its saved size from the state.
-        self._build(pl_module, optimizer, kernel, state["ntk0"], state["initial_outputs"], None)
+        self._build(
+            pl_module,
+            optimizer,
+            kernel,
+            state["ntk0"],
+            state.get("ntk0_norm"),
+            state["initial_outputs"],
+            None,
+        )
         assert self._shadow is not None and self._stepper is not None
         self._shadow.load_state_dict(state["shadow"])
         self._stepper.load_state_dict(state["shadow_optimizer"])
@@ -496,7 +524,8 @@ class LinearRegimeMonitor(Callback):
             # Every rank measured the same thing; rank zero's record makes the exit (and so the
             # stop_after_exit schedule that gates the shadow's collectives) identical everywhere.
             record = trainer.strategy.broadcast(record, src=0)
-        if not all(math.isfinite(v) for v in record.values()):
+        expected_nan = () if self._initial is None or self._initial.drift_available else ("ntk_drift",)
+        if not all(math.isfinite(v) for k, v in record.items() if k not in expected_nan):
             self._warn_once(
                 "nonfinite",
                 f"Non-finite values measured at step {step} (NaN/inf in the network or shadow output, or in "
@@ -542,19 +571,16 @@ class LinearRegimeMonitor(Callback):
         if not is_ntk_step(step, self.ntk_every_n_steps):
             return record, None
         try:
-            theta = self._measurer.ntk(pl_module, self._param_weights)
+            ntk_values, eigenvalues = self._measurer.ntk_record(pl_module, self._param_weights, self._initial)
         except Exception as err:
             self._warn_once(
                 "ntk",
                 f"lin_probe could not compute the NTK at step {step} "
                 f"({type(err).__name__}: {err}); logging NaN and carrying on.",
             )
-            theta = None
-        if theta is None or not bool(torch.isfinite(theta).all()):
-            record.update(ntk_gap=math.nan, ntk_drift=math.nan)
-            return record, None
-        record.update(self._measurer.ntk_check(theta, self._initial))
-        return record, torch.linalg.eigvalsh(theta)
+            ntk_values, eigenvalues = {"ntk_gap": math.nan, "ntk_drift": math.nan}, None
+        record.update(ntk_values)
+        return record, eigenvalues
 
     def _publish(self, trainer: pl.Trainer, record: Mapping[str, float], eigenvalues: Tensor | None) -> None:
         step = int(record["step"])

@@ -7,7 +7,7 @@ the data kernel; these three numbers are what the linear "shadow" model is built
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +15,9 @@ import torch
 from torch import Tensor
 
 from lin_probe._validation import as_feature_matrix, check_finite
+from lin_probe.spectral import spectral_norm
+
+MatVec = Callable[[Tensor], Tensor]
 
 
 def data_kernel(inputs: Tensor) -> Tensor:
@@ -42,6 +45,21 @@ class AffineKernel:
         n = k.shape[0]
         eye = torch.eye(n, dtype=k.dtype, device=k.device)
         return self.a * k + self.b + self.c * eye
+
+    def matvec(self, inputs: Tensor) -> MatVec:
+        """``u ↦ (a·K + b·11ᵀ + c·I)u`` in float64 from ``X`` alone: ``a·X(Xᵀu)/d + b·1(1ᵀu) + c·u``.
+
+        For probe sets too large for :meth:`matrix`: ``O(n·d)`` per product, nothing ``n × n``.
+        """
+        x = as_feature_matrix(inputs).to(torch.float64)
+        d = x.shape[1]
+        a, b, c = self.a, self.b, self.c
+
+        def apply(u: Tensor) -> Tensor:
+            u = u.to(dtype=x.dtype, device=x.device)
+            return a * (x @ (x.T @ u)) / d + b * u.sum() + c * u
+
+        return apply
 
     def features(self, inputs: Tensor) -> Tensor:
         """``ψ(x) = [√a·x/√d ; √b]`` (``n × (d+1)``, inputs' dtype), so that ``ψψᵀ = a·K + b·11ᵀ``.
@@ -92,6 +110,88 @@ def fit_affine_kernel(ntk: Tensor, inputs: Tensor) -> AffineKernel:
     rel_error = _spectral_norm_sym(theta - fitted) / _spectral_norm_sym(theta)
     a, b, c = (float(v) for v in coef)
     return AffineKernel(a=a, b=b, c=c, rel_error=rel_error)
+
+
+def fit_affine_kernel_matrix_free(
+    matvec: MatVec,
+    inputs: Tensor,
+    *,
+    trace: float,
+    ntk_norm: float | None = None,
+    rtol: float = 1e-5,
+) -> AffineKernel:
+    """:func:`fit_affine_kernel` from products ``u ↦ Θu`` only, for probe sets too large for ``n × n``.
+
+    The Frobenius normal equations need only ``⟨Θ, K⟩_F``, ``1ᵀΘ1``, ``tr Θ`` and the Gram matrix
+    of ``{K, 11ᵀ, I}``. The Gram comes from ``X`` (``n × d``) alone. ``⟨Θ, K⟩_F = tr(ΘXXᵀ)/d`` is
+    exact with ``rank(X) ≤ min(n, d)`` products: with the thin SVD ``X = USVᵀ`` it is
+    ``Σ_i s_i² u_iᵀΘu_i / d`` (singular values below round-off are dropped: each contributes at
+    most ``‖Θ‖₂ s_i²``). ``1ᵀΘ1`` is one product. ``trace`` (``tr Θ``) is the caller's, exact:
+    a product cannot give it without ``n`` of them or a noisy estimate, while per-example
+    gradients give it at about the cost of one product. The constrained solve (``a, b ≥ 0``) is
+    the dense fit's. ``rel_error`` = ``‖Θ − Θ_lin‖₂ / ‖Θ‖₂`` by Lanczos to relative accuracy
+    ``rtol``; pass ``ntk_norm`` (``‖Θ‖₂``) when already known to save one Lanczos run.
+
+    ``matvec`` maps a float64 ``(n,)`` vector to ``Θu`` (any floating dtype and device).
+    """
+    x = as_feature_matrix(inputs, "inputs").to(torch.float64)
+    n, d = x.shape
+    if n < 2:
+        raise ValueError("need at least 2 probe examples to fit a, b, c (got 1); probe with more examples.")
+    if not (isinstance(trace, (int, float)) and math.isfinite(trace)):
+        raise ValueError(f"`trace` must be a finite number (tr Θ), got {trace!r}.")
+    if trace <= 0.0:
+        raise ValueError("`ntk` is identically zero: there is no kernel to fit (are all parameters frozen?).")
+    op = _float64_operator(matvec, n)
+    directions, singular = _data_directions(x)
+    gram = _basis_gram(singular, x, d)
+    _check_identifiable(gram)
+    ones = torch.ones(n, dtype=torch.float64)
+    inner_k = sum(float(w @ op(w)) for w in directions.T) / d
+    rhs = torch.tensor([inner_k, float(ones @ op(ones)), float(trace)], dtype=torch.float64)
+    a, b, c = (float(v) for v in _best_feasible_quadratic(gram, rhs))
+    fitted = AffineKernel(a=a, b=b, c=c).matvec(x)
+    norm = spectral_norm(op, n, rtol=rtol) if ntk_norm is None else float(ntk_norm)
+    if not norm > 0.0:
+        raise ValueError("`ntk` is identically zero: there is no kernel to fit (are all parameters frozen?).")
+    rel_error = spectral_norm(lambda u: op(u) - fitted(u), n, rtol=rtol) / norm
+    return AffineKernel(a=a, b=b, c=c, rel_error=rel_error)
+
+
+def _float64_operator(matvec: MatVec, n: int) -> MatVec:
+    """``matvec`` with its output checked (``(n,)``, finite) and returned as float64 on CPU."""
+    if not callable(matvec):
+        raise TypeError(f"`matvec` must be a callable u ↦ Θu, got {type(matvec).__name__}.")
+
+    def apply(u: Tensor) -> Tensor:
+        w = matvec(u)
+        if not isinstance(w, Tensor) or tuple(w.shape) != (n,):
+            raise ValueError(
+                f"`matvec` must return a tensor of shape ({n},), got {getattr(w, 'shape', w)!r}."
+            )
+        check_finite(w, "matvec(u)")
+        return w.detach().to("cpu", torch.float64)
+
+    return apply
+
+
+def _data_directions(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Columns ``w_i = s_i u_i`` with ``Σ_i w_i w_iᵀ = XXᵀ`` (numerical rank only), and all ``s_i``."""
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    cutoff = float(s.max()) * max(x.shape) * torch.finfo(x.dtype).eps if s.numel() else 0.0
+    keep = s > cutoff
+    return u[:, keep] * s[keep], s
+
+
+def _basis_gram(singular: Tensor, x: Tensor, d: int) -> Tensor:
+    """Frobenius Gram of ``{K, 11ᵀ, I}`` from ``X``: ``‖K‖²_F = Σ s⁴/d²``, ``1ᵀK1 = ‖Xᵀ1‖²/d``, ``tr K = ‖X‖²_F/d``."""
+    n = x.shape[0]
+    kk = float((singular**4).sum()) / d**2
+    k1 = float(x.sum(dim=0).square().sum()) / d
+    ki = float(x.square().sum()) / d
+    return torch.tensor(
+        [[kk, k1, ki], [k1, float(n * n), float(n)], [ki, float(n), float(n)]], dtype=torch.float64
+    )
 
 
 def _checked_ntk(ntk: Tensor) -> Tensor:
@@ -153,6 +253,16 @@ def _check_identifiable(gram: Tensor) -> None:
         )
 
 
+def _feasible_candidates(gram: Tensor, rhs: Tensor) -> Iterator[Tensor]:
+    """Unconstrained optima of the four active sets (none, ``a = 0``, ``b = 0``, both) with ``a, b ≥ 0``."""
+    for fixed in ((), (0,), (1,), (0, 1)):
+        free = [k for k in range(3) if k not in fixed]
+        coef = torch.zeros(3, dtype=gram.dtype, device=gram.device)
+        coef[free] = torch.linalg.solve(gram[free][:, free], rhs[free])
+        if not bool((coef[:2] < 0).any()):
+            yield coef
+
+
 def _best_feasible(basis: Tensor, gram: Tensor, rhs: Tensor, theta: Tensor) -> Tensor:
     """Exact minimiser of ``‖Θ − Σ β_k B_k‖_F`` subject to ``β_0 = a ≥ 0``, ``β_1 = b ≥ 0``.
 
@@ -162,13 +272,21 @@ def _best_feasible(basis: Tensor, gram: Tensor, rhs: Tensor, theta: Tensor) -> T
     """
     best: Tensor | None = None
     best_loss = math.inf
-    for fixed in ((), (0,), (1,), (0, 1)):
-        free = [k for k in range(3) if k not in fixed]
-        coef = torch.zeros(3, dtype=gram.dtype, device=gram.device)
-        coef[free] = torch.linalg.solve(gram[free][:, free], rhs[free])
-        if bool((coef[:2] < 0).any()):
-            continue
+    for coef in _feasible_candidates(gram, rhs):
         loss = float(torch.linalg.matrix_norm(theta - torch.einsum("k,kij->ij", coef, basis)))
+        if loss < best_loss:
+            best, best_loss = coef, loss
+    assert best is not None  # the (a, b) = (0, 0) candidate is always feasible
+    return best
+
+
+def _best_feasible_quadratic(gram: Tensor, rhs: Tensor) -> Tensor:
+    """:func:`_best_feasible` without ``Θ``: ``‖Θ − Σβ_k B_k‖²_F = ‖Θ‖²_F − 2βᵀr + βᵀGβ``, and the
+    constant ``‖Θ‖²_F`` does not change which candidate is best."""
+    best: Tensor | None = None
+    best_loss = math.inf
+    for coef in _feasible_candidates(gram, rhs):
+        loss = float(coef @ gram @ coef - 2.0 * coef @ rhs)
         if loss < best_loss:
             best, best_loss = coef, loss
     assert best is not None  # the (a, b) = (0, 0) candidate is always feasible

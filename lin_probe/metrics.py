@@ -8,7 +8,6 @@ every rank gets identical values without a collective that a rank could miss.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,8 +20,7 @@ class FunctionalDistance(Metric):
 
     ``rms = sqrt(mean((f_t − f_lin)²))`` over probe points and outputs;
     ``rel = ‖f_t − f_lin‖_F / ‖f_t − f_0‖_F``: the shadow's error as a fraction of how far the
-    network has moved. ``rel`` is 0 when neither has moved (before any step) and inf when the
-    shadow differs from a network that has not moved.
+    network has moved; 0 while the network has not moved at all (before any step).
     """
 
     full_state_update = False
@@ -44,10 +42,9 @@ class FunctionalDistance(Metric):
     def compute(self) -> dict[str, Tensor]:
         rms = torch.sqrt(self.sq_gap / self.count.clamp_min(1))
         gap, moved = torch.sqrt(self.sq_gap), torch.sqrt(self.sq_moved)
-        if moved > 0:
-            rel = gap / moved
-        else:
-            rel = torch.tensor(0.0 if gap == 0 else math.inf, dtype=torch.float64)
+        # Before the network has moved (step 0) the ratio is 0 by definition (DESIGN §1), also for an
+        # uncentered shadow, whose gap at init is just f_0; the absolute distance still reports that gap.
+        rel = gap / moved if moved > 0 else torch.zeros((), dtype=torch.float64)
         return {"functional_distance": rms, "functional_distance_rel": rel}
 
 

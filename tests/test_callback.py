@@ -378,3 +378,16 @@ def test_configurable_from_lightning_cli_yaml(tmp_path: Path) -> None:
         "cross_entropy",
         False,
     )
+
+
+def test_uncentered_shadow_starts_inside_the_regime(tmp_path: Path) -> None:
+    """center=False: f_lin,0 = 0 ≠ f_0, yet before any step the relative distance is 0 by definition."""
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=2, center=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(tmp_path, monitor=monitor, max_steps=4)
+    first = monitor.history[0]
+    assert first["step"] == 0 and first["functional_distance_rel"] == 0.0
+    assert first["functional_distance"] > 0  # the absolute gap is f_0 itself, and it is reported
+    assert not any("Non-finite" in str(w.message) for w in caught)
+    assert monitor.regime.streak_start != 0
