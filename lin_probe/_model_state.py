@@ -9,8 +9,10 @@ bit-identical to one without.
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,3 +64,11 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 def model_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Named buffers, detached (BatchNorm running stats are read, never written, in eval mode)."""
     return {name: b.detach() for name, b in model.named_buffers()}
+
+
+def cpu_state_copy(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A detached CPU copy of a state dict (tensors cloned, other entries deep-copied) for checkpoints."""
+    return {
+        k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+        for k, v in state.items()
+    }

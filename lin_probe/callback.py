@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lin_probe._model_state import cpu_state_copy
 from lin_probe.kernel import AffineKernel
 from lin_probe.logging import TensorBoardPanels, exit_card, fit_card, tag
 from lin_probe.losses import LossFn, is_classification, resolve_loss
@@ -275,7 +276,7 @@ class LinearRegimeMonitor(Callback):
             else self._probe.targets.detach().cpu().clone(),
             "probe_source": self._probe.source,
             "param_weights": dict(self._param_weights or {}),
-            "shadow": _to_cpu(self._shadow.state_dict()),
+            "shadow": cpu_state_copy(self._shadow.state_dict()),
             "shadow_optimizer": copy.deepcopy(self._stepper.state_dict()),
             "last_optimizer_step": self._last_optimizer_step,
             "checks_since_exit": self._checks_since_exit,
@@ -722,13 +723,6 @@ def _mean_over_ranks(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
         return trainer.strategy.reduce(grad.clone(), reduce_op="sum") / world_size
 
     return mean
-
-
-def _to_cpu(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A detached CPU copy of a state dict (tensors cloned, other entries deep-copied)."""
-    return {
-        k: v.detach().cpu().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()
-    }
 
 
 def _check_int(name: str, value: int, *, minimum: int) -> None:

@@ -245,11 +245,6 @@ class ProbeMeasurer:
 
         return _checked_float64(apply)
 
-    def functional(self, model: nn.Module, shadow: LinearShadow, initial_outputs: Tensor) -> dict[str, float]:
-        """Distances, losses and (for classification) agreement at the current parameters."""
-        network = self.network_outputs(model)
-        return self.compare(network, self.shadow_outputs(shadow, initial_outputs), initial_outputs)
-
     def network_outputs(self, model: nn.Module) -> Tensor:
         """``f_t`` on the probe (float64), computed once per check and compared with every shadow."""
         return self.outputs(model).to(torch.float64)

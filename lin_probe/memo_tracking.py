@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lin_probe._model_state import cpu_state_copy
 from lin_probe.data import indices_from_batch
 from lin_probe.kernel import AffineKernel
 from lin_probe.losses import LossFn
@@ -113,10 +114,7 @@ class MemoTracker:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "shadow": {
-                k: v.detach().cpu().clone() if isinstance(v, Tensor) else v
-                for k, v in self.shadow.state_dict().items()
-            },
+            "shadow": cpu_state_copy(self.shadow.state_dict()),
             "optimizer": self.stepper.state_dict(),
             "example_ids": self.example_ids.state_dict(),
             "regime": self.regime.state_dict(),
