@@ -19,44 +19,18 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+from width_sweep import DigitsRegression, TwoLayerNet, digits_one_hot
 
 from lin_probe import LinearRegimeMonitor, empirical_ntk, fit_affine_kernel, two_layer_coefficients
 
 
-class TwoLayerNet(nn.Module):
-    """``m^{-1/2} Σ_r v_r relu(w_rᵀx/√d)``, the network of Hu et al. (2020), Section 3."""
-
-    def __init__(self, d: int, width: int, outputs: int) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(d, width, bias=False)
-        self.readout = nn.Linear(width, outputs, bias=False)
-        for layer in (
-            self.hidden,
-            self.readout,
-        ):  # NTK parameterisation: N(0, 1) weights, 1/√fan_in in forward
-            nn.init.normal_(layer.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.hidden(x) / math.sqrt(self.hidden.in_features))
-        return self.readout(h) / math.sqrt(self.readout.in_features)
-
-
-class DigitsRegression(pl.LightningModule):
-    """MSE on one-hot labels with plain SGD: the setting the paper analyses."""
-
-    def __init__(self, width: int, lr: float) -> None:
-        super().__init__()
-        self.net = TwoLayerNet(64, width, 10)
-        self.lr = lr
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+class ValidatedDigitsRegression(DigitsRegression):
+    """The width sweep's module plus a validation step, so the monitor probes held-out digits."""
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.mse_loss(self(x), y)
+        loss = super().training_step(batch, batch_idx)
         self.log("train_loss", loss)
         return loss
 
@@ -64,26 +38,11 @@ class DigitsRegression(pl.LightningModule):
         x, y = batch
         self.log("val_loss", F.mse_loss(self(x), y))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
 
 def on_sphere(x: Tensor) -> Tensor:
     """Center, then scale every example to norm √d (the paper's input normalisation)."""
     x = x - x.mean(dim=0)
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12) * math.sqrt(x.shape[1])
-
-
-def digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = on_sphere(torch.tensor(data.data, dtype=torch.float32))
-    y = F.one_hot(torch.tensor(data.target), 10).float()
-    gen = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(x), generator=gen)
-    train, val = order[:1400], order[1400:]
-    return x[train], y[train], x[val], y[val]
 
 
 def paper_claim(d: int, width: int, n: int) -> None:
@@ -101,7 +60,7 @@ def paper_claim(d: int, width: int, n: int) -> None:
 
 def train_with_monitor(width: int, lr: float, max_steps: int, log_dir: Path) -> None:
     pl.seed_everything(0, verbose=False)
-    x, y, x_val, y_val = digits()
+    x, y, x_val, y_val = digits_one_hot()
     train = DataLoader(TensorDataset(x, y), batch_size=100, shuffle=True)
     val = DataLoader(TensorDataset(x_val, y_val), batch_size=len(x_val))
     monitor = LinearRegimeMonitor(
@@ -121,7 +80,7 @@ def train_with_monitor(width: int, lr: float, max_steps: int, log_dir: Path) -> 
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(DigitsRegression(width, lr), train, val)
+        trainer.fit(ValidatedDigitsRegression(width, lr), train, val)
     print(
         f"\n2. Two-layer ReLU net (width {width}) on digits, SGD lr={lr}, {max_steps} steps, with LinearRegimeMonitor"
     )
