@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lin_probe.kernel import fit_affine_kernel
-from lin_probe.losses import resolve_loss
-from lin_probe.memo import MemorizingShadow, MemorizingShadowTrainer
-from lin_probe.shadow import LinearShadow, ShadowTrainer
+from lin_probe.monitor.losses import resolve_loss
+from lin_probe.shadows.linear import LinearShadow
+from lin_probe.shadows.mirror import ShadowTrainer
+from lin_probe.shadows.offsets import MemorizingShadow, MemorizingShadowTrainer
 
 
 class TwoLayer(nn.Module):

@@ -45,3 +45,17 @@ def as_feature_matrix(inputs: Tensor, name: str = "inputs", min_rows: int = 1) -
         raise ValueError(f"`{name}` has {inputs.shape[0]} example(s); at least {min_rows} are needed.")
     check_finite(inputs, name)
     return inputs.reshape(inputs.shape[0], -1)
+
+
+def check_int(name: str, value: object, *, minimum: int) -> None:
+    """Raise unless ``value`` is an ``int`` (``bool`` excluded) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+
+
+def check_callable(name: str, fn: object) -> None:
+    """Raise unless ``fn`` is ``None`` or callable (optional user hooks)."""
+    if fn is not None and not callable(fn):
+        raise TypeError(f"`{name}` must be callable or None, got {type(fn).__name__}.")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from _lightning_setups import read_events, scalar_series
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 LIN_PROBE_TAGS = (
     "functional_distance",

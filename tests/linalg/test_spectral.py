@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lin_probe.spectral import dense_or_matrix_free, spectral_norm
+from lin_probe.linalg.spectral import dense_or_matrix_free, spectral_norm
 
 DENSE_RTOL = 1e-10
 LANCZOS_RTOL = 1e-4

@@ -24,20 +24,21 @@ from typing_extensions import override
 
 from lin_probe._model_state import cpu_state_copy
 from lin_probe.kernel import AffineKernel
-from lin_probe.logging import TensorBoardPanels, exit_card, fit_card, tag
-from lin_probe.losses import LossFn, is_classification, resolve_loss
-from lin_probe.measure import InitialState, ProbeMeasurer
-from lin_probe.memo_tracking import MemoTracker
-from lin_probe.probe import (
+from lin_probe.lightning.tensorboard import TensorBoardPanels, exit_card, fit_card, tag
+from lin_probe.monitor.losses import LossFn, is_classification, resolve_loss
+from lin_probe.monitor.measure import InitialState, ProbeMeasurer
+from lin_probe.monitor.memo_tracking import MemoTracker
+from lin_probe.monitor.probe import (
     BatchToXY,
     ProbeSet,
     default_batch_to_xy,
     probe_from_argument,
     probe_from_dataloaders,
 )
-from lin_probe.regime import RegimeTracker, validate_patience, validate_tolerance
-from lin_probe.schedule import is_check_step, is_ntk_step
-from lin_probe.shadow import LinearShadow, ShadowTrainer
+from lin_probe.monitor.regime import RegimeTracker, validate_patience, validate_tolerance
+from lin_probe.monitor.schedule import is_check_step, is_ntk_step
+from lin_probe.shadows.linear import LinearShadow
+from lin_probe.shadows.mirror import ShadowTrainer
 
 #: At fit start, a relative spectral error above this means the linear model is a poor proxy.
 POOR_FIT_THRESHOLD = 0.3

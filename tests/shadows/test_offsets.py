@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lin_probe.data import WithIndex, indices_from_batch
 from lin_probe.kernel import AffineKernel, fit_affine_kernel
-from lin_probe.losses import resolve_loss
-from lin_probe.memo import UNKNOWN_ID, ExampleIds, MemorizingShadow, MemorizingShadowTrainer
-from lin_probe.ntk import empirical_ntk
-from lin_probe.shadow import LinearShadow, ShadowTrainer
+from lin_probe.monitor.losses import resolve_loss
+from lin_probe.ntk.dense import empirical_ntk
+from lin_probe.shadows.linear import LinearShadow
+from lin_probe.shadows.mirror import ShadowTrainer
+from lin_probe.shadows.offsets import UNKNOWN_ID, ExampleIds, MemorizingShadow, MemorizingShadowTrainer
 
 KERNEL = AffineKernel(a=0.8, b=0.3, c=0.5)
 D, C, N_TRAIN, N_TEST = 5, 2, 10, 7

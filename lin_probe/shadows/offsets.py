@@ -29,13 +29,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lin_probe.kernel import AffineKernel
-from lin_probe.losses import LossFn
-from lin_probe.shadow import (
-    FeaturesFn,
-    LinearShadow,
-    OutputFn,
-    ShadowTrainer,
-)
+from lin_probe.monitor.losses import LossFn
+from lin_probe.shadows.linear import FeaturesFn, LinearShadow, OutputFn
+from lin_probe.shadows.mirror import ShadowTrainer
 
 _DIGEST_BYTES = 16  # blake2b-128: collision odds ~N²/2¹²⁹, negligible for any dataset
 UNKNOWN_ID = -1  # the id of a point that is not a training example (held out): no V term

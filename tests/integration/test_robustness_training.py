@@ -32,7 +32,7 @@ from _robustness_helpers import cycle_batches, params_and_buffers, replay
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from lin_probe.callback import LinearRegimeMonitor
+from lin_probe.lightning.callback import LinearRegimeMonitor
 
 D, N_TRAIN, N_VAL, BATCH = 16, 64, 32, 16
 X, Y = sphere_data(N_TRAIN + N_VAL, D)

@@ -29,11 +29,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from scipy import optimize
 from torch import Tensor
 
-from lin_probe import measure
-from lin_probe.callback import LinearRegimeMonitor
 from lin_probe.kernel import AffineKernel, fit_affine_kernel, fit_affine_kernel_matrix_free
-from lin_probe.measure import ProbeMeasurer, ntk_mode
-from lin_probe.probe import ProbeSet
+from lin_probe.lightning.callback import LinearRegimeMonitor
+from lin_probe.monitor import measure
+from lin_probe.monitor.measure import ProbeMeasurer, ntk_mode
+from lin_probe.monitor.probe import ProbeSet
 
 # Lanczos certifies each norm to rtol = 1e-5; a ratio of two such norms is then good to ~2e-5.
 LANCZOS_RATIO_RTOL = 2e-5

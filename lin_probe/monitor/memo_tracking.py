@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from lin_probe._model_state import cpu_state_copy
 from lin_probe.data import indices_from_batch
 from lin_probe.kernel import AffineKernel
-from lin_probe.losses import LossFn
-from lin_probe.measure import ProbeMeasurer
-from lin_probe.memo import UNKNOWN_ID, ExampleIds, MemorizingShadow, MemorizingShadowTrainer
-from lin_probe.regime import RegimeTracker
+from lin_probe.monitor.losses import LossFn
+from lin_probe.monitor.measure import ProbeMeasurer
+from lin_probe.monitor.regime import RegimeTracker
+from lin_probe.shadows.offsets import UNKNOWN_ID, ExampleIds, MemorizingShadow, MemorizingShadowTrainer
 
 #: Prefix of the memorizing shadow's tags (``lin_probe/memo/...``).
 MEMO = "memo/"

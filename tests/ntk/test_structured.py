@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_ntk import assert_close, brute_force_ntk
+from test_dense import assert_close, brute_force_ntk
 from torch import Tensor, nn
 
-import lin_probe.ntk as ntk_module
-import lin_probe.ntk_structured as structured_module
-from lin_probe.ntk import empirical_ntk
+import lin_probe.ntk.dense as ntk_module
+import lin_probe.ntk.structured as structured_module
+from lin_probe.ntk.dense import empirical_ntk
 
 DTYPE = torch.float64
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lin_probe.regime import RegimeTracker
+from lin_probe.monitor.regime import RegimeTracker
 
 
 def brute_force_exit(steps: list[int], values: list[float], tol: float, patience: int) -> int | None:

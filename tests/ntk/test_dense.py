@@ -23,8 +23,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import lin_probe.ntk as ntk_module
-from lin_probe.ntk import empirical_ntk, ntk_matvec, predict
+import lin_probe.ntk.dense as ntk_module
+from lin_probe.ntk.dense import empirical_ntk, ntk_matvec, predict
 
 RTOL = 1e-9
 DTYPE = torch.float64

@@ -16,8 +16,8 @@ from _lightning_setups import Regressor, TwoLayerNet, make_trainer, read_events,
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.data import DataLoader, TensorDataset
 
-from lin_probe.callback import LinearRegimeMonitor
 from lin_probe.data import WithIndex
+from lin_probe.lightning.callback import LinearRegimeMonitor
 
 D, N_TRAIN, N_VAL = 32, 64, 64  # n = 2d: the regime where the missing c·I term matters
 

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lin_probe.kernel import AffineKernel
-from lin_probe.losses import is_classification, resolve_loss
-from lin_probe.shadow import LinearShadow, ShadowTrainer
+from lin_probe.monitor.losses import is_classification, resolve_loss
+from lin_probe.shadows.linear import LinearShadow
+from lin_probe.shadows.mirror import ShadowTrainer
 
 KERNEL = AffineKernel(a=0.7, b=0.3, c=0.1)
 

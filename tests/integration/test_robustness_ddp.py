@@ -22,7 +22,7 @@ from _robustness_helpers import replay
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "ddp_worker.py"
 MOMENTUM = 0.9
 
 

@@ -38,7 +38,7 @@ from _robustness_helpers import (
 )
 from torch import Tensor, nn
 
-from lin_probe.callback import LinearRegimeMonitor
+from lin_probe.lightning.callback import LinearRegimeMonitor
 
 D, N_TRAIN, N_VAL, BATCH, LR = 16, 64, 32, 16, 0.5
 X, Y = sphere_data(N_TRAIN + N_VAL, D)

@@ -16,7 +16,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from lin_probe.kernel import AffineKernel
-from lin_probe.logging import (
+from lin_probe.lightning.tensorboard import (
     PREFIX,
     TensorBoardPanels,
     custom_scalar_layout,

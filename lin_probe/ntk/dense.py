@@ -54,7 +54,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from lin_probe._model_state import eval_semantics, model_buffers, trainable_parameters
 from lin_probe._validation import check_finite
-from lin_probe.ntk_structured import NotStructurable, structured_ntk
+from lin_probe.ntk.structured import NotStructurable, structured_ntk
 
 DEFAULT_MEMORY_BUDGET_BYTES: int = 1 << 30
 """Bytes the NTK paths may spend on Jacobian blocks and activations (see the module docstring)."""

@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lin_probe import ntk as ntk_lib
 from lin_probe.kernel import AffineKernel, fit_affine_kernel, fit_affine_kernel_matrix_free
-from lin_probe.losses import LossFn
-from lin_probe.metrics import FunctionalDistance, PredictionAgreement
-from lin_probe.ntk import empirical_ntk, ntk_matvec, predict
-from lin_probe.probe import ProbeSet
-from lin_probe.shadow import LinearShadow
-from lin_probe.spectral import dense_or_matrix_free, spectral_norm
+from lin_probe.linalg.spectral import dense_or_matrix_free, spectral_norm
+from lin_probe.monitor.losses import LossFn
+from lin_probe.monitor.metrics import FunctionalDistance, PredictionAgreement
+from lin_probe.monitor.probe import ProbeSet
+from lin_probe.ntk import dense as ntk_lib
+from lin_probe.ntk.dense import empirical_ntk, ntk_matvec, predict
+from lin_probe.shadows.linear import LinearShadow
 
 MatVec = Callable[[Tensor], Tensor]
 

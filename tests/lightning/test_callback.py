@@ -29,7 +29,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lin_probe.callback import LinearRegimeMonitor
+from lin_probe.lightning.callback import LinearRegimeMonitor
 
 D, N_TRAIN, N_VAL = 16, 64, 32
 

@@ -1,0 +1,1 @@
+"""The Lightning-free monitor: probe set, checks, exit rule and the ``RegimeProbe`` that drives them."""

@@ -1,0 +1,1 @@
+"""The linear shadow ``f_0 + Bᵀψ`` (optionally with per-example offsets) and its optimizer mirror."""

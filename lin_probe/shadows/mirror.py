@@ -1,0 +1,209 @@
+"""Mirroring the user's optimizer onto a shadow: same update rule, same hyperparameters, same lr.
+
+The correspondence of Hu et al. (2020) is between the network and its linear model trained by the
+*same* gradient descent; for SGD (momentum, Nesterov, weight decay, dampening) the mirror
+reproduces the update rule exactly. Other optimizers are rebuilt by class and hyperparameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lin_probe.monitor.losses import LossFn
+from lin_probe.shadows.linear import LinearShadow, _move
+
+# Constructor flags that pick a kernel implementation, not the update rule: left at torch's defaults
+# so the mirror works wherever ``B`` lives (e.g. ``fused``/``capturable`` demand particular devices).
+_IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
+def _unwrap_optimizer(optimizer: Any) -> Optimizer:
+    """The torch optimizer itself (Lightning hands out ``LightningOptimizer`` wrappers with ``.optimizer``)."""
+    inner = getattr(optimizer, "optimizer", None)
+    if not isinstance(optimizer, Optimizer) and isinstance(inner, Optimizer):
+        optimizer = inner
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    return optimizer
+
+
+def _reference_hyperparameters(optimizer: Optimizer) -> dict[str, Any]:
+    """The reference group's (``param_groups[0]``) hyperparameters, without params and implementation flags."""
+    group = optimizer.param_groups[0]
+    hyper = {
+        key: value for key, value in group.items() if key != "params" and key not in _IMPLEMENTATION_FLAGS
+    }
+    if isinstance(hyper.get("lr"), Tensor):
+        hyper["lr"] = float(hyper["lr"])
+    return hyper
+
+
+def _check_closure_free(cls: type[Optimizer]) -> None:
+    """Refuse optimizers whose ``step`` needs a closure (LBFGS): the shadow has no closure to re-evaluate."""
+    closure = inspect.signature(cls.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"{cls.__name__}.step needs a closure, which the linear shadow cannot mirror; "
+            "train with torch.optim.SGD (exact correspondence) or torch.optim.Adam."
+        )
+
+
+def _constructor_arguments(cls: type[Optimizer], hyper: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters ``cls.__init__`` accepts by name (group extras like ``initial_lr`` are not)."""
+    names = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    return {key: value for key, value in hyper.items() if key in names}
+
+
+def _build_mirror(optimizer: Optimizer, params: Sequence[nn.Parameter]) -> Optimizer:
+    """Same class, same reference-group hyperparameters, on ``params`` only (one group)."""
+    cls = type(optimizer)
+    _check_closure_free(cls)
+    hyper = _reference_hyperparameters(optimizer)
+    try:
+        mirror = cls(list(params), **_constructor_arguments(cls, hyper))
+    except Exception as err:  # a constructor needing more than its group's hyperparameters
+        raise TypeError(
+            f"Cannot rebuild {cls.__name__} for the linear shadow from its hyperparameters "
+            f"({type(err).__name__}: {err}); train with torch.optim.SGD (exact correspondence) or "
+            "torch.optim.Adam."
+        ) from err
+    mirror.param_groups[0].update(hyper)  # extras (e.g. a scheduler's initial_lr) mirrored verbatim
+    return mirror
+
+
+def _check_lr(lr: float) -> float:
+    """A finite, non-negative learning rate as a float."""
+    if isinstance(lr, Tensor):
+        lr = float(lr)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"`lr` must be a number, got {type(lr).__name__}.")
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"`lr` must be finite and >= 0, got {lr}.")
+    return float(lr)
+
+
+class ShadowTrainer:
+    """Trains ``shadow.B`` with a mirror of the user's optimizer, one step per user optimizer step.
+
+    For SGD (momentum, Nesterov, weight decay, dampening, maximize) the mirror reproduces the update
+    rule exactly and the function-space dynamics match while the NTK stays affine in the data
+    kernel. Other optimizers are mirrored by class and hyperparameters, with one warning, since no
+    such correspondence is established for them. Subclasses train more parameters than ``B`` by
+    overriding :meth:`trained_parameters`.
+    """
+
+    def __init__(self, shadow: LinearShadow, optimizer: Optimizer, loss_fn: LossFn) -> None:
+        if not isinstance(shadow, LinearShadow):
+            raise TypeError(f"`shadow` must be a LinearShadow, got {type(shadow).__name__}.")
+        if not callable(loss_fn):
+            raise TypeError(
+                "`loss_fn` must be callable as loss_fn(prediction, target); see losses.resolve_loss."
+            )
+        self.shadow = shadow
+        self.loss_fn = loss_fn
+        self._optimizer = _build_mirror(_unwrap_optimizer(optimizer), self.trained_parameters())
+        if not self.exact:
+            warnings.warn(
+                f"lin_probe: mirroring {type(self._optimizer).__name__} on the {type(shadow).__name__} with the "
+                "same hyperparameters, but the linear-model correspondence (Hu et al., 2020) is established "
+                "only for (momentum) gradient descent; read the distances as indicative.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What the mirrored optimizer trains: ``[B]`` for the paper's shadow."""
+        return [self.shadow.B]
+
+    @property
+    def exact(self) -> bool:
+        """True when the mirrored update is plain/momentum SGD, for which the theory holds."""
+        return type(self._optimizer) is torch.optim.SGD
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The mirrored optimizer (read it; drive it through :meth:`step`)."""
+        return self._optimizer
+
+    def accumulate(self, x: Any, y: Tensor, scale: float = 1.0) -> Tensor:
+        """Add ``∂(scale·loss(shadow(x), y))/∂B`` to ``B.grad`` (``B`` unchanged); returns the unscaled loss."""
+        return self._accumulate(lambda: self.shadow(x), y, scale)
+
+    def _accumulate(self, predict: Callable[[], Tensor], y: Tensor, scale: float) -> Tensor:
+        """Add the gradient of ``scale·loss(predict(), y)`` to every trained parameter's ``.grad``."""
+        params = self.trained_parameters()
+        target = _move(y, params[0].device)
+        if isinstance(target, Tensor) and target.is_floating_point():
+            target = target.to(params[0].dtype)
+        with torch.inference_mode(False), torch.enable_grad():
+            loss = self.loss_fn(predict(), target)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    "`loss_fn` must return a scalar tensor (reduce over the batch, e.g. a mean)."
+                )
+            grads = torch.autograd.grad(loss.reshape(()) * scale, params, allow_unused=True)
+        for param, grad in zip(params, grads, strict=True):
+            grad = torch.zeros_like(param) if grad is None else grad.detach()
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
+        return loss.detach()
+
+    def step(self, lr: float, reduce_grad: Callable[[Tensor], Tensor] | None = None) -> None:
+        """One mirrored update with learning rate ``lr``, then clear the gradients.
+
+        ``reduce_grad`` maps each accumulated gradient to the one applied: under data parallelism the
+        network steps with the gradient averaged over processes, and so must the shadow.
+        """
+        lr = _check_lr(lr)
+        params = self.trained_parameters()
+        if params[0].grad is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called with no accumulated gradient; call accumulate(...) "
+                "for each micro-batch of the optimizer step first."
+            )
+        if reduce_grad is not None:
+            for param in params:
+                param.grad = _reduced(reduce_grad, param)
+        for group in self._optimizer.param_groups:
+            group["lr"] = lr
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def discard(self) -> None:
+        """Drop a partly accumulated gradient (a failed micro-batch must not leak into a later step)."""
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The mirrored optimizer's state (momentum / moment buffers, step counts, hyperparameters)."""
+        return {"optimizer": self._optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, so a resumed run continues the same trajectory."""
+        if not isinstance(state, Mapping) or "optimizer" not in state:
+            raise ValueError(
+                f"{type(self).__name__} state must be the dict returned by {type(self).__name__}.state_dict()."
+            )
+        self._optimizer.load_state_dict(state["optimizer"])
+
+
+def _reduced(reduce_grad: Callable[[Tensor], Tensor], param: nn.Parameter) -> Tensor:
+    """``reduce_grad(param.grad)``, checked to keep the parameter's shape, dtype and device."""
+    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+    reduced = reduce_grad(grad)
+    if not isinstance(reduced, Tensor) or reduced.shape != param.shape:
+        raise ValueError(
+            f"`reduce_grad` must return a tensor of the gradient's shape {tuple(param.shape)}, got "
+            f"{getattr(reduced, 'shape', type(reduced).__name__)}; under data parallelism every process "
+            "must hold the same shapes (for the memorizing shadow: capacity=len(train_dataset))."
+        )
+    return reduced.to(dtype=param.dtype, device=param.device)
+
+
+__all__ = ["ShadowTrainer"]

@@ -1,0 +1,7 @@
+"""Puts ``tests/`` on ``sys.path`` so the shared helpers (``_lightning_setups``, ``_robustness_helpers``)
+import from every test folder; pytest's rootdir conftest is loaded before any test module."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
