@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from lin_probe.kernel import fit_affine_kernel
 from lin_probe.monitor.losses import resolve_loss
 from lin_probe.shadows.linear import LinearShadow
-from lin_probe.shadows.mirror import ShadowTrainer
-from lin_probe.shadows.offsets import MemorizingShadow, MemorizingShadowTrainer
+from lin_probe._model_state import frozen_copy
+from lin_probe.shadows.mirror import OptimizerMirror
 
 
 class TwoLayer(nn.Module):
@@ -86,10 +86,11 @@ def run(d: int, n: int, width: int, n_test: int, steps: int, checks: list[int], 
 
     mse = resolve_loss("mse")
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    paper = LinearShadow.from_model(model, kernel, x_train)
-    paper_trainer = ShadowTrainer(paper, opt, mse)
-    memo = MemorizingShadow.from_model(model, kernel, x_train, capacity=n)
-    memo_trainer = MemorizingShadowTrainer(memo, opt, mse)
+    f0 = frozen_copy(model)  # one frozen f_0, shared by both shadows
+    paper = LinearShadow.from_model(model, kernel, x_train, initial_model=f0)
+    paper_trainer = OptimizerMirror(paper, opt, mse)
+    memo = LinearShadow.from_model(model, kernel, x_train, initial_model=f0, offsets_capacity=n)
+    memo_trainer = OptimizerMirror(memo, opt, mse)
     ids = torch.arange(n)
 
     with torch.no_grad():

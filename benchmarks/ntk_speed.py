@@ -82,7 +82,7 @@ def baseline_ntk(model: nn.Module, x: Tensor) -> Tensor:
 
 def runner(method: str, model: nn.Module, x: Tensor) -> Callable[[], object]:
     from lin_probe.linalg.spectral import spectral_norm
-    from lin_probe.ntk.dense import empirical_ntk, ntk_matvec
+    from lin_probe.ntk import empirical_ntk, ntk_matvec
 
     if method == "baseline":
         return lambda: baseline_ntk(model, x)

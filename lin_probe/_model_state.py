@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -72,3 +72,34 @@ def cpu_state_copy(state: Mapping[str, Any]) -> dict[str, Any]:
         k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
         for k, v in state.items()
     }
+
+
+def floating_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating parameter (probe inputs are cast to it); ``None`` if none."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+def frozen_copy(model: nn.Module, *, exclude: Iterable[object] = ()) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with no gradients: the network's function at this moment.
+
+    Every object in ``exclude`` (e.g. a training loop that a module keeps a reference to) comes out
+    as ``None`` in the copy instead of being copied with it: seeding ``deepcopy``'s memo with them
+    covers every reference, including ones a user stored on a submodule.
+    """
+    memo: dict[int, Any] = {id(obj): None for obj in exclude}
+    try:
+        copied = copy.deepcopy(model, memo)
+    except Exception as err:  # deepcopy raises many types (RuntimeError for non-leaf tensors, ...)
+        raise TypeError(
+            f"Could not deep-copy the model to keep its initial function f_0 ({type(err).__name__}: {err}). "
+            "Make the model deep-copyable (no non-leaf tensors or open handles as attributes), or pass "
+            "center=False to use the pure linear model without f_0."
+        ) from err
+    copied.requires_grad_(False)
+    copied.eval()
+    for param in copied.parameters():
+        param.grad = None
+    return copied

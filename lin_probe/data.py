@@ -1,12 +1,12 @@
 """Example identity for the memorizing shadow: a dataset wrapper that puts each example's index in its batch.
 
-The memorizing shadow (``lin_probe.memo``) keeps one offset per *training example*: the ``c·I`` part of
+The memorizing shadow (``lin_probe.shadows.offsets``) keeps one offset per *training example*: the ``c·I`` part of
 the NTK acts on an example only when that same example is in a batch. So a batch has to say which
 examples it holds. ``WithIndex(dataset)`` makes each item ``(x, y, idx)``; the default
 ``batch_to_xy`` takes the first two items, so training steps written as ``x, y = batch[:2]`` or
 ``x, y, _ = batch`` keep working unchanged.
 
-Without indices, identity falls back to a hash of each input row (``lin_probe.memo.ExampleIds``):
+Without indices, identity falls back to a hash of each input row (``lin_probe.shadows.offsets.ExampleIds``):
 exact for a fixed dataset, but randomly augmented inputs then count as new examples every time
 they are drawn — wrap the dataset instead.
 """
@@ -62,8 +62,9 @@ def indices_from_batch(batch: Any) -> Tensor | None:
     """The example indices a ``WithIndex`` batch carries (its last item, or key ``"index"``), else ``None``.
 
     A tuple/list batch counts as indexed when it has at least three items and the last one is a 1-D
-    integer tensor with one entry per example; a user batch of that shape that is not an index
-    should pass its own ``batch_to_ids`` instead of relying on this reading.
+    integer tensor with one entry per example. A batch of that shape whose last item is *not* an
+    index would be misread as one: return such items as a dict (only key ``"index"`` is read) or put
+    them before the targets.
     """
     if isinstance(batch, Mapping):
         value = batch.get(INDEX_KEY)

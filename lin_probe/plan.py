@@ -44,6 +44,15 @@ class ComputePlan:
         check_int("kernel_budget", self.kernel_budget, minimum=1)
         check_int("dense_max_n", self.dense_max_n, minimum=1)
 
+    @classmethod
+    def resolve(cls, memory_budget: int | None, plan: ComputePlan | None) -> ComputePlan:
+        """The plan from a ``memory_budget`` shorthand or a full ``plan`` (not both); defaults otherwise."""
+        if memory_budget is None:
+            return plan if plan is not None else cls()
+        if plan is not None:
+            raise ValueError("Pass `memory_budget` or `compute_plan`, not both.")
+        return cls(memory_budget=memory_budget)
+
     def dense(self, n: int) -> bool:
         """Whether a probe of ``n`` examples gets dense kernels (exact ``eigvalsh``, an eigenvalue histogram).
 

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lin_probe._validation import as_feature_matrix, check_finite
-from lin_probe.linalg.spectral import spectral_norm
-
-MatVec = Callable[[Tensor], Tensor]
+from lin_probe._validation import as_feature_matrix
+from lin_probe.linalg.operator import MatVec, NonFiniteOperator, SymmetricOperator
 
 
 def data_kernel(inputs: Tensor) -> Tensor:
@@ -60,6 +58,22 @@ class AffineKernel:
 
         return apply
 
+    def operator(self, inputs: Tensor, *, dense: bool) -> SymmetricOperator:
+        """``Θ_lin`` on ``inputs`` as an operator: the :meth:`matrix` if ``dense``, else :meth:`matvec`'s products.
+
+        The matrix is symmetric by construction (``K = XXᵀ/d`` from checked, finite inputs); it is
+        kept exactly as computed, round-off included, rather than re-symmetrised, so that
+        ``Θ_t − Θ_lin`` is the same matrix as before this operator type existed.
+        """
+        if dense:
+            for value in (self.a, self.b, self.c):
+                if not math.isfinite(value):
+                    raise NonFiniteOperator(
+                        f"the affine kernel ({self.a}, {self.b}, {self.c}) is not finite."
+                    )
+            return SymmetricOperator._exact(self.matrix(inputs), "affine kernel")
+        return SymmetricOperator.from_products(self.matvec(inputs), inputs.shape[0], "affine kernel")
+
     def features(self, inputs: Tensor) -> Tensor:
         """``ψ(x) = [√a·x/√d ; √b]`` (``n × (d+1)``, inputs' dtype), so that ``ψψᵀ = a·K + b·11ᵀ``.
 
@@ -80,7 +94,7 @@ class AffineKernel:
 _NOT_IDENTIFIABLE_TOL = 1e-10  # smallest eigenvalue of the basis' Frobenius correlation matrix
 
 
-def fit_affine_kernel(ntk: Tensor, inputs: Tensor) -> AffineKernel:
+def fit_affine_kernel(ntk: Tensor | SymmetricOperator, inputs: Tensor) -> AffineKernel:
     """Least-squares fit of ``Θ ≈ a·K + b·11ᵀ + c·I`` over all ``n²`` entries, with ``a, b ≥ 0``.
 
     The three numbers are what the linear shadow is built from, so the fit is exact (not iterative):
@@ -88,12 +102,17 @@ def fit_affine_kernel(ntk: Tensor, inputs: Tensor) -> AffineKernel:
     boundary sub-problems (exact for a convex quadratic). Everything is computed in float64.
     ``rel_error`` is ``‖Θ − Θ_lin‖₂ / ‖Θ‖₂`` with exact spectral norms of the symmetrised ``Θ``.
 
+    ``ntk`` is the ``n × n`` kernel (checked and symmetrised by :meth:`SymmetricOperator.dense`) or
+    a dense :class:`SymmetricOperator`; for products only use :func:`fit_affine_kernel_matrix_free`.
+
     Probe sets for which ``K``, ``11ᵀ`` and ``I`` are linearly dependent (identical inputs,
     two inputs of equal norm, orthogonal inputs of equal norm, all-zero inputs) do not determine
     ``a, b, c``; they raise ``ValueError`` rather than return one arbitrary split.
     """
-    theta = _checked_ntk(ntk)
-    n = theta.shape[0]
+    op = _dense_ntk(ntk)
+    theta = op.matrix
+    assert theta is not None
+    n = op.n
     x = as_feature_matrix(inputs, "inputs")
     if x.shape[0] != n:
         raise ValueError(
@@ -104,15 +123,19 @@ def fit_affine_kernel(ntk: Tensor, inputs: Tensor) -> AffineKernel:
     basis = _affine_basis(data_kernel(x).to(theta.device))
     gram, rhs = _normal_equations(basis, theta)
     _check_identifiable(gram)
-    coef = _best_feasible(basis, gram, rhs, theta)
+
+    def residual(coef: Tensor) -> float:
+        return float(torch.linalg.matrix_norm(theta - torch.einsum("k,kij->ij", coef, basis)))
+
+    coef = _best_feasible(gram, rhs, residual)
     fitted = torch.einsum("k,kij->ij", coef, basis)
-    rel_error = _spectral_norm_sym(theta - fitted) / _spectral_norm_sym(theta)
+    rel_error = SymmetricOperator._exact(theta - fitted, "ntk − fit").norm() / op.norm()
     a, b, c = (float(v) for v in coef)
     return AffineKernel(a=a, b=b, c=c, rel_error=rel_error)
 
 
 def fit_affine_kernel_matrix_free(
-    matvec: MatVec,
+    op: SymmetricOperator | MatVec,
     inputs: Tensor,
     *,
     trace: float,
@@ -131,7 +154,8 @@ def fit_affine_kernel_matrix_free(
     the dense fit's. ``rel_error`` = ``‖Θ − Θ_lin‖₂ / ‖Θ‖₂`` by Lanczos to relative accuracy
     ``rtol``; pass ``ntk_norm`` (``‖Θ‖₂``) when already known to save one Lanczos run.
 
-    ``matvec`` maps a float64 ``(n,)`` vector to ``Θu`` (any floating dtype and device).
+    ``op`` is a :class:`SymmetricOperator` or a callable mapping a float64 ``(n,)`` vector to ``Θu``
+    (any floating dtype and device; it is wrapped with :meth:`SymmetricOperator.from_products`).
     """
     x = as_feature_matrix(inputs, "inputs").to(torch.float64)
     n, d = x.shape
@@ -141,37 +165,44 @@ def fit_affine_kernel_matrix_free(
         raise ValueError(f"`trace` must be a finite number (tr Θ), got {trace!r}.")
     if trace <= 0.0:
         raise ValueError("`ntk` is identically zero: there is no kernel to fit (are all parameters frozen?).")
-    op = _float64_operator(matvec, n)
+    if not isinstance(op, SymmetricOperator):
+        op = SymmetricOperator.from_products(op, n, "ntk")
+    elif op.n != n:
+        raise ValueError(f"`op` acts on {op.n}-vectors but `inputs` has {n} example(s).")
     directions, singular = _data_directions(x)
     gram = _basis_gram(singular, x, d)
     _check_identifiable(gram)
     ones = torch.ones(n, dtype=torch.float64)
     inner_k = sum(float(w @ op(w)) for w in directions.T) / d
     rhs = torch.tensor([inner_k, float(ones @ op(ones)), float(trace)], dtype=torch.float64)
-    a, b, c = (float(v) for v in _best_feasible_quadratic(gram, rhs))
-    fitted = AffineKernel(a=a, b=b, c=c).matvec(x)
-    norm = spectral_norm(op, n, rtol=rtol) if ntk_norm is None else float(ntk_norm)
+
+    def residual(coef: Tensor) -> float:
+        # ‖Θ − Σβ_k B_k‖²_F = ‖Θ‖²_F − 2βᵀr + βᵀGβ; the constant ‖Θ‖²_F does not change the ranking.
+        return float(coef @ gram @ coef - 2.0 * coef @ rhs)
+
+    a, b, c = (float(v) for v in _best_feasible(gram, rhs, residual))
+    fitted = AffineKernel(a=a, b=b, c=c).operator(x, dense=False)
+    norm = op.norm(rtol) if ntk_norm is None else float(ntk_norm)
     if not norm > 0.0:
         raise ValueError("`ntk` is identically zero: there is no kernel to fit (are all parameters frozen?).")
-    rel_error = spectral_norm(lambda u: op(u) - fitted(u), n, rtol=rtol) / norm
+    rel_error = (op - fitted).norm(rtol) / norm
     return AffineKernel(a=a, b=b, c=c, rel_error=rel_error)
 
 
-def _float64_operator(matvec: MatVec, n: int) -> MatVec:
-    """``matvec`` with its output checked (``(n,)``, finite) and returned as float64 on CPU."""
-    if not callable(matvec):
-        raise TypeError(f"`matvec` must be a callable u ↦ Θu, got {type(matvec).__name__}.")
-
-    def apply(u: Tensor) -> Tensor:
-        w = matvec(u)
-        if not isinstance(w, Tensor) or tuple(w.shape) != (n,):
+def _dense_ntk(ntk: Tensor | SymmetricOperator) -> SymmetricOperator:
+    """The dense, checked NTK operator; a zero kernel or a products-only operator is refused."""
+    if isinstance(ntk, SymmetricOperator):
+        if not ntk.is_dense:
             raise ValueError(
-                f"`matvec` must return a tensor of shape ({n},), got {getattr(w, 'shape', w)!r}."
+                "`ntk` is given by products only; fit it with `fit_affine_kernel_matrix_free(op, inputs, trace=...)`."
             )
-        check_finite(w, "matvec(u)")
-        return w.detach().to("cpu", torch.float64)
-
-    return apply
+        op = ntk
+    else:
+        op = SymmetricOperator.dense(ntk, "ntk")
+    assert op.matrix is not None
+    if not float(op.matrix.abs().max()) > 0.0:
+        raise ValueError("`ntk` is identically zero: there is no kernel to fit (are all parameters frozen?).")
+    return op
 
 
 def _data_directions(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,33 +222,6 @@ def _basis_gram(singular: Tensor, x: Tensor, d: int) -> Tensor:
     return torch.tensor(
         [[kk, k1, ki], [k1, float(n * n), float(n)], [ki, float(n), float(n)]], dtype=torch.float64
     )
-
-
-def _checked_ntk(ntk: Tensor) -> Tensor:
-    """Validate the NTK (square, finite, symmetric, non-zero) and return its float64 symmetrisation.
-
-    A float32 ``JJᵀ`` is symmetric only up to round-off, so a small asymmetry is tolerated and
-    averaged away; a larger one means the matrix is not an NTK.
-    """
-    if not isinstance(ntk, Tensor):
-        raise TypeError(f"`ntk` must be a torch.Tensor (n × n), got {type(ntk).__name__}.")
-    if not ntk.is_floating_point():
-        raise TypeError(f"`ntk` must be a real floating-point tensor, got dtype {ntk.dtype}.")
-    if ntk.dim() != 2 or ntk.shape[0] != ntk.shape[1]:
-        raise ValueError(f"`ntk` must be a square n × n matrix, got shape {tuple(ntk.shape)}.")
-    check_finite(ntk, "ntk")
-    theta = ntk.to(torch.float64)
-    scale = float(theta.abs().max()) if theta.numel() else 0.0
-    if scale == 0.0:
-        raise ValueError("`ntk` is identically zero: there is no kernel to fit (are all parameters frozen?).")
-    tol = max(1e-6, 100.0 * torch.finfo(ntk.dtype).eps)
-    asym = float((theta - theta.T).abs().max())
-    if asym > tol * scale:
-        raise ValueError(
-            f"`ntk` is not symmetric (max |Θ − Θᵀ| = {asym:.3g}, {asym / scale:.3g} of max |Θ|); "
-            "an NTK is J Jᵀ — check that rows and columns index the same probe examples."
-        )
-    return 0.5 * (theta + theta.T)
 
 
 def _affine_basis(k: Tensor) -> Tensor:
@@ -262,36 +266,20 @@ def _feasible_candidates(gram: Tensor, rhs: Tensor) -> Iterator[Tensor]:
             yield coef
 
 
-def _best_feasible(basis: Tensor, gram: Tensor, rhs: Tensor, theta: Tensor) -> Tensor:
+def _best_feasible(gram: Tensor, rhs: Tensor, residual: Callable[[Tensor], float]) -> Tensor:
     """Exact minimiser of ``‖Θ − Σ β_k B_k‖_F`` subject to ``β_0 = a ≥ 0``, ``β_1 = b ≥ 0``.
 
     For a strictly convex quadratic the constrained optimum is the unconstrained optimum of its own
     active set, and every feasible candidate is at least as bad, so enumerating the four active
-    sets and keeping the best feasible candidate is exact.
+    sets and keeping the feasible candidate of least ``residual`` is exact. ``residual`` ranks
+    candidates: the dense fit measures ``‖Θ − Σβ_k B_k‖_F`` itself, the matrix-free fit uses the
+    quadratic form of the normal equations (the same ranking, without ``Θ``).
     """
     best: Tensor | None = None
     best_loss = math.inf
     for coef in _feasible_candidates(gram, rhs):
-        loss = float(torch.linalg.matrix_norm(theta - torch.einsum("k,kij->ij", coef, basis)))
+        loss = residual(coef)
         if loss < best_loss:
             best, best_loss = coef, loss
     assert best is not None  # the (a, b) = (0, 0) candidate is always feasible
     return best
-
-
-def _best_feasible_quadratic(gram: Tensor, rhs: Tensor) -> Tensor:
-    """:func:`_best_feasible` without ``Θ``: ``‖Θ − Σβ_k B_k‖²_F = ‖Θ‖²_F − 2βᵀr + βᵀGβ``, and the
-    constant ``‖Θ‖²_F`` does not change which candidate is best."""
-    best: Tensor | None = None
-    best_loss = math.inf
-    for coef in _feasible_candidates(gram, rhs):
-        loss = float(coef @ gram @ coef - 2.0 * coef @ rhs)
-        if loss < best_loss:
-            best, best_loss = coef, loss
-    assert best is not None  # the (a, b) = (0, 0) candidate is always feasible
-    return best
-
-
-def _spectral_norm_sym(matrix: Tensor) -> float:
-    """Largest |eigenvalue| of a symmetric matrix (exact, via ``eigvalsh``)."""
-    return float(torch.linalg.eigvalsh(matrix).abs().max())

@@ -93,9 +93,12 @@ def gaussian_moments(activation: str | Callable[[Tensor], Tensor]) -> GaussianMo
 def two_layer_coefficients(
     activation: str | Callable[[Tensor], Tensor], *, layer: str = "both", s: float = 0.0
 ) -> AffineKernel:
-    """Closed-form ``a, b, c`` of the NTK of ``f(x) = m^{-1/2} Σ_r v_r φ(w_rᵀx/√d)`` (DESIGN §1).
+    """Closed-form ``a, b, c`` of the NTK of ``f(x) = m^{-1/2} Σ_r v_r φ(w_rᵀx/√d)`` at infinite width.
 
-    ``layer`` is the trained layer: ``"first"`` (W), ``"second"`` (v) or ``"both"`` (same lr).
+    With ``g ~ N(0, 1)``: training the first layer gives ``a = (Eφ')²``, ``b = (Eφ'')²·s`` and
+    ``c = Eφ'² − a − b``; the second ``a = (Eφ')²``, ``b = (Eφ)² + (Eφ'')²·s/2`` and
+    ``c = Eφ² − a − b``; both layers (same learning rate) add the two. ``c`` is what the affine
+    terms leave of the diagonal ``Θ(x, x)``. ``layer`` is the trained layer: ``"first"`` (W), ``"second"`` (v) or ``"both"`` (same lr).
     ``s = tr(Σ²)/d²`` for inputs with ``‖x‖² = d`` and second moment ``Σ`` (``1/d`` for isotropic
     inputs); it carries the ``ρ²`` Hermite term, which matters at moderate ``d``.
     ``rel_error`` is ``None``: nothing was fitted.

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lin_probe.kernel import AffineKernel
+from lin_probe.monitor.checks import NTK_KEYS, POOR_FIT_THRESHOLD
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -26,9 +27,7 @@ if TYPE_CHECKING:
 PREFIX = "lin_probe/"
 
 _CATEGORY = "lin_probe"
-_POOR_FIT_THRESHOLD = 0.3
 _LAYOUT_FLAG = "_lin_probe_layout_registered"
-_NTK_KEYS = ("ntk_gap", "ntk_drift")
 
 
 def tag(name: str) -> str:
@@ -66,7 +65,7 @@ def custom_scalar_layout(*, classification: bool = False, memorization: bool = F
         "functional distance (relative)": _multiline(
             *_with_memo(("functional_distance_rel",), "functional_distance_rel", memorization)
         ),
-        "NTK: gap to affine kernel and drift": _multiline(*_NTK_KEYS),
+        "NTK: gap to affine kernel and drift": _multiline(*NTK_KEYS),
         "in linear regime": _multiline("in_linear_regime"),
     }
     if classification:
@@ -88,31 +87,25 @@ def _fit_verdict(rel_error: float | None) -> str:
     """One line saying whether the affine kernel (hence the linear shadow) is trustworthy at init."""
     if rel_error is None or math.isnan(rel_error):
         return "Fit error unknown: cannot say whether the linear model is a good proxy at init."
-    if rel_error > _POOR_FIT_THRESHOLD:
+    if rel_error > POOR_FIT_THRESHOLD:
         return (
             f"**The linear model is a poor proxy at init** "
-            f"(fit error {_fmt(rel_error)} > {_POOR_FIT_THRESHOLD})."
+            f"(fit error {_fmt(rel_error)} > {POOR_FIT_THRESHOLD})."
         )
     return (
-        f"**The linear model is a good proxy at init** (fit error {_fmt(rel_error)} ≤ {_POOR_FIT_THRESHOLD})."
+        f"**The linear model is a good proxy at init** (fit error {_fmt(rel_error)} ≤ {POOR_FIT_THRESHOLD})."
     )
 
 
-def _fit_rows(kernel: AffineKernel, closed_form: AffineKernel | None) -> list[str]:
-    """Table rows a, b, c, rel_error, with the closed form in a second column when given."""
+def _fit_rows(kernel: AffineKernel) -> list[str]:
+    """Table rows a, b, c, rel_error."""
     labels = (
         ("a", "`a` (data kernel XXᵀ/d)"),
         ("b", "`b` (constant 11ᵀ)"),
         ("c", "`c` (identity I)"),
         ("rel_error", "relative spectral error"),
     )
-    rows = []
-    for field, label in labels:
-        cells = [label, _fmt(getattr(kernel, field))]
-        if closed_form is not None:
-            cells.append(_fmt(getattr(closed_form, field)))
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
+    return [f"| {label} | {_fmt(getattr(kernel, field))} |" for field, label in labels]
 
 
 def fit_card(
@@ -122,13 +115,9 @@ def fit_card(
     probe_source: str,
     n_parameters: int,
     center: bool,
-    closed_form: AffineKernel | None = None,
 ) -> str:
     """Markdown card for the init fit ``Θ_0 ≈ a·K + b·11ᵀ + c·I``, read once at the start of a run."""
-    if closed_form is None:
-        header = ["| coefficient | fitted |", "|---|---:|"]
-    else:
-        header = ["| coefficient | fitted | closed form |", "|---|---:|---:|"]
+    header = ["| coefficient | fitted |", "|---|---:|"]
     shadow = "f₀ + Bᵀψ (centred on the network at init)" if center else "Bᵀψ (pure linear, not centred)"
     context = (
         f"Probe: {n_probe} points ({probe_source}); {n_parameters} trained parameters; "
@@ -138,7 +127,7 @@ def fit_card(
         "### Affine kernel fit at initialisation: Θ₀ ≈ a·XXᵀ/d + b·11ᵀ + c·I",
         "",
         *header,
-        *_fit_rows(kernel, closed_form),
+        *_fit_rows(kernel),
         "",
         context,
         "",
@@ -244,7 +233,7 @@ def _distance_panel(
 
 def _ntk_panel(ax: Axes, history: Sequence[Mapping[str, float]], exit_step: int | None) -> None:
     """NTK gap to the affine data kernel and drift from the initial NTK."""
-    _plot_lines(ax, history, _NTK_KEYS)
+    _plot_lines(ax, history, NTK_KEYS)
     _mark_exit(ax, exit_step)
     ax.set_title("NTK: gap to affine kernel and drift from init")
     ax.set_ylabel("relative spectral norm")
@@ -283,7 +272,7 @@ def run_figure(history: Sequence[Mapping[str, float]], *, exit_step: int | None,
     if _has_data(history, ("loss_network", "loss_linear", "memo/loss_linear")):
         panels.append(lambda ax: _loss_panel(ax, history, exit_step))
     panels.append(lambda ax: _distance_panel(ax, history, exit_step, tolerance))
-    if _has_data(history, _NTK_KEYS):
+    if _has_data(history, NTK_KEYS):
         panels.append(lambda ax: _ntk_panel(ax, history, exit_step))
     made = _new_figure(len(panels))
     if made is None:

@@ -1,5 +1,6 @@
-"""Symmetric operators (dense or matrix-free) and their spectral norms."""
+"""Symmetric operators (dense or matrix-free), checked once, and their spectral norms."""
 
+from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
 from lin_probe.linalg.spectral import spectral_norm
 
-__all__ = ["spectral_norm"]
+__all__ = ["NonFiniteOperator", "SymmetricOperator", "spectral_norm"]

@@ -1,81 +1,54 @@
-"""Probe-set measurements as torchmetrics ``Metric``s.
+"""Network-vs-shadow comparisons on the probe set, as pure functions.
 
-A ``Metric`` accumulates over probe chunks (so a probe set larger than memory is measured piece by
-piece) and knows how to sync its sums across DDP ranks. lin_probe measures the *same* probe set
-on every rank, so by default no sync is needed and none is done (``sync_on_compute=False``):
-every rank gets identical values without a collective that a rank could miss.
+Pure functions rather than torchmetrics ``Metric`` objects: the whole probe set is measured in one
+piece at each check (its outputs are ``n × C``, small next to the NTK), and every DDP rank measures
+the *same* probe, so there is nothing to accumulate over batches and nothing to sync — the
+``Metric`` machinery (states, reset, sync) would do no work. Everything is computed in float64.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 
-class FunctionalDistance(Metric):
-    """RMS and relative distance between the network ``f_t`` and the linear shadow ``f_lin``.
+def functional_distance(network: Tensor, linear: Tensor, initial: Tensor) -> dict[str, float]:
+    """RMS and relative distance between the network ``f_t`` and a shadow ``f_lin``.
 
-    ``rms = sqrt(mean((f_t − f_lin)²))`` over probe points and outputs;
-    ``rel = ‖f_t − f_lin‖_F / ‖f_t − f_0‖_F``: the shadow's error as a fraction of how far the
-    network has moved; 0 while the network has not moved at all (before any step).
+    ``functional_distance = sqrt(mean((f_t − f_lin)²))`` over probe points and outputs;
+    ``functional_distance_rel = ‖f_t − f_lin‖_F / ‖f_t − f_0‖_F``: the shadow's error as a fraction
+    of how far the network has moved; 0 while the network has not moved at all (before any step),
+    also for an uncentred shadow, whose gap at init is just ``f_0`` (the RMS still reports it);
+    NaN when either output is not finite.
     """
-
-    full_state_update = False
-    higher_is_better = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("sync_on_compute", False)
-        super().__init__(**kwargs)
-        self.add_state("sq_gap", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sq_moved", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, network: Tensor, linear: Tensor, initial: Tensor) -> None:
-        net = network.detach().to(torch.float64)
-        self.sq_gap += (net - linear.detach().to(torch.float64)).pow(2).sum()
-        self.sq_moved += (net - initial.detach().to(torch.float64)).pow(2).sum()
-        self.count += net.numel()
-
-    def compute(self) -> dict[str, Tensor]:
-        rms = torch.sqrt(self.sq_gap / self.count.clamp_min(1))
-        gap, moved = torch.sqrt(self.sq_gap), torch.sqrt(self.sq_moved)
-        # Before the network has moved (step 0) the ratio is 0 by definition (DESIGN §1), also for an
-        # uncentered shadow, whose gap at init is just f_0; the absolute distance still reports that gap.
-        rel = gap / moved if moved > 0 else torch.zeros((), dtype=torch.float64)
-        return {"functional_distance": rms, "functional_distance_rel": rel}
+    net = network.detach().to(torch.float64)
+    sq_gap = (net - linear.detach().to(net.device, torch.float64)).pow(2).sum()
+    sq_moved = (net - initial.detach().to(net.device, torch.float64)).pow(2).sum()
+    rms = torch.sqrt(sq_gap / max(net.numel(), 1))
+    if not bool(torch.isfinite(sq_gap) & torch.isfinite(sq_moved)):
+        rel = torch.full((), math.nan, dtype=torch.float64)  # a diverged network is not "in the regime"
+    elif sq_moved > 0:
+        rel = torch.sqrt(sq_gap) / torch.sqrt(sq_moved)
+    else:
+        rel = torch.zeros((), dtype=torch.float64)
+    return {"functional_distance": float(rms), "functional_distance_rel": float(rel)}
 
 
-class PredictionAgreement(Metric):
-    """Classification view: how often network and shadow pick the same class, and each one's accuracy."""
+def prediction_agreement(network: Tensor, linear: Tensor, targets: Tensor | None = None) -> dict[str, float]:
+    """Classification view: how often network and shadow pick the same class, and each one's accuracy.
 
-    full_state_update = False
-    higher_is_better = True
+    Accuracies are reported only for 1-D integer class targets (soft or multi-label targets have no
+    single right class).
+    """
+    net_class, lin_class = network.argmax(dim=-1), linear.argmax(dim=-1)
+    record = {"agreement": float((net_class == lin_class).double().mean())}
+    if targets is not None and targets.dim() == 1 and not targets.is_floating_point() and targets.numel():
+        targets = targets.to(net_class.device)
+        record["accuracy_network"] = float((net_class == targets).double().mean())
+        record["accuracy_linear"] = float((lin_class == targets).double().mean())
+    return record
 
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("sync_on_compute", False)
-        super().__init__(**kwargs)
-        self.add_state("same", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("net_correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("lin_correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("labelled", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, network: Tensor, linear: Tensor, target: Tensor | None = None) -> None:
-        net_class, lin_class = network.argmax(dim=-1), linear.argmax(dim=-1)
-        self.same += (net_class == lin_class).sum()
-        self.total += net_class.numel()
-        if target is not None and target.dim() == 1 and not target.is_floating_point():
-            target = target.to(net_class.device)
-            self.net_correct += (net_class == target).sum()
-            self.lin_correct += (lin_class == target).sum()
-            self.labelled += target.numel()
-
-    def compute(self) -> dict[str, Tensor]:
-        out = {"agreement": self.same.double() / self.total.clamp_min(1)}
-        if self.labelled > 0:
-            out["accuracy_network"] = self.net_correct.double() / self.labelled
-            out["accuracy_linear"] = self.lin_correct.double() / self.labelled
-        return out
+__all__ = ["functional_distance", "prediction_agreement"]

@@ -1,6 +1,6 @@
 """When did the network leave the linear regime?
 
-The rule (DESIGN §1): the exit step is the first step of the first run of ``patience`` consecutive
+The rule: the exit step is the first step of the first run of ``patience`` consecutive
 checks whose ``functional_distance_rel`` exceeds ``tolerance``. Requiring a run, not a single check,
 keeps one noisy mini-batch from being reported as a regime change. Once found the exit step never
 moves, and the whole state is a small dict so it survives checkpoint/resume.
@@ -62,9 +62,17 @@ class RegimeTracker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.exit_step = state["exit_step"]
-        self.streak = int(state["streak"])
-        self.streak_start = state["streak_start"]
+        """Continue a saved run; refuse one saved under another rule (its streak means something else)."""
+        for name in ("tolerance", "patience"):
+            saved = state.get(name, getattr(self, name))
+            if saved != getattr(self, name):
+                raise ValueError(
+                    f"This RegimeTracker has {name}={getattr(self, name)} but the state was saved with "
+                    f"{name}={saved}; construct it with the saved values to resume, or start afresh."
+                )
+        self.exit_step = state.get("exit_step")
+        self.streak = int(state.get("streak", 0))
+        self.streak_start = state.get("streak_start")
 
 
 def validate_tolerance(tolerance: float) -> None:

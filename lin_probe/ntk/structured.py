@@ -21,11 +21,11 @@ forward hook and the gradient with respect to it is ``Δ``.
 Exactness guards (any failure sends the layer's parameters back to the generic torch.func path):
 exact module types only (a subclass may override ``forward``), no parametrizations, the module
 called exactly once per forward (weight sharing by repeated calls), batched inputs whose leading
-dimension indexes the examples; a tensor tied to another module goes generic on its own. Like :func:`lin_probe.ntk.predict`, the recorded forward
-is batched, so examples must not interact in eval mode (the generic path evaluates each example
-alone). A parameter read outside its module's own call (``x @ self.fc.weight`` elsewhere in a
-custom ``forward``) cannot be seen by hooks and is not supported on this path: use
-``method="generic"`` for such models.
+dimension indexes the examples; a tensor tied to another module goes generic on its own. Like
+:func:`lin_probe.ntk.predict`, the recorded forward is batched, so examples must not interact in
+eval mode (the generic path evaluates each example alone). A parameter read outside its module's
+own call (``x @ self.fc.weight`` elsewhere in a custom ``forward``) cannot be seen by hooks and is
+not supported on this path: use ``method="generic"`` for such models.
 
 Memory: with ``a`` the bytes autograd saves for one example's forward and ``isz`` the item size,
 one example costs ``t = (C + 1)·a + Σ_layers (C·|y| + L·G·D)·isz`` while being recorded (graph,
@@ -41,7 +41,7 @@ whole kernel to the generic path, which can also slice outputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from lin_probe._model_state import eval_semantics
+from lin_probe.ntk._plumbing import clamp, dtype_itemsize, saved_bytes, slices, span, stream_block_pairs
 
 ToMatrix = Callable[[Any, int], Tensor]
 """``(raw model output, batch) → (batch, C)``: the caller's output selection and checks."""
@@ -149,14 +150,14 @@ def structured_ntk(
         layers, width, act_bytes = _probe(model, constants, layers, inputs[:1], to_matrix)
         if not layers:
             return None
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype_itemsize(dtype)
         for layer in layers:
             layer.strategy = _choose_strategy(layer, n, width)
         transient = (width + 1) * act_bytes + itemsize * sum(_transient_numel(ly, width) for ly in layers)
         reduced = itemsize * sum(_reduced_numel(ly, width) for ly in layers)
         if chunk_size is None and transient + 2 * reduced > memory_budget:
             return None
-        b = chunk_size or _clamp(memory_budget // max(1, transient + 2 * reduced), 1, n)
+        b = chunk_size or clamp(memory_budget // max(1, transient + 2 * reduced), 1, n)
         gram_budget = max(1, memory_budget // 4)
 
         def features(rows: slice) -> list[_Features]:
@@ -172,7 +173,7 @@ def structured_ntk(
             )
 
         theta = torch.zeros(n, n, dtype=dtype, device=inputs.device)
-        _pairwise(theta, list(_slices(n, b)), features, gram, cache=n * reduced <= memory_budget // 2)
+        _pairwise(theta, list(slices(n, b)), features, gram, cache=n * reduced <= memory_budget // 2)
     covered = {name for ly in layers for name in (ly.weight, ly.bias) if name is not None}
     return (theta + theta.T) / (2 * width), covered
 
@@ -250,16 +251,7 @@ def _probe(
 
     Saved tensors that are parameters or buffers are not counted (they exist once, whatever the chunk).
     """
-    saved = 0
-    shared = {t.untyped_storage().data_ptr() for t in constants.values()}
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal saved
-        if t.untyped_storage().data_ptr() not in shared:  # parameters and buffers exist once anyway
-            saved += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_bytes(constants.values()) as saved:
         out, rec = _record(model, constants, layers, first, to_matrix)
     kept = []
     for ly in layers:
@@ -270,7 +262,7 @@ def _probe(
             continue
         ly.in_shape, ly.out_shape = tuple(a.shape[1:]), tuple(y.shape[1:])
         kept.append(ly)
-    return kept, out.shape[1], saved
+    return kept, out.shape[1], saved[0]
 
 
 def _batched_shapes(module: nn.Module, a: Tensor, y: Tensor) -> bool:
@@ -430,17 +422,15 @@ def _patch_gram(ly: _Layer, fi: _Features, fj: _Features, budget: int, itemsize:
     bi, positions, groups = fi.delta.shape[:3]
     bj = fj.delta.shape[0]
     w_b = ly.w_bias if ly.bias is not None else 0.0
-    s = _clamp(math.isqrt(max(1, budget // (2 * itemsize))) // positions, 1, max(bi, bj))
+    s = clamp(math.isqrt(max(1, budget // (2 * itemsize))) // positions, 1, max(bi, bj))
     out = torch.zeros(bi, bj, dtype=fi.delta.dtype, device=fi.delta.device)
     for g in range(groups):
-        for ri in _slices(bi, s):
+        for ri in slices(bi, s):
             di, pi = fi.delta[ri, :, g].flatten(0, 1), fi.patches[ri, :, g].flatten(0, 1)
-            for rj in _slices(bj, s):
+            for rj in slices(bj, s):
                 dj, pj = fj.delta[rj, :, g].flatten(0, 1), fj.patches[rj, :, g].flatten(0, 1)
                 prod = (di @ dj.T) * (ly.w_weight * (pi @ pj.T) + w_b)
-                out[ri, rj] += prod.reshape(ri.stop - ri.start, positions, rj.stop - rj.start, positions).sum(
-                    dim=(1, 3)
-                )
+                out[ri, rj] += prod.reshape(span(ri), positions, span(rj), positions).sum(dim=(1, 3))
     return out
 
 
@@ -457,9 +447,9 @@ def _pairwise(
 ) -> None:
     """Fill ``theta`` block pair by block pair (upper triangle mirrored).
 
-    With ``cache`` every chunk's features are computed once and kept; otherwise chunk ``i`` stays
-    resident while chunks ``j > i`` are streamed in descending order and the last one streamed
-    becomes the next resident, so two chunks' features are alive at once (as in the generic path).
+    With ``cache`` every chunk's features are computed once and kept; otherwise two chunks'
+    features are alive at once and the others recomputed, in the generic path's order
+    (:func:`lin_probe.ntk._plumbing.stream_block_pairs`).
     """
 
     def add(i: int, j: int, fi: list[_Features], fj: list[_Features]) -> None:
@@ -474,22 +464,4 @@ def _pairwise(
             for j in range(i, len(chunks)):
                 add(i, j, stored[i], stored[j])
         return
-    resident = features(chunks[0])
-    add(0, 0, resident, resident)
-    for i in range(len(chunks) - 1):
-        for j in range(len(chunks) - 1, i, -1):
-            streamed = features(chunks[j])
-            add(i, j, resident, streamed)
-            if j == i + 1:
-                add(j, j, streamed, streamed)
-                resident = streamed
-            del streamed
-
-
-def _slices(total: int, size: int) -> Iterator[slice]:
-    for start in range(0, total, size):
-        yield slice(start, min(start + size, total))
-
-
-def _clamp(value: int, low: int, high: int) -> int:
-    return max(low, min(int(value), high))
+    stream_block_pairs(len(chunks), lambda i: features(chunks[i]), add)

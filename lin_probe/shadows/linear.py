@@ -1,13 +1,14 @@
-"""The linear shadow ``f_lin(x) = f_0(x) + Bᵀψ(x)`` and the mirroring of the user's optimizer onto it.
+"""The linear shadow ``f_lin(x) = f_0(x) + Bᵀψ(x)``, optionally with per-example offsets.
 
 Hu et al. (2020): early in training a network's function-space dynamics match those of this linear
 model on its inputs, trained on the same batches with the same loss and learning rate. Keeping
-such a shadow next to the network and comparing predictions tells whether that still holds.
+such a shadow next to the network and comparing predictions tells whether that still holds. With an
+:class:`~lin_probe.shadows.offsets.ExampleOffsets` component it is the memorizing shadow
+``f_0 + ψB + √c·V[ids]``, whose kernel also has the ``c·I`` part of the NTK on training points.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,22 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from lin_probe._model_state import eval_semantics
-from lin_probe._validation import as_feature_matrix
+from lin_probe._validation import as_feature_matrix, check_callable, check_int
 from lin_probe.kernel import AffineKernel
+from lin_probe.ntk._plumbing import OutputFn, output_matrix
+from lin_probe.shadows.offsets import ExampleOffsets
 
-OutputFn = Callable[[Any], Tensor]
 FeaturesFn = Callable[[Any], Tensor]
-
-# Constructor flags that pick a kernel implementation, not the update rule: left at torch's defaults
-# so the mirror works wherever ``B`` lives (e.g. ``fused``/``capturable`` demand particular devices).
-_IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
-
-# Attributes through which a (Lightning) module reaches its trainer; never copied into ``f_0``.
-_OWNER_ATTRIBUTES = ("_trainer", "_fabric")
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers: moving, flattening, copying
+# helpers: moving, feature rows, placing
 # ---------------------------------------------------------------------------------------------
 
 
@@ -40,19 +35,7 @@ def _move(data: Any, device: torch.device) -> Any:
     return data.to(device) if isinstance(data, Tensor) else data
 
 
-def _flatten_output(raw: Any, output_fn: OutputFn | None) -> Tensor:
-    """The model's output as an ``n × C`` matrix (``output_fn`` first picks the prediction tensor)."""
-    out = output_fn(raw) if output_fn is not None else raw
-    if not isinstance(out, Tensor) or out.dim() < 1:
-        raise TypeError(
-            f"The model output must be a tensor with a leading batch dimension, got {type(out).__name__}"
-            f"{'' if not isinstance(out, Tensor) else ' (0-d)'}; pass `output_fn` mapping the model's "
-            "output to its prediction tensor (e.g. `lambda out: out['logits']`)."
-        )
-    return out.reshape(out.shape[0], -1)
-
-
-def _feature_rows(inputs: Any, features_fn: FeaturesFn | None) -> Tensor:
+def feature_rows(inputs: Any, features_fn: FeaturesFn | None) -> Tensor:
     """Inputs as the ``n × d`` float matrix the data kernel sees, after ``features_fn`` if given."""
     if features_fn is not None:
         with torch.no_grad():  # ψ is data, not trained: never build a graph through features_fn
@@ -78,46 +61,6 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``model`` that shares no trainer/fabric (they map to ``None`` in the copy).
-
-    Seeding ``deepcopy``'s memo with the owners makes every reference to them, including ones a user
-    stored on the module, come out as ``None`` instead of a copied Trainer.
-    """
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for attr in _OWNER_ATTRIBUTES:
-            owner = vars(module).get(attr)
-            if owner is not None:
-                memo[id(owner)] = None
-    try:
-        frozen = copy.deepcopy(model, memo)
-    except Exception as err:  # deepcopy raises many types (RuntimeError for non-leaf tensors, ...)
-        raise TypeError(
-            f"Could not deep-copy the model to keep its initial function f_0 ({type(err).__name__}: {err}). "
-            "Make the model deep-copyable (no non-leaf tensors or open handles as attributes), or pass "
-            "center=False to use the pure linear model without f_0."
-        ) from err
-    return _freeze(_without_patched_forwards(frozen))
-
-
-def _without_patched_forwards(copied: nn.Module) -> nn.Module:
-    """Drop instance-level ``forward`` overrides from a deep copy: they still call the *original* module.
-
-    Compiling a LightningModule (``torch.compile(module)`` handed to a Trainer) makes Lightning set
-    ``module.forward = dynamo_ctx(module.forward)`` on the instance; ``deepcopy`` keeps that function
-    as is, so the copy's forward would silently run the live, training network instead of ``f_0``.
-    The class's own ``forward`` computes the same function (uncompiled) on the copy's parameters.
-    A compiled submodule (``torch.compile(net)``, an ``OptimizedModule``) rebinds itself on copy.
-    """
-    for module in copied.modules():
-        if getattr(module, "_compiler_ctx", None) is None:
-            continue  # not compiled through Lightning (an nn.Module compiled on its own copies fine)
-        vars(module).pop("forward", None)
-        module._compiler_ctx = None
-    return copied
-
-
 def _kernel_state(kernel: AffineKernel) -> dict[str, Any]:
     """The kernel's fields, so a checkpoint restores the ψ that ``B`` was trained against."""
     return dataclasses.asdict(kernel)
@@ -129,11 +72,17 @@ def _kernel_state(kernel: AffineKernel) -> dict[str, Any]:
 
 
 class LinearShadow(nn.Module):
-    """``f_lin(x) = f_0(x) + Bᵀψ(x)`` with ``ψ(x) = [√a·x/√d ; √b]`` and ``B`` starting at zero.
+    """``f_lin(x) = f_0(x) + ψ(x)B`` (``+ √c·V[ids]`` with offsets), ``ψ(x) = [√a·x/√d ; √b]``, ``B`` at zero.
 
     ``initial_model`` (``f_0``) is frozen in place and kept in eval mode; ``None`` gives the pure
-    linear model (``center=False``). ``features_fn`` maps raw inputs to the float vectors ``ψ`` is
-    built from; ``output_fn`` maps the model's raw output to its prediction tensor.
+    linear model (uncentred). Pass a frozen *copy* of the network at initialisation, never the live
+    network (``lin_probe._model_state.frozen_copy`` makes one). ``features_fn`` maps raw inputs to
+    the float vectors ``ψ`` is built from; ``output_fn`` maps the model's raw output to its
+    prediction tensor. ``offsets`` (an :class:`ExampleOffsets`) makes it the memorizing shadow.
+
+    State dict: ``B``; ``initial_model.*`` (``f_0``'s own state) when centred; ``offsets.V`` with
+    offsets; ``_extra_state`` holding the kernel (``B`` is only meaningful with the ψ it was
+    trained on).
     """
 
     def __init__(
@@ -147,19 +96,22 @@ class LinearShadow(nn.Module):
         features_fn: FeaturesFn | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        offsets: ExampleOffsets | None = None,
     ) -> None:
         super().__init__()
         _check_kernel(kernel)
-        _check_size(in_features, "in_features")
-        _check_size(out_features, "out_features")
-        _check_callable(output_fn, "output_fn")
-        _check_callable(features_fn, "features_fn")
+        check_int("in_features", in_features, minimum=1)
+        check_int("out_features", out_features, minimum=1)
+        check_callable("output_fn", output_fn)
+        check_callable("features_fn", features_fn)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"`dtype` must be a floating torch.dtype (float32 or float64), got {dtype!r}.")
         if initial_model is not None and not isinstance(initial_model, nn.Module):
             raise TypeError(
                 f"`initial_model` must be an nn.Module or None, got {type(initial_model).__name__}."
             )
+        if offsets is not None:
+            _check_offsets(offsets, out_features)
         self.kernel = kernel
         self.in_features = in_features
         self.out_features = out_features
@@ -167,6 +119,9 @@ class LinearShadow(nn.Module):
         self.features_fn = features_fn
         self.B = nn.Parameter(torch.zeros(in_features + 1, out_features, dtype=dtype, device=device))
         self.register_module("initial_model", None if initial_model is None else _freeze(initial_model))
+        self.register_module(
+            "offsets", None if offsets is None else offsets.to(device=self.B.device, dtype=dtype)
+        )
 
     @classmethod
     def from_model(
@@ -175,28 +130,47 @@ class LinearShadow(nn.Module):
         kernel: AffineKernel,
         example_inputs: Any,
         *,
-        center: bool = True,
+        initial_model: nn.Module | None = None,
         output_fn: OutputFn | None = None,
         features_fn: FeaturesFn | None = None,
+        offsets_capacity: int | None = None,
     ) -> LinearShadow:
-        """Size a shadow from one forward pass of ``model`` (eval semantics, flags and RNG untouched)
-        and keep a frozen copy of it as ``f_0`` (a Lightning module's trainer is not copied)."""
+        """Size a shadow from one forward pass of ``model`` (eval semantics, flags and RNG untouched).
+
+        ``initial_model`` is the frozen copy of ``model`` the caller made for ``f_0`` (``None``:
+        uncentred); it is frozen here as well. ``offsets_capacity``: ``None`` for the paper's shadow,
+        an int (e.g. ``len(train_dataset)``, or 0 to grow on demand) for the memorizing shadow with
+        that many offset rows preallocated.
+        """
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+        if initial_model is model:
+            raise ValueError(
+                "`initial_model` is the model itself; pass a frozen copy of it at initialisation "
+                "(e.g. lin_probe._model_state.frozen_copy(model)): the shadow freezes f_0 in place."
+            )
+        if offsets_capacity is not None:
+            check_int("offsets_capacity", offsets_capacity, minimum=0)
         device, dtype = _model_placement(model)
         inputs = _move(example_inputs, device)
         with torch.no_grad(), eval_semantics(model):
-            out_features = _flatten_output(model(inputs), output_fn).shape[1]
-            in_features = _feature_rows(inputs, features_fn).shape[1]
+            out_features = output_matrix(model(inputs), output_fn).shape[1]
+            in_features = feature_rows(inputs, features_fn).shape[1]
+        offsets = (
+            None
+            if offsets_capacity is None
+            else ExampleOffsets(out_features, capacity=offsets_capacity, dtype=dtype, device=device)
+        )
         return cls(
             kernel,
             in_features=in_features,
             out_features=out_features,
-            initial_model=_frozen_copy(model) if center else None,
+            initial_model=initial_model,
             output_fn=output_fn,
             features_fn=features_fn,
             dtype=dtype,
             device=device,
+            offsets=offsets,
         )
 
     @property
@@ -204,9 +178,13 @@ class LinearShadow(nn.Module):
         """Whether ``f_0`` is part of the prediction."""
         return self.initial_model is not None
 
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What gradient descent trains: ``[B]``, or ``[B, V]`` with offsets (``f_0`` is frozen)."""
+        return [self.B] if self.offsets is None else [self.B, self.offsets.V]
+
     def features(self, x: Any) -> Tensor:
         """``ψ(x)`` (``n × (d+1)``, shadow dtype and device): ``ψψᵀ = a·XXᵀ/d + b·11ᵀ``."""
-        rows = _feature_rows(_move(x, self.B.device), self.features_fn)
+        rows = feature_rows(_move(x, self.B.device), self.features_fn)
         if rows.shape[1] != self.in_features:
             raise ValueError(
                 f"Inputs have {rows.shape[1]} features per example but the shadow was built for "
@@ -215,22 +193,57 @@ class LinearShadow(nn.Module):
         return self.kernel.features(rows.to(device=self.B.device, dtype=self.B.dtype))
 
     def initial_output(self, x: Any) -> Tensor:
-        """``f_0(x)`` as ``n × C`` (no grad, eval, global RNG untouched); zeros when uncentered."""
+        """``f_0(x)`` as ``n × C`` (no grad, eval, global RNG untouched); zeros when uncentred."""
         if self.initial_model is None:
             rows = x.shape[0] if isinstance(x, Tensor) else self.features(x).shape[0]
             return torch.zeros(rows, self.out_features, dtype=self.B.dtype, device=self.B.device)
         with torch.no_grad(), eval_semantics(self.initial_model):
-            out = _flatten_output(self.initial_model(_move(x, self.B.device)), self.output_fn)
+            out = output_matrix(self.initial_model(_move(x, self.B.device)), self.output_fn)
         if out.shape[1] != self.out_features:
             raise ValueError(
                 f"f_0 produced {out.shape[1]} outputs per example, expected {self.out_features}."
             )
         return out.to(device=self.B.device, dtype=self.B.dtype)
 
-    def forward(self, x: Any) -> Tensor:
-        """``f_0(x) + ψ(x) B`` (``n × C``)."""
-        linear = self.features(x) @ self.B
-        return linear + self.initial_output(x) if self.centered else linear
+    def forward(
+        self,
+        x: Any,
+        ids: Tensor | None = None,
+        *,
+        initial_outputs: Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """``f_0(x) + ψ(x)B (+ √c·V[ids])`` (``n × C``): the one forward of training and measurement.
+
+        ``ids``: example ids (from ``ExampleIds``) for the offsets; ``None`` or held-out ids add no
+        offset. ``initial_outputs``: ``f_0(x)`` cached by the caller (``n × C``), used instead of
+        running ``f_0``; ignored when uncentred. ``dtype``: the dtype the terms are cast to before
+        they are summed (``None``: the shadow's) — measuring in float64 adds a float32 shadow's
+        terms without float32 rounding.
+        """
+        out = self.features(x) @ self.B
+        if dtype is not None:
+            out = out.to(dtype)
+        if self.initial_model is not None:
+            initial = self.initial_output(x) if initial_outputs is None else initial_outputs
+            out = out + self._checked_initial(initial, out).to(device=out.device, dtype=out.dtype)
+        if ids is not None:
+            if self.offsets is None:
+                raise ValueError(
+                    "This shadow has no example offsets, so `ids` mean nothing to it; build it with "
+                    "offsets (from_model(..., offsets_capacity=...)) or pass ids=None."
+                )
+            out = out + self.offsets(ids, out.shape[0], c=self.kernel.c).to(out.dtype)
+        return out
+
+    def _checked_initial(self, initial: Tensor, linear: Tensor) -> Tensor:
+        """A cached ``f_0(x)`` must be the ``n × C`` matrix of these inputs."""
+        if not isinstance(initial, Tensor) or tuple(initial.shape) != tuple(linear.shape):
+            raise ValueError(
+                f"`initial_outputs` must be f_0 on these inputs, shaped {tuple(linear.shape)}, got "
+                f"{getattr(initial, 'shape', type(initial).__name__)}."
+            )
+        return initial
 
     def train(self, mode: bool = True) -> LinearShadow:
         """Switch the shadow's mode but keep ``f_0`` in eval: it is the network *at initialisation*."""
@@ -260,18 +273,14 @@ def _check_kernel(kernel: Any) -> None:
         )
 
 
-def _check_size(value: Any, name: str) -> None:
-    """A positive integer dimension."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be a positive int, got {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value}.")
+def _check_offsets(offsets: Any, out_features: int) -> None:
+    """Offsets are an ExampleOffsets with one column per output."""
+    if not isinstance(offsets, ExampleOffsets):
+        raise TypeError(f"`offsets` must be an ExampleOffsets or None, got {type(offsets).__name__}.")
+    if offsets.out_features != out_features:
+        raise ValueError(
+            f"`offsets` has {offsets.out_features} outputs per example, the shadow {out_features}."
+        )
 
 
-def _check_callable(fn: Any, name: str) -> None:
-    """Optional hooks must be callables."""
-    if fn is not None and not callable(fn):
-        raise TypeError(f"`{name}` must be callable or None, got {type(fn).__name__}.")
-
-
-__all__ = ["LinearShadow"]
+__all__ = ["LinearShadow", "feature_rows"]

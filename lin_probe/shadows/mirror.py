@@ -3,13 +3,14 @@
 The correspondence of Hu et al. (2020) is between the network and its linear model trained by the
 *same* gradient descent; for SGD (momentum, Nesterov, weight decay, dampening) the mirror
 reproduces the update rule exactly. Other optimizers are rebuilt by class and hyperparameters.
+One mirror serves both shadows: it trains whatever ``shadow.trained_parameters()`` returns
+(``[B]``, or ``[B, V]`` for the memorizing shadow, whose offset table it grows on demand).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,20 +20,11 @@ from torch.optim import Optimizer
 
 from lin_probe.monitor.losses import LossFn
 from lin_probe.shadows.linear import LinearShadow, _move
+from lin_probe.shadows.offsets import _pad_rows
 
 # Constructor flags that pick a kernel implementation, not the update rule: left at torch's defaults
 # so the mirror works wherever ``B`` lives (e.g. ``fused``/``capturable`` demand particular devices).
 _IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
-
-
-def _unwrap_optimizer(optimizer: Any) -> Optimizer:
-    """The torch optimizer itself (Lightning hands out ``LightningOptimizer`` wrappers with ``.optimizer``)."""
-    inner = getattr(optimizer, "optimizer", None)
-    if not isinstance(optimizer, Optimizer) and isinstance(inner, Optimizer):
-        optimizer = inner
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
-    return optimizer
 
 
 def _reference_hyperparameters(optimizer: Optimizer) -> dict[str, Any]:
@@ -90,38 +82,39 @@ def _check_lr(lr: float) -> float:
     return float(lr)
 
 
-class ShadowTrainer:
-    """Trains ``shadow.B`` with a mirror of the user's optimizer, one step per user optimizer step.
+class OptimizerMirror:
+    """Trains ``shadow.trained_parameters()`` with a mirror of the user's optimizer, one step per user step.
 
-    For SGD (momentum, Nesterov, weight decay, dampening, maximize) the mirror reproduces the update
-    rule exactly and the function-space dynamics match while the NTK stays affine in the data
-    kernel. Other optimizers are mirrored by class and hyperparameters, with one warning, since no
-    such correspondence is established for them. Subclasses train more parameters than ``B`` by
-    overriding :meth:`trained_parameters`.
+    Protocol: ``accumulate(x, y, ids, scale)`` per micro-batch, then ``step(lr)``; ``discard()`` drops a
+    partly accumulated gradient. For SGD (momentum, Nesterov, weight decay, dampening, maximize) the
+    mirror reproduces the update rule exactly and the function-space dynamics match while the NTK
+    stays affine in the data kernel. Other optimizers are mirrored by class and hyperparameters
+    (:attr:`exact` is then ``False``; :meth:`mirror_warning` says so for the caller to emit once —
+    the mirror does not warn itself, since under data parallelism every process holds one).
+
+    With example offsets, new ids grow ``V`` (by doubling) and zero-pad its optimizer state, which
+    is exactly what a preallocated table would hold for optimizers whose per-element state starts at
+    zero. Adam then normalises each example's offset per coordinate, which has no kernel reading.
+    Under data parallelism ``V``'s rows must mean the same examples on every process, with the
+    same row count: use dataset indices (``WithIndex``) and a capacity of ``len(train_dataset)``,
+    not hashing.
     """
 
     def __init__(self, shadow: LinearShadow, optimizer: Optimizer, loss_fn: LossFn) -> None:
         if not isinstance(shadow, LinearShadow):
             raise TypeError(f"`shadow` must be a LinearShadow, got {type(shadow).__name__}.")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__} "
+                "(unwrap a framework's optimizer wrapper first)."
+            )
         if not callable(loss_fn):
             raise TypeError(
                 "`loss_fn` must be callable as loss_fn(prediction, target); see losses.resolve_loss."
             )
         self.shadow = shadow
         self.loss_fn = loss_fn
-        self._optimizer = _build_mirror(_unwrap_optimizer(optimizer), self.trained_parameters())
-        if not self.exact:
-            warnings.warn(
-                f"lin_probe: mirroring {type(self._optimizer).__name__} on the {type(shadow).__name__} with the "
-                "same hyperparameters, but the linear-model correspondence (Hu et al., 2020) is established "
-                "only for (momentum) gradient descent; read the distances as indicative.",
-                UserWarning,
-                stacklevel=2,
-            )
-
-    def trained_parameters(self) -> list[nn.Parameter]:
-        """What the mirrored optimizer trains: ``[B]`` for the paper's shadow."""
-        return [self.shadow.B]
+        self._optimizer = _build_mirror(optimizer, shadow.trained_parameters())
 
     @property
     def exact(self) -> bool:
@@ -133,18 +126,30 @@ class ShadowTrainer:
         """The mirrored optimizer (read it; drive it through :meth:`step`)."""
         return self._optimizer
 
-    def accumulate(self, x: Any, y: Tensor, scale: float = 1.0) -> Tensor:
-        """Add ``∂(scale·loss(shadow(x), y))/∂B`` to ``B.grad`` (``B`` unchanged); returns the unscaled loss."""
-        return self._accumulate(lambda: self.shadow(x), y, scale)
+    def mirror_warning(self) -> str | None:
+        """The message to show once when the mirror is not exact (``None`` for SGD)."""
+        if self.exact:
+            return None
+        kind = "linear" if self.shadow.offsets is None else "memorizing"
+        return (
+            f"lin_probe: mirroring {type(self._optimizer).__name__} on the {kind} shadow with the same "
+            "hyperparameters, but the linear-model correspondence (Hu et al., 2020) is established only "
+            "for (momentum) gradient descent; read the distances as indicative."
+        )
 
-    def _accumulate(self, predict: Callable[[], Tensor], y: Tensor, scale: float) -> Tensor:
-        """Add the gradient of ``scale·loss(predict(), y)`` to every trained parameter's ``.grad``."""
-        params = self.trained_parameters()
+    def accumulate(self, x: Any, y: Tensor, ids: Tensor | None = None, scale: float = 1.0) -> Tensor:
+        """Add ``∂(scale·loss(shadow(x, ids), y))/∂θ`` to each trained parameter's ``.grad``.
+
+        The parameters themselves do not move; returns the unscaled loss. ``ids`` (training example
+        ids, one per row of ``x``) are required with offsets and refused without.
+        """
+        ids = self._training_ids(ids)
+        params = self.shadow.trained_parameters()
         target = _move(y, params[0].device)
         if isinstance(target, Tensor) and target.is_floating_point():
             target = target.to(params[0].dtype)
         with torch.inference_mode(False), torch.enable_grad():
-            loss = self.loss_fn(predict(), target)
+            loss = self.loss_fn(self.shadow(x, ids), target)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(
                     "`loss_fn` must return a scalar tensor (reduce over the batch, e.g. a mean)."
@@ -162,7 +167,7 @@ class ShadowTrainer:
         network steps with the gradient averaged over processes, and so must the shadow.
         """
         lr = _check_lr(lr)
-        params = self.trained_parameters()
+        params = self.shadow.trained_parameters()
         if params[0].grad is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() called with no accumulated gradient; call accumulate(...) "
@@ -185,12 +190,60 @@ class ShadowTrainer:
         return {"optimizer": self._optimizer.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved, so a resumed run continues the same trajectory."""
+        """Restore what :meth:`state_dict` saved, so a resumed run continues the same trajectory.
+
+        Load the shadow's own state first: it resizes the offset table this state refers to.
+        """
         if not isinstance(state, Mapping) or "optimizer" not in state:
             raise ValueError(
                 f"{type(self).__name__} state must be the dict returned by {type(self).__name__}.state_dict()."
             )
         self._optimizer.load_state_dict(state["optimizer"])
+        offsets = self.shadow.offsets
+        if offsets is None:
+            return
+        V = offsets.V
+        for value in self._optimizer.state.get(V, {}).values():
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape != V.shape:
+                raise ValueError(
+                    f"Optimizer state for V has shape {tuple(value.shape)} but V is {tuple(V.shape)}; "
+                    "load the shadow's state_dict (which resizes V) before the mirror's."
+                )
+
+    def _training_ids(self, ids: Tensor | None) -> Tensor | None:
+        """Checked training ids with room for them in ``V`` (grown, optimizer state padded); ``None`` without offsets."""
+        offsets = self.shadow.offsets
+        if offsets is None:
+            if ids is not None:
+                raise ValueError(
+                    "This shadow has no example offsets, so it trains without `ids`; pass ids=None."
+                )
+            return None
+        if ids is None:
+            raise ValueError(
+                "A shadow with example offsets trains on example ids (from ExampleIds), one per example; "
+                "without them its offsets would never be trained."
+            )
+        ids = offsets.training_ids(ids)
+        old = offsets.reserve(int(ids.max()) + 1 if ids.numel() else 0)
+        if old != offsets.rows:
+            _pad_optimizer_state(self._optimizer, offsets.V, old)
+        return ids
+
+
+def _pad_optimizer_state(optimizer: Optimizer, param: nn.Parameter, old_rows: int) -> None:
+    """Zero-pad the per-row state of ``param`` (momentum, moments) after it grew from ``old_rows``.
+
+    Exact wherever the optimizer starts per-element state at zero (SGD momentum, Adam/AdamW moments,
+    RMSprop): a preallocated row that never had a gradient holds exactly zero state.
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == old_rows:
+            if value.shape[1:] == param.shape[1:]:
+                state[key] = _pad_rows(value, param.shape[0])
 
 
 def _reduced(reduce_grad: Callable[[Tensor], Tensor], param: nn.Parameter) -> Tensor:
@@ -206,4 +259,4 @@ def _reduced(reduce_grad: Callable[[Tensor], Tensor], param: nn.Parameter) -> Te
     return reduced.to(dtype=param.dtype, device=param.device)
 
 
-__all__ = ["ShadowTrainer"]
+__all__ = ["OptimizerMirror"]

@@ -1,16 +1,16 @@
-"""The memorizing shadow: the paper's linear model plus the ``c·I`` part of the NTK on training points.
+"""Per-example offsets (the ``c·I`` part of the NTK on training points) and example identity.
 
 At initialisation the NTK is ``Θ_0 ≈ a·K + b·11ᵀ + c·I``. The paper's shadow ``f_0 + ψB`` has kernel
 ``a·K + b·11ᵀ`` only; the ``c·I`` part is what lets a network fit its own training points, and when
 ``n`` is a small multiple of ``d`` its absence makes that shadow depart early even though the
-network's NTK has not moved. This shadow adds one offset per training example,
+network's NTK has not moved. The memorizing shadow is the paper's shadow plus one offset per
+training example (an :class:`ExampleOffsets` component of :class:`~lin_probe.shadows.linear.LinearShadow`),
 
     f_memo(x, i) = f_0(x) + ψ(x)B + √c·V[i]          (held-out points: no V term)
 
 so that gradient descent on ``(B, V)`` is kernel gradient descent with ``a·K + b·11ᵀ + c·I`` on
 training points (``∂f_i/∂V_i = √c``, so example ``i``'s own step adds ``c·∂L/∂f_i``) and with
-``a·K + b·11ᵀ`` elsewhere. ``B`` and ``V`` are trained by one mirror of the user's optimizer, so SGD
-momentum, Nesterov, weight decay and dampening act on both exactly as on the network's parameters.
+``a·K + b·11ᵀ`` elsewhere.
 
 Memory: ``V`` holds ``N_train × C`` floats (plus the same again per optimizer buffer: one for SGD
 momentum, two for Adam), and ``ExampleIds`` in hashing mode 16 bytes (plus dict overhead) per
@@ -26,15 +26,138 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from lin_probe.kernel import AffineKernel
-from lin_probe.monitor.losses import LossFn
-from lin_probe.shadows.linear import FeaturesFn, LinearShadow, OutputFn
-from lin_probe.shadows.mirror import ShadowTrainer
+from lin_probe._validation import check_int
 
 _DIGEST_BYTES = 16  # blake2b-128: collision odds ~N²/2¹²⁹, negligible for any dataset
 UNKNOWN_ID = -1  # the id of a point that is not a training example (held out): no V term
+_MODES = (None, "index", "hash")
+
+
+# ---------------------------------------------------------------------------------------------
+# the offsets table
+# ---------------------------------------------------------------------------------------------
+
+
+class ExampleOffsets(nn.Module):
+    """``√c·V[ids]``: one trained offset row per training example, zero for held-out points.
+
+    ``V`` (``rows × C``, zeros at start) has a row per example id; ids that are ``None``, negative
+    (``UNKNOWN_ID``) or beyond the table are held-out points and get no offset. ``c`` is passed per
+    call (the owning shadow's kernel holds it, so a restored kernel cannot disagree with a stored
+    copy); ``c <= 0`` (a fit whose diagonal is below the affine part) gives no offset. Checkpoints
+    hold ``V`` under the key ``V`` (``offsets.V`` inside a shadow); loading resizes ``V`` to the
+    saved table.
+    """
+
+    def __init__(
+        self,
+        out_features: int,
+        *,
+        capacity: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_int("out_features", out_features, minimum=1)
+        check_int("capacity", capacity, minimum=0)
+        self.out_features = out_features
+        self.V = nn.Parameter(torch.zeros(capacity, out_features, dtype=dtype, device=device))
+
+    @property
+    def rows(self) -> int:
+        """Number of example offsets allocated."""
+        return int(self.V.shape[0])
+
+    @staticmethod
+    def scale(c: float) -> float:
+        """``√c`` (0 for ``c ≤ 0``): ``∂f_i/∂V_i``, so example ``i``'s own kernel entry gains ``c``."""
+        return math.sqrt(max(c, 0.0))
+
+    def forward(self, ids: Tensor | None, n: int, *, c: float) -> Tensor:
+        """``√c·V[ids]`` (``n × C``), zero for held-out ids (``None``, negative or unallocated)."""
+        V = self.V
+        if ids is None or self.rows == 0:
+            return torch.zeros(n, self.out_features, dtype=V.dtype, device=V.device)
+        ids = _checked_ids(ids, n).to(V.device)
+        known = (ids >= 0) & (ids < self.rows)
+        gathered = V[ids.clamp(0, self.rows - 1)]
+        return torch.where(known[:, None], gathered, torch.zeros((), dtype=V.dtype, device=V.device)) * (
+            self.scale(c)
+        )
+
+    def training_ids(self, ids: Tensor) -> Tensor:
+        """Ids of training examples: a 1-D integer tensor of non-negative ids, on ``V``'s device."""
+        if not isinstance(ids, Tensor):
+            raise TypeError(
+                f"`ids` must be a tensor of example ids (from ExampleIds), got {type(ids).__name__}."
+            )
+        ids = _checked_ids(ids, None)  # the count is checked against x in the forward
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError(
+                "Training example ids must be >= 0; held-out points (id -1) cannot be trained on."
+            )
+        return ids.to(self.V.device)
+
+    def reserve(self, needed: int) -> int:
+        """Make room for ids below ``needed``, at least doubling (amortised copies); returns the old count."""
+        if needed <= self.rows:
+            return self.rows
+        return self.grow(max(needed, 2 * self.rows))
+
+    def grow(self, rows: int) -> int:
+        """Make room for ``rows`` example offsets (new rows zero, gradient padded too); returns the old count.
+
+        ``V`` keeps its identity (its ``.data`` is replaced), so an optimizer holding it still does;
+        its per-row state must be padded by the owner of that optimizer.
+        """
+        old = self.rows
+        if rows <= old:
+            return old
+        V = self.V
+        V.data = _pad_rows(V.data, rows)
+        if V.grad is not None:
+            V.grad = _pad_rows(V.grad, rows)
+        return old
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Resize ``V`` to the saved table first: a checkpoint may hold more (or fewer) examples."""
+        saved = state_dict.get(prefix + "V")
+        if isinstance(saved, Tensor) and saved.dim() == 2 and saved.shape[0] != self.rows:
+            self.V.data = torch.zeros(
+                saved.shape[0], self.out_features, dtype=self.V.dtype, device=self.V.device
+            )
+            self.V.grad = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _pad_rows(tensor: Tensor, rows: int) -> Tensor:
+    """``tensor`` with zero rows appended up to ``rows`` (the state of never-seen examples)."""
+    extra = torch.zeros(rows - tensor.shape[0], *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([tensor, extra])
+
+
+def _checked_ids(ids: Tensor, n: int | None) -> Tensor:
+    """Ids as a 1-D long tensor with one entry per example (``n``; ``None``: any count)."""
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(
+            "`ids` must be a 1-D integer tensor of example ids (from ExampleIds), got "
+            f"{type(ids).__name__}{'' if not isinstance(ids, Tensor) else f' {ids.dtype} {tuple(ids.shape)}'}."
+        )
+    if n is not None and ids.shape[0] != n:
+        raise ValueError(f"{ids.shape[0]} ids for {n} examples; give one id per example.")
+    return ids.long()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,10 +191,8 @@ class ExampleIds:
     """
 
     def __init__(self, *, max_examples: int | None = None) -> None:
-        if max_examples is not None and (
-            isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
-        ):
-            raise ValueError(f"`max_examples` must be a positive int or None, got {max_examples!r}.")
+        if max_examples is not None:
+            check_int("max_examples", max_examples, minimum=1)
         self.max_examples = max_examples
         self.mode: str | None = None  # "index" or "hash", fixed by the first call
         self._table: dict[bytes, int] = {}
@@ -115,14 +236,25 @@ class ExampleIds:
         return {"mode": self.mode, "keys": table, "max_examples": self.max_examples}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
-        if not isinstance(state, Mapping) or not {"mode", "keys"} <= set(state):
+        """Restore what :meth:`state_dict` saved; a missing entry keeps its fresh default.
+
+        Defaults: no mode yet, an empty hash table, this instance's ``max_examples``.
+        """
+        if not isinstance(state, Mapping):
             raise ValueError("ExampleIds state must be the dict returned by ExampleIds.state_dict().")
-        keys = state["keys"]
+        mode = state.get("mode")
+        if mode not in _MODES:
+            raise ValueError(f"ExampleIds state 'mode' must be one of {_MODES}, got {mode!r}.")
+        keys = state.get("keys")
+        if keys is None:
+            keys = torch.zeros(0, _DIGEST_BYTES, dtype=torch.uint8)
         if not isinstance(keys, Tensor) or keys.dim() != 2 or keys.shape[1] != _DIGEST_BYTES:
             raise ValueError(f"ExampleIds state 'keys' must be a (N, {_DIGEST_BYTES}) uint8 tensor.")
-        self.mode = state["mode"]
-        self.max_examples = state.get("max_examples", self.max_examples)
+        max_examples = state.get("max_examples", self.max_examples)
+        if max_examples is not None:
+            check_int("max_examples", max_examples, minimum=1)
+        self.mode = mode
+        self.max_examples = max_examples
         self._keys = [bytes(row.tolist()) for row in keys.to(torch.uint8)]
         self._table = {key: i for i, key in enumerate(self._keys)}
 
@@ -184,239 +316,4 @@ def _checked_inputs(x: Any) -> Tensor:
     return x
 
 
-# ---------------------------------------------------------------------------------------------
-# the memorizing shadow
-# ---------------------------------------------------------------------------------------------
-
-
-class MemorizingShadow(LinearShadow):
-    """``f_memo(x, ids) = f_0(x) + ψ(x)B + √c·V[ids]``: the paper's shadow plus one offset per training example.
-
-    ``V`` (``rows × C``, zeros at start) has a row per example id; ids that are ``None``, negative
-    (``UNKNOWN_ID``) or beyond the table are held-out points and get no offset. Called with
-    ``ids=None`` it is the paper's shadow with this shadow's own ``B`` — which is what a probe of
-    held-out points sees. ``c < 0`` (a fit whose diagonal is below the affine part) gives no offset.
-    """
-
-    def __init__(
-        self,
-        kernel: AffineKernel,
-        *,
-        in_features: int,
-        out_features: int,
-        initial_model: nn.Module | None = None,
-        output_fn: OutputFn | None = None,
-        features_fn: FeaturesFn | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        capacity: int = 0,
-    ) -> None:
-        super().__init__(
-            kernel,
-            in_features=in_features,
-            out_features=out_features,
-            initial_model=initial_model,
-            output_fn=output_fn,
-            features_fn=features_fn,
-            dtype=dtype,
-            device=device,
-        )
-        _check_capacity(capacity)
-        self.V = nn.Parameter(torch.zeros(capacity, out_features, dtype=dtype, device=device))
-
-    @classmethod
-    def from_model(
-        cls,
-        model: nn.Module,
-        kernel: AffineKernel,
-        example_inputs: Any,
-        *,
-        center: bool = True,
-        output_fn: OutputFn | None = None,
-        features_fn: FeaturesFn | None = None,
-        capacity: int | None = None,
-    ) -> MemorizingShadow:
-        """As ``LinearShadow.from_model``; ``capacity`` (e.g. ``len(train_dataset)``) preallocates ``V``."""
-        shadow = super().from_model(
-            model, kernel, example_inputs, center=center, output_fn=output_fn, features_fn=features_fn
-        )
-        assert isinstance(shadow, MemorizingShadow)
-        if capacity is not None:
-            _check_capacity(capacity)
-            shadow.grow(capacity)
-        return shadow
-
-    @property
-    def rows(self) -> int:
-        """Number of example offsets allocated."""
-        return int(self.V.shape[0])
-
-    @property
-    def memo_scale(self) -> float:
-        """``√c`` (0 for ``c ≤ 0``): ``∂f_i/∂V_i``, so example ``i``'s own kernel entry gains ``c``."""
-        return math.sqrt(max(self.kernel.c, 0.0))
-
-    def memo(self, ids: Tensor | None, n: int) -> Tensor:
-        """``√c·V[ids]`` (``n × C``), zero for held-out ids (``None``, negative or unallocated)."""
-        V = self.V
-        if ids is None or self.rows == 0:
-            return torch.zeros(n, self.out_features, dtype=V.dtype, device=V.device)
-        ids = _checked_ids(ids, n).to(V.device)
-        known = (ids >= 0) & (ids < self.rows)
-        gathered = V[ids.clamp(0, self.rows - 1)]
-        return torch.where(known[:, None], gathered, torch.zeros((), dtype=V.dtype, device=V.device)) * (
-            self.memo_scale
-        )
-
-    def forward(self, x: Any, ids: Tensor | None = None) -> Tensor:
-        """``f_0(x) + ψ(x)B + √c·V[ids]`` (``n × C``)."""
-        base = super().forward(x)
-        return base + self.memo(ids, base.shape[0])
-
-    def grow(self, rows: int) -> int:
-        """Make room for ``rows`` example offsets (new rows zero, gradient padded too); returns the old count.
-
-        ``V`` keeps its identity (its ``.data`` is replaced), so an optimizer holding it still does;
-        its per-row state must be padded by the owner of that optimizer.
-        """
-        old = self.rows
-        if rows <= old:
-            return old
-        V = self.V
-        V.data = _pad_rows(V.data, rows)
-        if V.grad is not None:
-            V.grad = _pad_rows(V.grad, rows)
-        return old
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """Resize ``V`` to the saved table first: a checkpoint may hold more (or fewer) examples."""
-        saved = state_dict.get(prefix + "V")
-        if isinstance(saved, Tensor) and saved.dim() == 2 and saved.shape[0] != self.rows:
-            self.V.data = torch.zeros(
-                saved.shape[0], self.out_features, dtype=self.V.dtype, device=self.V.device
-            )
-            self.V.grad = None
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-
-def _pad_rows(tensor: Tensor, rows: int) -> Tensor:
-    """``tensor`` with zero rows appended up to ``rows``."""
-    extra = torch.zeros(rows - tensor.shape[0], *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
-    return torch.cat([tensor, extra])
-
-
-def _check_capacity(capacity: Any) -> None:
-    """A non-negative int number of rows."""
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-        raise ValueError(
-            f"`capacity` must be a non-negative int (e.g. len(train_dataset)), got {capacity!r}."
-        )
-
-
-def _checked_ids(ids: Tensor, n: int | None) -> Tensor:
-    """Ids as a 1-D long tensor with one entry per example (``n``; ``None``: any count)."""
-    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(
-            "`ids` must be a 1-D integer tensor of example ids (from ExampleIds), got "
-            f"{type(ids).__name__}{'' if not isinstance(ids, Tensor) else f' {ids.dtype} {tuple(ids.shape)}'}."
-        )
-    if n is not None and ids.shape[0] != n:
-        raise ValueError(f"{ids.shape[0]} ids for {n} examples; give one id per example.")
-    return ids.long()
-
-
-# ---------------------------------------------------------------------------------------------
-# optimizer mirroring on (B, V)
-# ---------------------------------------------------------------------------------------------
-
-
-def _pad_optimizer_state(optimizer: Optimizer, param: nn.Parameter, old_rows: int) -> None:
-    """Zero-pad the per-row state of ``param`` (momentum, moments) after it grew from ``old_rows``.
-
-    Exact wherever the optimizer starts per-element state at zero (SGD momentum, Adam/AdamW moments,
-    RMSprop): a preallocated row that never had a gradient holds exactly zero state.
-    """
-    state = optimizer.state.get(param)
-    if not state:
-        return
-    for key, value in state.items():
-        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == old_rows:
-            if value.shape[1:] == param.shape[1:]:
-                state[key] = _pad_rows(value, param.shape[0])
-
-
-class MemorizingShadowTrainer(ShadowTrainer):
-    """Trains a :class:`MemorizingShadow`'s ``B`` and ``V`` with one mirror of the user's optimizer.
-
-    Same protocol as ``ShadowTrainer``, plus example ids: ``accumulate(x, y, ids, scale)`` per
-    micro-batch, then ``step(lr)``. New ids grow ``V`` (by doubling) and zero-pad its optimizer
-    state, which for SGD is exactly what a preallocated table would hold. SGD (momentum, Nesterov,
-    weight decay, dampening, maximize) is mirrored exactly; other optimizers by class and
-    hyperparameters on ``[B, V]`` with one warning (Adam then normalises each example's offset
-    per coordinate, which has no kernel reading). Under data parallelism ``V``'s rows must mean the
-    same examples on every process, with the same row count: use dataset indices (``WithIndex``)
-    and ``capacity=len(train_dataset)``, not hashing.
-    """
-
-    shadow: MemorizingShadow
-
-    def __init__(self, shadow: MemorizingShadow, optimizer: Optimizer, loss_fn: LossFn) -> None:
-        if not isinstance(shadow, MemorizingShadow):
-            raise TypeError(f"`shadow` must be a MemorizingShadow, got {type(shadow).__name__}.")
-        super().__init__(shadow, optimizer, loss_fn)
-
-    def trained_parameters(self) -> list[nn.Parameter]:
-        """``[B, V]``: the paper's readout and the per-example offsets."""
-        return [self.shadow.B, self.shadow.V]
-
-    def accumulate(self, x: Any, y: Tensor, ids: Tensor, scale: float = 1.0) -> Tensor:  # type: ignore[override]
-        """Add ``∂(scale·loss(shadow(x, ids), y))/∂(B, V)`` to the gradients; returns the unscaled loss."""
-        ids = self._training_ids(ids)
-        self._ensure_rows(int(ids.max()) + 1 if ids.numel() else 0)
-        return self._accumulate(lambda: self.shadow(x, ids), y, scale)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; load the shadow's own state first, so ``V`` has the saved rows."""
-        super().load_state_dict(state)
-        V = self.shadow.V
-        for value in self._optimizer.state.get(V, {}).values():
-            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape != V.shape:
-                raise ValueError(
-                    f"Optimizer state for V has shape {tuple(value.shape)} but V is {tuple(V.shape)}; "
-                    "load the shadow's state_dict (which resizes V) before the trainer's."
-                )
-
-    def _training_ids(self, ids: Tensor) -> Tensor:
-        """Training ids: one non-negative id per example, on the shadow's device."""
-        if not isinstance(ids, Tensor):
-            raise TypeError(
-                f"`ids` must be a tensor of example ids (from ExampleIds), got {type(ids).__name__}."
-            )
-        ids = _checked_ids(ids, None)  # the count is checked against x in the forward
-        if ids.numel() and int(ids.min()) < 0:
-            raise ValueError(
-                "Training example ids must be >= 0; held-out points (id -1) cannot be trained on."
-            )
-        return ids.to(self.shadow.V.device)
-
-    def _ensure_rows(self, needed: int) -> None:
-        """Grow ``V`` (at least doubling, to amortise copies) and pad its optimizer state."""
-        shadow = self.shadow
-        if needed <= shadow.rows:
-            return
-        old = shadow.grow(max(needed, 2 * shadow.rows))
-        _pad_optimizer_state(self._optimizer, shadow.V, old)
-
-
-__all__ = ["UNKNOWN_ID", "ExampleIds", "MemorizingShadow", "MemorizingShadowTrainer"]
+__all__ = ["UNKNOWN_ID", "ExampleIds", "ExampleOffsets"]

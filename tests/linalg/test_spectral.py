@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lin_probe.linalg.spectral import dense_or_matrix_free, spectral_norm
+from lin_probe.linalg import NonFiniteOperator, SymmetricOperator, spectral_norm
 
 DENSE_RTOL = 1e-10
 LANCZOS_RTOL = 1e-4
@@ -206,7 +206,7 @@ def test_max_iter_caps_products_and_warns() -> None:
         (torch.eye(3), {"n": 4}, ValueError, "disagrees"),
         (np.eye(3), {}, TypeError, "as_tensor"),
         (lambda v: v, {}, ValueError, "`n` is required"),
-        (lambda v: v, {"n": 0}, ValueError, "positive"),
+        (lambda v: v, {"n": 0}, ValueError, "`n` must be >= 1"),
         (lambda v: v, {"n": 3, "rtol": 0.0}, ValueError, "rtol"),
         (lambda v: v, {"n": 3, "max_iter": 0}, ValueError, "max_iter"),
         (lambda v: v, {"n": 3, "dtype": torch.int32}, ValueError, "dtype"),
@@ -220,13 +220,20 @@ def test_bad_input_is_refused(op: object, kwargs: dict, error: type, match: str)
         spectral_norm(op, **kwargs)  # type: ignore[arg-type]
 
 
-def test_dense_or_matrix_free_rule() -> None:
-    gib = 1 << 30
-    assert dense_or_matrix_free(10) == "dense"
-    # 2 float64 copies of a 4096² matrix = 2^28 bytes = exactly a quarter of 1 GiB.
-    assert dense_or_matrix_free(4096) == "dense"
-    assert dense_or_matrix_free(4097, memory_budget=1000 * gib) == "matrix_free"  # eigvalsh cost cap
-    assert dense_or_matrix_free(1_000_000) == "matrix_free"
-    assert dense_or_matrix_free(1000, memory_budget=1 << 20) == "matrix_free"  # 16 MB > 1 MiB / 4
-    with pytest.raises(ValueError, match="positive"):
-        dense_or_matrix_free(0)
+def test_nan_product_is_a_non_finite_operator() -> None:
+    """A diverged network's NaN product raises the type the monitor turns into a NaN check."""
+    with pytest.raises(NonFiniteOperator, match="NaN"):
+        spectral_norm(lambda v: v * float("nan"), 3)
+    with pytest.raises(NonFiniteOperator, match="NaN"):
+        spectral_norm(torch.tensor([[1.0, float("inf")], [float("inf"), 1.0]]))
+
+
+@pytest.mark.parametrize("name", sorted(MATRICES))
+def test_operator_argument_matches_numpy(name: str) -> None:
+    """A ``SymmetricOperator`` is accepted in both forms: exact when dense, Lanczos on products."""
+    a = MATRICES[name]()
+    expected = _reference_norm(a)
+    dense = SymmetricOperator.dense(torch.from_numpy(a))
+    assert abs(spectral_norm(dense) - expected) <= DENSE_RTOL * expected
+    products = SymmetricOperator.from_products(_matvec(a), a.shape[0])
+    assert abs(spectral_norm(products, rtol=1e-8) - expected) <= 1e-7 * expected

@@ -74,3 +74,25 @@ def test_state_round_trip_mid_streak() -> None:
 def test_bad_arguments(tol: float, patience: int, exc: type[Exception]) -> None:
     with pytest.raises(exc, match=r"tolerance|patience"):
         RegimeTracker(tol, patience)
+
+
+def test_load_refuses_a_state_saved_under_another_rule() -> None:
+    """A streak counted with tolerance 0.2 means nothing to a tracker with tolerance 0.1."""
+    saved = RegimeTracker(0.2, 3)
+    for step, value in enumerate([0.15, 0.3, 0.3]):
+        saved.update(step, value)
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match="tolerance=0.2"):
+        RegimeTracker(0.1, 3).load_state_dict(state)
+    with pytest.raises(ValueError, match="patience=3"):
+        RegimeTracker(0.2, 2).load_state_dict(state)
+    same = RegimeTracker(0.2, 3)
+    same.load_state_dict(state)
+    assert (same.streak, same.streak_start, same.exit_step) == (2, 1, None)
+    assert same.update(3, 0.5) and same.exit_step == 1
+
+
+def test_load_fills_missing_keys_with_a_fresh_trackers_values() -> None:
+    tracker = RegimeTracker(0.1, 2)
+    tracker.load_state_dict({"exit_step": 7})
+    assert (tracker.exit_step, tracker.streak, tracker.streak_start) == (7, 0, None)

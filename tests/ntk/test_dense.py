@@ -1,14 +1,7 @@
-"""Tests for ``lin_probe.ntk``: every kernel is checked against an independent brute force.
+"""Tests for ``lin_probe.ntk.dense``: the dense kernel and the predictions, against an independent brute force.
 
-The brute force takes one ``torch.autograd.grad`` per example and output over the ``requires_grad``
-parameters of an eval-mode deep copy and forms ``(1/C) Σ_c Σ_p w_p g_{i,c,p}·g_{j,c,p}`` — no
-``torch.func``, no chunking, nothing shared with the code under test.
-
-Tolerance: float64 throughout unless a test is about dtypes. The two computations differ only in
-summation order over at most a few thousand terms, so their relative difference is
-``O(P · eps) ≈ 1e-13``; ``RTOL = 1e-9`` leaves four orders of margin, while every bug these
-tests target (a parameter too many or missing, cross-output terms, a wrong ``1/C``, train-mode
-statistics, a weight applied twice) changes entries by ``O(1)`` relative amounts.
+The references (``_ntk_reference``: one ``torch.autograd.grad`` per example and output on an
+eval-mode deep copy) share nothing with the code under test; the tolerance is explained there.
 """
 
 from __future__ import annotations
@@ -16,61 +9,16 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Callable, Mapping
 
 import numpy as np
 import pytest
 import torch
+from _ntk_reference import DTYPE, assert_close, brute_force_ntk, mlp
 from torch import Tensor, nn
 
-import lin_probe.ntk.dense as ntk_module
-from lin_probe.ntk.dense import empirical_ntk, ntk_matvec, predict
-
-RTOL = 1e-9
-DTYPE = torch.float64
-
-
-# ------------------------------------------------------------------------------------ references
-
-
-def brute_force_ntk(
-    model: nn.Module,
-    inputs: Tensor,
-    *,
-    weights: Mapping[str, float] | None = None,
-    output_fn: Callable[[object], Tensor] | None = None,
-) -> Tensor:
-    """``(1/C) Σ_c Σ_p w_p g_{i,c,p}·g_{j,c,p}`` from per-example, per-output autograd gradients."""
-    reference = copy.deepcopy(model).eval()
-    named = [(name, p) for name, p in reference.named_parameters() if p.requires_grad]
-    weights = weights or {}
-    rows = []
-    for i in range(inputs.shape[0]):
-        raw = reference(inputs[i : i + 1])
-        out = (output_fn(raw) if output_fn else raw).reshape(-1)
-        per_output = []
-        for c in range(out.shape[0]):
-            grads = torch.autograd.grad(out[c], [p for _, p in named], retain_graph=True, allow_unused=True)
-            flat = [
-                math.sqrt(weights.get(name, 1.0)) * (torch.zeros_like(p) if g is None else g).reshape(-1)
-                for (name, p), g in zip(named, grads, strict=True)
-            ]
-            per_output.append(torch.cat(flat))
-        rows.append(torch.stack(per_output))
-    jac = torch.stack(rows)  # (n, C, P)
-    return torch.einsum("icp,jcp->ij", jac, jac) / jac.shape[1]
-
-
-def assert_close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
-    """Entrywise match relative to the kernel's scale (diagonal entries are O(scale))."""
-    scale = expected.abs().max().item()
-    assert actual.shape == expected.shape
-    err = (actual.detach() - expected.detach()).abs().max().item()
-    assert err <= rtol * scale, f"max abs error {err:.3e} exceeds {rtol:.0e} × scale {scale:.3e}"
-
-
-def mlp(d_in: int = 5, hidden: int = 7, c: int = 3) -> nn.Module:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, c)).to(DTYPE)
+import lin_probe.ntk.dense as dense_module
+from lin_probe.ntk import METHODS, NTKMethod, empirical_ntk, predict
+from lin_probe.plan import DEFAULT_MEMORY_BUDGET_BYTES
 
 
 @pytest.fixture(autouse=True)
@@ -219,53 +167,41 @@ def test_chunked_kernel_equals_brute_force(chunk_size: int | None, memory_budget
 def test_chunk_plan_respects_budget() -> None:
     # 2 blocks of b examples × k outputs × r bytes, plus activations, must fit the budget.
     n, width, r, a, budget = 100, 10, 1_000, 200, 50_000
-    b, k = ntk_module._plan_dense(n, width, r, a, budget, None)
+    b, k = dense_module._plan_dense(n, width, r, a, budget, None)
     assert b * k * (2 * r + a) <= budget
     assert (b, k) != (n, width)
 
 
-def test_default_budget_knob_is_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def _count_jacobian_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the number of examples in every Jacobian block the dense path computes."""
+    sizes: list[int] = []
+    original = dense_module._jacobian_block
+
+    def counting(forward: object, params: object, rows: Tensor, outputs: slice) -> dict[str, Tensor]:
+        sizes.append(rows.shape[0])
+        return original(forward, params, rows, outputs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dense_module, "_jacobian_block", counting)
+    return sizes
+
+
+def test_memory_budget_argument_sets_the_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``None`` is the plan's 1 GiB default (one block for a small probe); 1 byte forces one example per block."""
     model, x = mlp(), torch.randn(5, 5, dtype=DTYPE)
-    calls: list[int] = []
-    original = ntk_module._jacobian_block
-
-    def counting(*args: object, **kwargs: object) -> dict[str, Tensor]:
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(ntk_module, "_jacobian_block", counting)
-    monkeypatch.setattr(ntk_module, "DEFAULT_MEMORY_BUDGET_BYTES", 1)
-    theta = empirical_ntk(model, x)
-    assert len(calls) > 1  # a 1-byte default forces chunking
-    assert_close(theta, brute_force_ntk(model, x))
-
-
-# ------------------------------------------------------------------------------ matrix-free product
-
-
-@pytest.mark.parametrize("chunk_size", [None, 2])
-def test_ntk_matvec_matches_brute_force(chunk_size: int | None) -> None:
-    model, x = mlp(c=4), torch.randn(7, 5, dtype=DTYPE)
-    weights = {"2.weight": 0.5}
-    reference = brute_force_ntk(model, x, weights=weights)
-    matvec = ntk_matvec(model, x, param_weights=weights, chunk_size=chunk_size)
-    for _ in range(3):
-        u = torch.randn(7, dtype=DTYPE)
-        assert_close(matvec(u), reference @ u)
-
-
-def test_ntk_matvec_with_output_slices(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A 1-byte budget forces one output per vjp/jvp slice and one example per chunk.
-    monkeypatch.setattr(ntk_module, "DEFAULT_MEMORY_BUDGET_BYTES", 1)
-    model, x = mlp(c=3), torch.randn(5, 5, dtype=DTYPE)
-    u = torch.randn(5, dtype=DTYPE)
-    assert_close(ntk_matvec(model, x)(u), brute_force_ntk(model, x) @ u)
-
-
-def test_ntk_matvec_rejects_wrong_shape() -> None:
-    matvec = ntk_matvec(mlp(), torch.randn(4, 5, dtype=DTYPE))
-    with pytest.raises(ValueError, match=r"shape \(4,\)"):
-        matvec(torch.randn(3, dtype=DTYPE))
+    sizes = _count_jacobian_blocks(monkeypatch)
+    default = empirical_ntk(model, x, method="generic")
+    assert sizes == [5]
+    sizes.clear()
+    assert torch.equal(
+        empirical_ntk(model, x, method="generic", memory_budget=DEFAULT_MEMORY_BUDGET_BYTES), default
+    )
+    assert sizes == [5]
+    sizes.clear()
+    tight = empirical_ntk(model, x, method="generic", memory_budget=1)
+    # 5 one-example chunks × 3 one-output slices, each slice visiting 5·4/2 + 1 = 11 blocks
+    assert sizes == [1] * 33
+    assert_close(tight, brute_force_ntk(model, x))
+    assert_close(default, brute_force_ntk(model, x))
 
 
 # ---------------------------------------------------------------------------------------- predict
@@ -289,6 +225,26 @@ def test_predict_works_for_frozen_models() -> None:
     model = mlp().requires_grad_(False)
     x = torch.randn(4, 5, dtype=DTYPE)
     assert_close(predict(model, x), model(x))
+
+
+def test_predict_memory_budget_sets_the_chunks() -> None:
+    """A 1-byte budget runs one example per forward; the default runs the probe at once. Same outputs."""
+    model, x = mlp(), torch.randn(6, 5, dtype=DTYPE)
+    batches: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    try:
+        tight = predict(model, x, memory_budget=1)
+        tight_batches, batches[:] = list(batches), []
+        roomy = predict(model, x)
+    finally:
+        handle.remove()
+    # each call first measures one example, then runs its chunks
+    assert tight_batches == [1] + [1] * 6
+    assert batches == [1, 6]
+    with torch.no_grad():
+        expected = model(x)
+    assert_close(tight, expected)
+    assert_close(roomy, expected)
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -323,7 +279,7 @@ def test_nan_inputs_raise() -> None:
     with pytest.raises(ValueError, match="NaN"):
         empirical_ntk(mlp(), x)
     with pytest.raises(ValueError, match="NaN"):
-        ntk_matvec(mlp(), x)
+        predict(mlp(), x)
 
 
 def test_no_trainable_parameters_raise() -> None:
@@ -345,3 +301,16 @@ def test_float32_model_gives_float32_kernel() -> None:
     assert theta.dtype == torch.float32
     # float32 rounding over ~60 parameters: relative error ~1e-6; 1e-4 is a loose but meaningful bound.
     assert_close(theta.double(), brute_force_ntk(model.double(), x.double()), rtol=1e-4)
+
+
+def test_method_enum_and_strings_are_the_same_choice() -> None:
+    """``NTKMethod`` members and their strings select the same path; anything else is refused."""
+    assert METHODS == ("auto", "generic", "structured")
+    model, x = mlp(), torch.randn(5, 5, dtype=DTYPE)
+    reference = brute_force_ntk(model, x)
+    for member in NTKMethod:
+        by_member = empirical_ntk(model, x, method=member)
+        assert torch.equal(by_member, empirical_ntk(model, x, method=member.value))
+        assert_close(by_member, reference)
+    with pytest.raises(ValueError, match=r"`method` must be one of \('auto', 'generic', 'structured'\)"):
+        empirical_ntk(model, x, method="fast")

@@ -1,6 +1,6 @@
-"""Tests for the structured per-layer NTK (``lin_probe.ntk_structured`` through ``empirical_ntk``).
+"""Tests for the structured per-layer NTK (``lin_probe.ntk.structured`` through ``empirical_ntk``).
 
-Every kernel is compared with the independent brute force of ``tests/test_ntk.py`` (one
+Every kernel is compared with the independent brute force of ``_ntk_reference`` (one
 ``torch.autograd.grad`` per example and output on an eval-mode deep copy; nothing shared with the
 hooks, patches or contractions under test). Float64 throughout; the two computations differ only
 in summation order over at most a few thousand terms, so their relative difference is ~1e-15 and
@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_dense import assert_close, brute_force_ntk
+from _ntk_reference import assert_close, brute_force_ntk
 from torch import Tensor, nn
 
 import lin_probe.ntk.dense as ntk_module
 import lin_probe.ntk.structured as structured_module
-from lin_probe.ntk.dense import empirical_ntk
+from lin_probe.ntk import empirical_ntk
 
 DTYPE = torch.float64
 

@@ -1,16 +1,25 @@
-"""The memorizing shadow against independent references: kernel gradient descent with ``aK + b11ᵀ + cI``
-replayed in function space (plain tensors, batch membership written out), a hand-written momentum SGD
-replay, index vs hash identity, checkpoint round trips, and a wide two-layer net with n = 2d."""
+"""The memorizing shadow (a LinearShadow with ExampleOffsets) against independent references: kernel
+gradient descent with ``aK + b11ᵀ + cI`` replayed in function space (plain tensors, batch membership
+written out), a hand-written momentum SGD replay, index vs hash identity, checkpoint round trips, and a
+wide two-layer net with n = 2d."""
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _shadow_helpers import (
+    SGD_COMBOS,
+    SgdRecurrence,
+    centred_shadow,
+    combo_id,
+    loss_grad_wrt_f,
+    mlp,
+    roundtrip,
+)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,16 +28,22 @@ from lin_probe.kernel import AffineKernel, fit_affine_kernel
 from lin_probe.monitor.losses import resolve_loss
 from lin_probe.ntk.dense import empirical_ntk
 from lin_probe.shadows.linear import LinearShadow
-from lin_probe.shadows.mirror import ShadowTrainer
-from lin_probe.shadows.offsets import UNKNOWN_ID, ExampleIds, MemorizingShadow, MemorizingShadowTrainer
+from lin_probe.shadows.mirror import OptimizerMirror
+from lin_probe.shadows.offsets import UNKNOWN_ID, ExampleIds, ExampleOffsets
 
 KERNEL = AffineKernel(a=0.8, b=0.3, c=0.5)
 D, C, N_TRAIN, N_TEST = 5, 2, 10, 7
 
 
 def _mlp(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.Linear(16, C)).double()
+    return mlp(D, C, seed)
+
+
+def _memo(
+    model: nn.Module, x: Tensor, capacity: int | None = None, kernel: AffineKernel = KERNEL
+) -> LinearShadow:
+    """The memorizing shadow: f_0 a copy of ``model``, offsets preallocated (``None``: grown on demand)."""
+    return centred_shadow(model, kernel, x, offsets_capacity=0 if capacity is None else capacity)
 
 
 def _data(seed: int, loss: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -40,14 +55,6 @@ def _data(seed: int, loss: str) -> tuple[Tensor, Tensor, Tensor]:
     else:
         y = torch.randint(0, C, (N_TRAIN,), generator=gen)
     return x_train, x_test, y
-
-
-def _loss_grad(f: Tensor, y: Tensor, loss: str) -> Tensor:
-    """∂L/∂f in closed form for a batch: MSE 2(f−y)/(n·C); CE (softmax(f) − onehot(y))/n."""
-    n, c = f.shape
-    if loss == "mse":
-        return 2.0 * (f - y) / (n * c)
-    return (torch.softmax(f, dim=1) - F.one_hot(y, c).double()) / n
 
 
 def _kernel_cols(x: Tensor, x_batch: Tensor, rows_ids: Tensor | None, batch_ids: Tensor) -> Tensor:
@@ -83,23 +90,23 @@ def test_memo_shadow_is_kernel_gradient_descent(kind: str, loss: str, capacity: 
     model = _mlp(1)
     lrs = [0.4, 0.2, 0.7, 0.3, 0.5, 0.1, 0.6, 0.25]
     batches = _batches(kind, len(lrs), seed=2)
-    shadow = MemorizingShadow.from_model(model, KERNEL, x_train, capacity=capacity)
-    trainer = MemorizingShadowTrainer(shadow, torch.optim.SGD(model.parameters(), lr=1.0), resolve_loss(loss))
+    shadow = _memo(model, x_train, capacity)
+    mirror = OptimizerMirror(shadow, torch.optim.SGD(model.parameters(), lr=1.0), resolve_loss(loss))
     all_ids = torch.arange(N_TRAIN)
     with torch.no_grad():
         f_train, f_test = model(x_train), model(x_test)  # the replay starts from f_0 as well
     for lr, batch in zip(lrs, batches, strict=True):
-        grad = _loss_grad(f_train[batch], y[batch], loss)
+        grad = loss_grad_wrt_f(f_train[batch], y[batch], loss)
         f_train = f_train - lr * _kernel_cols(x_train, x_train[batch], all_ids, batch) @ grad
         f_test = f_test - lr * _kernel_cols(x_test, x_train[batch], None, batch) @ grad
-        trainer.accumulate(x_train[batch], y[batch], batch)
-        trainer.step(lr)
+        mirror.accumulate(x_train[batch], y[batch], batch)
+        mirror.step(lr)
         with torch.no_grad():
             # float64 on both sides: the two computations differ by round-off (~1e-15); a missing or
             # misplaced c·I term (batch membership, duplicates) moves predictions by ~1e-2 per step.
             torch.testing.assert_close(shadow(x_train, all_ids), f_train, rtol=0, atol=1e-10)
             torch.testing.assert_close(shadow(x_test), f_test, rtol=0, atol=1e-10)
-    assert shadow.rows >= N_TRAIN if kind == "full" else shadow.rows > 0
+    assert shadow.offsets.rows >= N_TRAIN if kind == "full" else shadow.offsets.rows > 0
 
 
 def _replay_momentum(hp: dict, lrs: list[float], batches: list[Tensor], data: tuple) -> tuple[Tensor, Tensor]:
@@ -107,44 +114,28 @@ def _replay_momentum(hp: dict, lrs: list[float], batches: list[Tensor], data: tu
 
     For every point, the mirrored SGD direction is Θ_lin(·, batch)·∂L/∂f_batch plus weight decay
     wd·(f − f_0) (decay of B moves ψB, decay of V moves √c·V, i.e. f − f_0 on both kinds of point);
-    the torch recurrence (maximize, buffer cloned at step 1, dampening after, Nesterov) acts on it.
+    the torch recurrence (maximize, buffer cloned at step 1, dampening after, Nesterov) acts on it,
+    on training and test points stacked (it is elementwise).
     """
     x_train, x_test, y, f0_train, f0_test = data
-    f_train, f_test = f0_train.clone(), f0_test.clone()
+    f0 = torch.cat([f0_train, f0_test])
+    f = f0.clone()
     all_ids = torch.arange(N_TRAIN)
-    buf_train = buf_test = None
+    rule = SgdRecurrence(hp)
     for lr, batch in zip(lrs, batches, strict=True):
-        grad = _loss_grad(f_train[batch], y[batch], "mse")
-        if hp["maximize"]:
-            grad = -grad
-        g_train = _kernel_cols(x_train, x_train[batch], all_ids, batch) @ grad
-        g_test = _kernel_cols(x_test, x_train[batch], None, batch) @ grad
-        g_train = g_train + hp["weight_decay"] * (f_train - f0_train)
-        g_test = g_test + hp["weight_decay"] * (f_test - f0_test)
-        if hp["momentum"]:
-            if buf_train is None:
-                buf_train, buf_test = g_train.clone(), g_test.clone()
-            else:
-                buf_train = hp["momentum"] * buf_train + (1 - hp["dampening"]) * g_train
-                buf_test = hp["momentum"] * buf_test + (1 - hp["dampening"]) * g_test
-            if hp["nesterov"]:
-                g_train, g_test = g_train + hp["momentum"] * buf_train, g_test + hp["momentum"] * buf_test
-            else:
-                g_train, g_test = buf_train, buf_test
-        f_train, f_test = f_train - lr * g_train, f_test - lr * g_test
-    return f_train, f_test
-
-
-SGD_COMBOS = [
-    dict(momentum=0.9, nesterov=False, weight_decay=0.0, dampening=0.0, maximize=False),
-    dict(momentum=0.9, nesterov=True, weight_decay=1e-2, dampening=0.0, maximize=False),
-    dict(momentum=0.8, nesterov=False, weight_decay=5e-2, dampening=0.3, maximize=False),
-    dict(momentum=0.5, nesterov=False, weight_decay=1e-2, dampening=0.1, maximize=True),
-]
+        grad = loss_grad_wrt_f(f[:N_TRAIN][batch], y[batch], "mse")
+        theta = torch.cat(
+            [
+                _kernel_cols(x_train, x_train[batch], all_ids, batch),
+                _kernel_cols(x_test, x_train[batch], None, batch),
+            ]
+        )
+        f = f - lr * rule.direction(theta @ grad, f - f0)
+    return f[:N_TRAIN], f[N_TRAIN:]
 
 
 @pytest.mark.parametrize("capacity", [None, N_TRAIN])
-@pytest.mark.parametrize("hp", SGD_COMBOS, ids=lambda hp: "-".join(f"{k}={v}" for k, v in hp.items()))
+@pytest.mark.parametrize("hp", SGD_COMBOS, ids=combo_id)
 def test_momentum_sgd_matches_function_space_replay(hp: dict, capacity: int | None) -> None:
     x_train, x_test, y = _data(3, "mse")
     model = _mlp(4)
@@ -155,17 +146,17 @@ def test_momentum_sgd_matches_function_space_replay(hp: dict, capacity: int | No
     with torch.no_grad():
         f0_train, f0_test = model(x_train), model(x_test)
     expected = _replay_momentum(hp, lrs, batches, (x_train, x_test, y, f0_train, f0_test))
-    shadow = MemorizingShadow.from_model(model, KERNEL, x_train, capacity=capacity)
+    shadow = _memo(model, x_train, capacity)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, **hp)
-    trainer = MemorizingShadowTrainer(shadow, optimizer, resolve_loss("mse"))
-    assert trainer.exact
+    mirror = OptimizerMirror(shadow, optimizer, resolve_loss("mse"))
+    assert mirror.exact
     for lr, batch in zip(lrs, batches, strict=True):
         half = len(batch) // 2  # two micro-batches, as with gradient accumulation
-        trainer.accumulate(x_train[batch[:half]], y[batch[:half]], batch[:half], scale=half / len(batch))
-        trainer.accumulate(
+        mirror.accumulate(x_train[batch[:half]], y[batch[:half]], batch[:half], scale=half / len(batch))
+        mirror.accumulate(
             x_train[batch[half:]], y[batch[half:]], batch[half:], scale=(len(batch) - half) / len(batch)
         )
-        trainer.step(lr)
+        mirror.step(lr)
     with torch.no_grad():
         # float64 both sides; a slip in dampening/Nesterov/decay order changes f at >= 1e-4.
         torch.testing.assert_close(shadow(x_train, torch.arange(N_TRAIN)), expected[0], rtol=0, atol=1e-10)
@@ -178,15 +169,15 @@ def test_zero_c_reduces_to_paper_shadow() -> None:
     model = _mlp(7)
     kernel = AffineKernel(a=0.8, b=0.3, c=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
-    memo = MemorizingShadow.from_model(model, kernel, x_train)
-    paper = LinearShadow.from_model(model, kernel, x_train)
-    memo_trainer = MemorizingShadowTrainer(memo, optimizer, resolve_loss("mse"))
-    paper_trainer = ShadowTrainer(paper, optimizer, resolve_loss("mse"))
+    memo = _memo(model, x_train, kernel=kernel)
+    paper = centred_shadow(model, kernel, x_train)
+    memo_mirror = OptimizerMirror(memo, optimizer, resolve_loss("mse"))
+    paper_mirror = OptimizerMirror(paper, optimizer, resolve_loss("mse"))
     for batch in _batches("mini", 5, seed=8):
-        memo_trainer.accumulate(x_train[batch], y[batch], batch)
-        memo_trainer.step(0.3)
-        paper_trainer.accumulate(x_train[batch], y[batch])
-        paper_trainer.step(0.3)
+        memo_mirror.accumulate(x_train[batch], y[batch], batch)
+        memo_mirror.step(0.3)
+        paper_mirror.accumulate(x_train[batch], y[batch])
+        paper_mirror.step(0.3)
     torch.testing.assert_close(memo.B, paper.B, rtol=0, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(memo(x_test), paper(x_test), rtol=0, atol=1e-12)
@@ -200,15 +191,15 @@ def test_zero_c_reduces_to_paper_shadow() -> None:
 def _train_with_loader(loader: DataLoader, use_index: bool, x_train: Tensor) -> tuple[Tensor, Tensor]:
     model = _mlp(9)
     ids_of = ExampleIds()
-    shadow = MemorizingShadow.from_model(model, KERNEL, x_train)
+    shadow = _memo(model, x_train)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-3)
-    trainer = MemorizingShadowTrainer(shadow, optimizer, resolve_loss("mse"))
+    mirror = OptimizerMirror(shadow, optimizer, resolve_loss("mse"))
     for _ in range(3):  # epochs: identities must persist across reshuffles
         for batch in loader:
             x, y = batch[0], batch[1]
             ids = ids_of(x, indices_from_batch(batch) if use_index else None)
-            trainer.accumulate(x, y, ids)
-            trainer.step(0.2)
+            mirror.accumulate(x, y, ids)
+            mirror.step(0.2)
     train_ids = torch.arange(N_TRAIN) if use_index else ids_of.lookup(x_train)
     assert bool((train_ids >= 0).all())
     with torch.no_grad():
@@ -231,6 +222,42 @@ def test_index_and_hash_identity_agree() -> None:
     # agree to round-off; a lost identity (a row hashed as a new example) shows at ~1e-2.
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
+
+
+def test_offsets_table_scales_by_root_c_grows_by_doubling_and_keeps_its_parameter() -> None:
+    offsets = ExampleOffsets(2, dtype=torch.float64)
+    V = offsets.V
+    assert offsets.rows == 0 and V.shape == (0, 2)
+    assert torch.equal(offsets(torch.tensor([0, 3]), 2, c=0.25), torch.zeros(2, 2, dtype=torch.float64))
+    assert offsets.reserve(3) == 0 and offsets.rows == 3  # from empty: exactly what is needed
+    assert offsets.reserve(3) == 3 and offsets.rows == 3  # already room: unchanged
+    assert offsets.reserve(4) == 3 and offsets.rows == 6  # doubling, not 4
+    assert offsets.reserve(20) == 6 and offsets.rows == 20  # more than double: what is needed
+    assert offsets.V is V  # an optimizer holding V still holds it
+    table = torch.arange(40, dtype=torch.float64).reshape(20, 2)
+    with torch.no_grad():
+        V.copy_(table)
+    V.grad = torch.ones_like(V)
+    assert offsets.grow(22) == 20
+    assert torch.equal(V.grad, torch.cat([torch.ones(20, 2), torch.zeros(2, 2)]).double())  # grad padded
+    ids = torch.tensor([4, UNKNOWN_ID, 21, 22, 0])
+    # √0.25 = 0.5 on known rows (row 21 is a grown, zero row); -1 and 22 (beyond the table) get 0.
+    expected = torch.tensor([[4.0, 4.5], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    assert torch.equal(offsets(ids, 5, c=0.25), expected)
+    assert torch.equal(offsets(ids, 5, c=-0.3), torch.zeros(5, 2, dtype=torch.float64))  # c < 0: no offset
+    assert torch.equal(offsets(None, 3, c=0.25), torch.zeros(3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="capacity"):
+        ExampleOffsets(2, capacity=-1)
+
+
+def test_offsets_load_resizes_the_table() -> None:
+    saved = ExampleOffsets(3, capacity=5)
+    with torch.no_grad():
+        saved.V.normal_()
+    for rows in (0, 2, 9):
+        restored = ExampleOffsets(3, capacity=rows)
+        restored.load_state_dict(saved.state_dict())
+        assert torch.equal(restored.V, saved.V)
 
 
 def test_hashing_gives_stable_ids_and_unknown_for_new_rows() -> None:
@@ -267,30 +294,27 @@ def test_example_ids_refuse_mixing_modes_and_overflow() -> None:
         ExampleIds()({"x": x})
 
 
-def test_with_index_items_and_batches() -> None:
-    x, y = torch.randn(5, 3), torch.arange(5)
-    wrapped = WithIndex(TensorDataset(x, y))
-    assert len(wrapped) == 5
-    item = wrapped[2]
-    assert torch.equal(item[0], x[2]) and int(item[1]) == 2 and item[2] == 2
-    batch = next(iter(DataLoader(wrapped, batch_size=5, shuffle=False)))
-    x_b, y_b, _ = batch  # the documented unpacking
-    assert torch.equal(y_b, y)
-    assert torch.equal(indices_from_batch(batch), torch.arange(5)) and torch.equal(x_b, x)
-    assert indices_from_batch((x, y)) is None  # un-indexed batches hash instead
-    assert indices_from_batch((x, y, torch.randn(5))) is None  # a float third item is not an index
-
-    class Dicts(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 4
-
-        def __getitem__(self, i: int) -> dict:
-            return {"x": x[i], "y": y[i]}
-
-    dict_batch = next(iter(DataLoader(WithIndex(Dicts()), batch_size=4)))
-    assert torch.equal(indices_from_batch(dict_batch), torch.arange(4))
-    with pytest.raises(TypeError, match="map-style"):
-        WithIndex(iter([1, 2]))
+def test_example_ids_round_trip_and_tolerate_missing_optional_keys() -> None:
+    x = torch.randn(5, 3)
+    ids_of = ExampleIds(max_examples=10)
+    ids_of(x)
+    restored = ExampleIds()
+    restored.load_state_dict(ids_of.state_dict())
+    assert restored.mode == "hash" and restored.max_examples == 10 and len(restored) == 5
+    assert torch.equal(restored.lookup(x), torch.arange(5))
+    # A state without the optional entries (an older checkpoint): defaults, not a KeyError.
+    legacy = ExampleIds(max_examples=7)
+    legacy.load_state_dict({"mode": "hash", "keys": ids_of.state_dict()["keys"]})
+    assert legacy.max_examples == 7 and torch.equal(legacy.lookup(x), torch.arange(5))
+    empty = ExampleIds()
+    empty.load_state_dict({})
+    assert empty.mode is None and len(empty) == 0
+    with pytest.raises(ValueError, match="mode"):
+        ExampleIds().load_state_dict({"mode": "guess"})
+    with pytest.raises(ValueError, match="keys"):
+        ExampleIds().load_state_dict({"mode": "hash", "keys": torch.zeros(3, 4, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="max_examples"):
+        ExampleIds(max_examples=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,39 +322,32 @@ def test_with_index_items_and_batches() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _roundtrip(obj: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)  # what a Lightning checkpoint holds: tensors and primitives
-
-
 def test_state_dict_round_trip_continues_the_same_trajectory() -> None:
     x_train, x_test, y = _data(14, "mse")
     model = _mlp(15)
     batches = _batches("mini", 8, seed=16)
 
-    def build(capacity: int | None) -> tuple[MemorizingShadow, MemorizingShadowTrainer, ExampleIds]:
-        shadow = MemorizingShadow.from_model(model, KERNEL, x_train, capacity=capacity)
+    def build(capacity: int | None) -> tuple[LinearShadow, OptimizerMirror, ExampleIds]:
+        shadow = _memo(model, x_train, capacity)
         opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9, nesterov=True)
-        return shadow, MemorizingShadowTrainer(shadow, opt, resolve_loss("mse")), ExampleIds()
+        return shadow, OptimizerMirror(shadow, opt, resolve_loss("mse")), ExampleIds()
 
     def run(parts: tuple, steps: list[Tensor]) -> None:
-        _, trainer, ids_of = parts
+        _, mirror, ids_of = parts
         for batch in steps:
-            trainer.accumulate(x_train[batch], y[batch], ids_of(x_train[batch]))
-            trainer.step(0.2)
+            mirror.accumulate(x_train[batch], y[batch], ids_of(x_train[batch]))
+            mirror.step(0.2)
 
     reference = build(None)
     run(reference, batches)
     first = build(None)
     run(first, batches[:4])
-    saved = _roundtrip(
-        {"shadow": first[0].state_dict(), "trainer": first[1].state_dict(), "ids": first[2].state_dict()}
+    saved = roundtrip(
+        {"shadow": first[0].state_dict(), "mirror": first[1].state_dict(), "ids": first[2].state_dict()}
     )
     resumed = build(3)  # a different V size: loading must resize it
     resumed[0].load_state_dict(saved["shadow"])
-    resumed[1].load_state_dict(saved["trainer"])
+    resumed[1].load_state_dict(saved["mirror"])
     resumed[2].load_state_dict(saved["ids"])
     run(resumed, batches[4:])
     all_ids = reference[2].lookup(x_train)
@@ -342,80 +359,81 @@ def test_state_dict_round_trip_continues_the_same_trajectory() -> None:
         assert torch.equal(resumed[0](x_test), reference[0](x_test))
 
 
-def test_loading_trainer_before_shadow_is_refused() -> None:
+def test_loading_mirror_before_shadow_is_refused() -> None:
     x_train, _, y = _data(17, "mse")
     model = _mlp(18)
-    shadow = MemorizingShadow.from_model(model, KERNEL, x_train, capacity=N_TRAIN)
-    trainer = MemorizingShadowTrainer(
+    shadow = _memo(model, x_train, N_TRAIN)
+    mirror = OptimizerMirror(
         shadow, torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9), resolve_loss("mse")
     )
-    trainer.accumulate(x_train, y, torch.arange(N_TRAIN))
-    trainer.step(0.1)
-    fresh = MemorizingShadow.from_model(model, KERNEL, x_train, capacity=2)
-    fresh_trainer = MemorizingShadowTrainer(
+    mirror.accumulate(x_train, y, torch.arange(N_TRAIN))
+    mirror.step(0.1)
+    fresh = _memo(model, x_train, 2)
+    fresh_mirror = OptimizerMirror(
         fresh, torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9), resolve_loss("mse")
     )
-    with pytest.raises(ValueError, match="before the trainer"):
-        fresh_trainer.load_state_dict(trainer.state_dict())
+    with pytest.raises(ValueError, match="before the mirror"):
+        fresh_mirror.load_state_dict(mirror.state_dict())
 
 
 def test_bad_ids_are_refused_with_a_fix() -> None:
     x_train, _, y = _data(19, "mse")
     model = _mlp(20)
-    shadow = MemorizingShadow.from_model(model, KERNEL, x_train)
-    trainer = MemorizingShadowTrainer(
-        shadow, torch.optim.SGD(model.parameters(), lr=1.0), resolve_loss("mse")
-    )
+    shadow = _memo(model, x_train)
+    mirror = OptimizerMirror(shadow, torch.optim.SGD(model.parameters(), lr=1.0), resolve_loss("mse"))
     with pytest.raises(ValueError, match="held-out"):
-        trainer.accumulate(x_train[:2], y[:2], torch.tensor([0, UNKNOWN_ID]))
+        mirror.accumulate(x_train[:2], y[:2], torch.tensor([0, UNKNOWN_ID]))
     with pytest.raises(ValueError, match="one id per example"):
-        trainer.accumulate(x_train[:3], y[:3], torch.tensor([0, 1]))
+        mirror.accumulate(x_train[:3], y[:3], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="integer"):
         shadow(x_train[:2], torch.tensor([0.0, 1.0]))
-    with pytest.raises(TypeError, match="MemorizingShadow"):
-        MemorizingShadowTrainer(
-            LinearShadow.from_model(model, KERNEL, x_train),
-            torch.optim.SGD(model.parameters(), lr=1.0),
-            resolve_loss("mse"),
-        )
+    with pytest.raises(ValueError, match="example ids"):
+        mirror.accumulate(x_train[:2], y[:2])  # offsets that would never be trained
+    paper = OptimizerMirror(
+        centred_shadow(model, KERNEL, x_train),
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        resolve_loss("mse"),
+    )
+    with pytest.raises(ValueError, match="no example offsets"):
+        paper.accumulate(x_train[:2], y[:2], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="capacity"):
-        MemorizingShadow.from_model(model, KERNEL, x_train, capacity=-1)
+        _memo(model, x_train, -1)
 
 
 def test_unknown_ids_get_no_offset_and_growth_is_zero() -> None:
     x_train, _, y = _data(21, "mse")
     model = _mlp(22)
-    shadow = MemorizingShadow.from_model(model, KERNEL, x_train)
-    trainer = MemorizingShadowTrainer(
-        shadow, torch.optim.SGD(model.parameters(), lr=1.0), resolve_loss("mse")
-    )
-    trainer.accumulate(x_train[:3], y[:3], torch.tensor([0, 1, 2]))
-    trainer.step(0.5)
-    assert shadow.rows >= 3 and bool(shadow.V[:3].abs().sum() > 0)
+    shadow = _memo(model, x_train)
+    mirror = OptimizerMirror(shadow, torch.optim.SGD(model.parameters(), lr=1.0), resolve_loss("mse"))
+    mirror.accumulate(x_train[:3], y[:3], torch.tensor([0, 1, 2]))
+    mirror.step(0.5)
+    assert shadow.offsets.rows >= 3 and bool(shadow.offsets.V[:3].abs().sum() > 0)
     with torch.no_grad():
         plain = shadow(x_train[:3])
         # ids -1 and far beyond the table are held-out points: exactly the ids=None prediction
         assert torch.equal(shadow(x_train[:3], torch.tensor([UNKNOWN_ID, 10**6, UNKNOWN_ID])), plain)
         offset = shadow(x_train[:3], torch.tensor([0, 1, 2])) - plain
-        torch.testing.assert_close(offset, math.sqrt(KERNEL.c) * shadow.V[:3], rtol=0, atol=1e-14)
+        torch.testing.assert_close(offset, math.sqrt(KERNEL.c) * shadow.offsets.V[:3], rtol=0, atol=1e-14)
 
 
-def test_adam_is_mirrored_with_one_warning() -> None:
+def test_adam_is_mirrored_on_B_and_V_and_only_its_caller_warns() -> None:
     x_train, _, y = _data(23, "mse")
     model = _mlp(24)
-    shadow = MemorizingShadow.from_model(model, KERNEL, x_train)
-    with pytest.warns(UserWarning, match="Adam"):
-        trainer = MemorizingShadowTrainer(
-            shadow, torch.optim.Adam(model.parameters(), lr=1e-2), resolve_loss("mse")
-        )
-    assert not trainer.exact
+    shadow = _memo(model, x_train)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # stepping (and growing V under Adam's moments) warns no more
+        warnings.simplefilter("error")  # neither building nor stepping (growing V under Adam) warns
+        mirror = OptimizerMirror(shadow, torch.optim.Adam(model.parameters(), lr=1e-2), resolve_loss("mse"))
         for batch in _batches("mini", 4, seed=25):
-            trainer.accumulate(x_train[batch], y[batch], batch)
-            trainer.step(1e-2)
-    state = trainer.optimizer.state[shadow.V]
-    assert state["exp_avg"].shape == shadow.V.shape and state["exp_avg_sq"].shape == shadow.V.shape
+            mirror.accumulate(x_train[batch], y[batch], batch)
+            mirror.step(1e-2)
+    assert not mirror.exact
+    message = mirror.mirror_warning()
+    assert message is not None and "Adam" in message and "memorizing shadow" in message
+    state = mirror.optimizer.state[shadow.offsets.V]
+    assert (
+        state["exp_avg"].shape == shadow.offsets.V.shape
+        and state["exp_avg_sq"].shape == shadow.offsets.V.shape
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +442,7 @@ def test_adam_is_mirrored_with_one_warning() -> None:
 
 
 class _TwoLayer(nn.Module):
-    """``m^{-1/2} vᵀ relu(Wx/√d)`` (DESIGN §1), both layers trained."""
+    """``m^{-1/2} vᵀ relu(Wx/√d)``, the paper's two-layer network, both layers trained."""
 
     def __init__(self, d: int, width: int, gen: torch.Generator) -> None:
         super().__init__()
@@ -452,9 +470,9 @@ def test_memo_shadow_stays_closer_than_paper_shadow_when_n_is_2d() -> None:
     lr = n / (2 * lam)  # half the full-batch GD stability edge for the mean squared error
     mse = resolve_loss("mse")
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    paper = LinearShadow.from_model(model, kernel, x_train)
-    memo = MemorizingShadow.from_model(model, kernel, x_train, capacity=n)
-    paper_trainer, memo_trainer = ShadowTrainer(paper, opt, mse), MemorizingShadowTrainer(memo, opt, mse)
+    paper = centred_shadow(model, kernel, x_train)
+    memo = _memo(model, x_train, n, kernel)
+    paper_mirror, memo_mirror = OptimizerMirror(paper, opt, mse), OptimizerMirror(memo, opt, mse)
     with torch.no_grad():
         f0 = model(x_test)
     checks = {10, 25, 50, 100, 150}
@@ -462,10 +480,10 @@ def test_memo_shadow_stays_closer_than_paper_shadow_when_n_is_2d() -> None:
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
         mse(model(x_train), y).backward()
-        paper_trainer.accumulate(x_train, y)
-        paper_trainer.step(lr)
-        memo_trainer.accumulate(x_train, y, torch.arange(n))
-        memo_trainer.step(lr)
+        paper_mirror.accumulate(x_train, y)
+        paper_mirror.step(lr)
+        memo_mirror.accumulate(x_train, y, torch.arange(n))
+        memo_mirror.step(lr)
         opt.step()
         if step in checks:
             with torch.no_grad():
@@ -489,25 +507,25 @@ def test_reduce_grad_applies_to_B_and_V_and_discard_drops_a_partial_gradient() -
     model = _mlp(27)
     ids = torch.arange(N_TRAIN)
 
-    def build() -> tuple[MemorizingShadow, MemorizingShadowTrainer]:
-        shadow = MemorizingShadow.from_model(model, KERNEL, x_train, capacity=N_TRAIN)
-        return shadow, MemorizingShadowTrainer(
+    def build() -> tuple[LinearShadow, OptimizerMirror]:
+        shadow = _memo(model, x_train, N_TRAIN)
+        return shadow, OptimizerMirror(
             shadow, torch.optim.SGD(model.parameters(), lr=1.0), resolve_loss("mse")
         )
 
-    halved, halved_trainer = build()
-    reference, reference_trainer = build()
-    halved_trainer.accumulate(x_train[:3], y[:3], ids[:3])
-    halved_trainer.discard()  # a failed micro-batch: nothing of it may reach the step
-    halved_trainer.accumulate(x_train, y, ids)
-    halved_trainer.step(0.4, reduce_grad=lambda g: 0.5 * g)  # plain SGD: same as half the lr
-    reference_trainer.accumulate(x_train, y, ids)
-    reference_trainer.step(0.2)
+    halved, halved_mirror = build()
+    reference, reference_mirror = build()
+    halved_mirror.accumulate(x_train[:3], y[:3], ids[:3])
+    halved_mirror.discard()  # a failed micro-batch: nothing of it may reach the step
+    halved_mirror.accumulate(x_train, y, ids)
+    halved_mirror.step(0.4, reduce_grad=lambda g: 0.5 * g)  # plain SGD: same as half the lr
+    reference_mirror.accumulate(x_train, y, ids)
+    reference_mirror.step(0.2)
     with torch.no_grad():
         # float64, identical arithmetic up to where the 1/2 is applied: round-off only (~1e-16).
         torch.testing.assert_close(halved(x_train, ids), reference(x_train, ids), rtol=0, atol=1e-12)
         torch.testing.assert_close(halved(x_test), reference(x_test), rtol=0, atol=1e-12)
-    assert bool(halved.V.abs().sum() > 0)
-    halved_trainer.accumulate(x_train, y, ids)
+    assert bool(halved.offsets.V.abs().sum() > 0)
+    halved_mirror.accumulate(x_train, y, ids)
     with pytest.raises(ValueError, match="capacity"):
-        halved_trainer.step(0.1, reduce_grad=lambda g: g[:1])
+        halved_mirror.step(0.1, reduce_grad=lambda g: g[:1])

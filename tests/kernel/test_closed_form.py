@@ -1,8 +1,8 @@
-"""Tests for ``lin_probe.kernel``: Gaussian moments, two-layer closed forms, affine fit, features.
+"""Tests for ``lin_probe.kernel.closed_form``: Gaussian moments, two-layer closed forms, and the paper's claim.
 
 References are independent of the code under test: scipy quadrature of hand-written derivatives,
-closed forms, ``numpy.linalg.lstsq`` / ``scipy.optimize.lsq_linear``, and an NTK computed
-analytically from the explicit Jacobians of a two-layer net.
+hand-derived closed forms, and an NTK computed analytically from the explicit Jacobians of a
+two-layer net (for the claim that a wide net's NTK is the closed-form affine kernel).
 """
 
 from __future__ import annotations
@@ -15,14 +15,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from scipy import integrate, optimize, special
+from scipy import integrate, special
 
-from lin_probe.kernel import (
-    AffineKernel,
-    fit_affine_kernel,
-    gaussian_moments,
-    two_layer_coefficients,
-)
+from lin_probe.kernel import fit_affine_kernel, gaussian_moments, two_layer_coefficients
 
 # ---------------------------------------------------------------------------------------------
 # Independent reference moments: scipy.integrate.quad of hand-written φ, φ', φ''
@@ -113,7 +108,9 @@ def _reference_moments(key: str) -> tuple[float, float, float, float, float]:
 
 
 def _design_table(mom: tuple[float, ...], layer: str, s: float) -> tuple[float, float, float]:
-    """DESIGN §1 table, written out independently of the library."""
+    """The two-layer table (NTK of ``m^{-1/2} Σ v_r φ(w_rᵀx/√d)`` at infinite width), written out
+    independently of the library: first layer ``a = (Eφ')², b = (Eφ'')²·s, c = Eφ'² − a − b``; second
+    layer ``a = (Eφ')², b = (Eφ)² + (Eφ'')²·s/2, c = Eφ² − a − b``; "both" adds them."""
     e_phi, e_dphi, e_d2phi, e_phi_sq, e_dphi_sq = mom
     a = e_dphi**2
     b1, b2 = e_d2phi**2 * s, e_phi**2 + e_d2phi**2 * s / 2.0
@@ -201,166 +198,6 @@ def test_activation_errors() -> None:
         gaussian_moments(lambda t: torch.from_numpy(np.tanh(t.detach().numpy())))
     with pytest.raises(TypeError, match="name"):
         gaussian_moments(3)  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------------------------------------
-# Affine fit
-# ---------------------------------------------------------------------------------------------
-
-
-def _inputs(n: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(n, 3, 4, generator=gen, dtype=torch.float64)
-
-
-def _basis_np(x: torch.Tensor) -> np.ndarray:
-    """Columns vec(K), vec(11ᵀ), vec(I) in numpy (independent of lin_probe's data_kernel)."""
-    xf = x.reshape(x.shape[0], -1).numpy()
-    n, d = xf.shape
-    k = xf @ xf.T / d
-    return np.stack([k.ravel(), np.ones(n * n), np.eye(n).ravel()], axis=1)
-
-
-def _sym_noise(n: int, scale: float, gen: torch.Generator) -> torch.Tensor:
-    e = torch.randn(n, n, generator=gen, dtype=torch.float64) * scale
-    return (e + e.T) / 2
-
-
-def _rel_spectral(theta: np.ndarray, fitted: np.ndarray) -> float:
-    return float(np.linalg.norm(theta - fitted, 2) / np.linalg.norm(theta, 2))
-
-
-def test_fit_recovers_exact_affine_kernel() -> None:
-    gen = torch.Generator().manual_seed(1)
-    x = _inputs(40, gen)
-    theta = AffineKernel(0.7, 0.3, 0.1).matrix(x)
-    fit = fit_affine_kernel(theta, x)
-    # exact data: only float64 round-off (~1e-15 relative) separates fit from truth
-    np.testing.assert_allclose((fit.a, fit.b, fit.c), (0.7, 0.3, 0.1), rtol=1e-10, atol=1e-12)
-    assert fit.rel_error is not None and fit.rel_error < 1e-12
-
-
-def test_fit_with_noise_matches_numpy_lstsq() -> None:
-    gen = torch.Generator().manual_seed(2)
-    x = _inputs(50, gen)
-    theta = AffineKernel(1.3, 0.4, 0.25).matrix(x) + _sym_noise(50, 0.05, gen)
-    fit = fit_affine_kernel(theta.to(torch.float32), x.to(torch.float32))
-    design = _basis_np(x)
-    coef, *_ = np.linalg.lstsq(design, theta.numpy().ravel(), rcond=None)
-    assert coef[0] > 0 and coef[1] > 0  # unconstrained optimum is feasible here
-    # float32 inputs: entries carry ~6e-8 relative round-off, so agree to 1e-5 relative
-    np.testing.assert_allclose((fit.a, fit.b, fit.c), coef, rtol=1e-5, atol=1e-6)
-    ref_err = _rel_spectral(theta.numpy(), (design @ coef).reshape(50, 50))
-    assert fit.rel_error == pytest.approx(ref_err, rel=1e-4)
-    assert ref_err > 1e-3  # the noise is really there
-
-
-@pytest.mark.parametrize(
-    ("a", "b", "c", "zero"),
-    [(0.8, -0.5, 0.2, "b"), (-0.6, 0.3, 0.4, "a")],
-)
-def test_fit_enforces_nonnegative_a_b(a: float, b: float, c: float, zero: str) -> None:
-    gen = torch.Generator().manual_seed(3)
-    n = 30
-    x = _inputs(n, gen)
-    theta = torch.as_tensor(a * _kernel_np(x) + b + c * np.eye(n)) + _sym_noise(n, 0.01, gen)
-    fit = fit_affine_kernel(theta, x)
-    # independent bounded solver (scipy's trust-region reflective), tight tolerance
-    design = _basis_np(x)
-    ref = optimize.lsq_linear(
-        design, theta.numpy().ravel(), bounds=([0, 0, -np.inf], [np.inf, np.inf, np.inf]), tol=1e-14
-    ).x
-    assert getattr(fit, zero) == 0.0
-    # independent boundary solve: drop the clamped column, plain lstsq on the other two
-    keep = [i for i, name in enumerate("abc") if name != zero]
-    sub, *_ = np.linalg.lstsq(design[:, keep], theta.numpy().ravel(), rcond=None)
-    got = np.array([fit.a, fit.b, fit.c])
-    np.testing.assert_allclose(got[keep], sub, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-8)  # lsq_linear converges to ~1e-8
-
-
-def _kernel_np(x: torch.Tensor) -> np.ndarray:
-    xf = x.reshape(x.shape[0], -1).numpy()
-    return xf @ xf.T / xf.shape[1]
-
-
-def test_fit_accepts_float32_round_off_asymmetry() -> None:
-    gen = torch.Generator().manual_seed(4)
-    x = _inputs(20, gen)
-    jac = torch.randn(20, 500, generator=gen)
-    theta32 = jac @ jac.T
-    theta32[0, 1] += 1e-6 * float(theta32.abs().max())  # round-off-sized asymmetry
-    sym = (theta32.double() + theta32.double().T) / 2
-    coef = optimize.lsq_linear(
-        _basis_np(x), sym.numpy().ravel(), bounds=([0, 0, -np.inf], [np.inf] * 3), tol=1e-14
-    ).x
-    fit = fit_affine_kernel(theta32, x)
-    np.testing.assert_allclose((fit.a, fit.b, fit.c), coef, rtol=1e-6, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# Features
-# ---------------------------------------------------------------------------------------------
-
-
-def test_features_reproduce_affine_kernel() -> None:
-    gen = torch.Generator().manual_seed(5)
-    x = _inputs(9, gen)
-    ker = AffineKernel(0.6, 0.2, 0.35)
-    psi = ker.features(x)
-    assert psi.shape == (9, 13)
-    ref = 0.6 * _kernel_np(x) + 0.2  # a·xᵀx'/d + b, d = 12
-    np.testing.assert_allclose((psi @ psi.T).numpy(), ref, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(ker.matrix(x).numpy(), ref + 0.35 * np.eye(9), rtol=1e-12, atol=1e-14)
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad input
-# ---------------------------------------------------------------------------------------------
-
-
-def test_fit_bad_input() -> None:
-    gen = torch.Generator().manual_seed(6)
-    x = _inputs(6, gen)
-    theta = AffineKernel(1.0, 0.5, 0.1).matrix(x)
-    with pytest.raises(ValueError, match="need at least 2 probe examples"):
-        fit_affine_kernel(theta[:1, :1], x[:1])
-    bad = theta.clone()
-    bad[2, 3] = math.nan
-    with pytest.raises(ValueError, match=r"ntk.*NaN"):
-        fit_affine_kernel(bad, x)
-    xbad = x.clone()
-    xbad[1, 0, 0] = math.nan
-    with pytest.raises(ValueError, match=r"inputs.*NaN"):
-        fit_affine_kernel(theta, xbad)
-    with pytest.raises(ValueError, match="square"):
-        fit_affine_kernel(theta[:, :5], x)
-    with pytest.raises(ValueError, match=r"6×6.*5 example"):
-        fit_affine_kernel(theta, x[:5])
-    with pytest.raises(ValueError, match="identically zero"):
-        fit_affine_kernel(torch.zeros(6, 6), x)
-    asym = theta.clone()
-    asym[0, 1] += 0.5
-    with pytest.raises(ValueError, match="not symmetric"):
-        fit_affine_kernel(asym, x)
-    with pytest.raises(TypeError, match=r"torch\.Tensor"):
-        fit_affine_kernel(theta.numpy(), x)  # type: ignore[arg-type]
-
-
-def test_fit_refuses_unidentifiable_designs() -> None:
-    """Where K, 11ᵀ, I are linearly dependent, any (a, b, c) split would be arbitrary: refuse."""
-    gen = torch.Generator().manual_seed(7)
-    theta = AffineKernel(1.0, 0.5, 0.1).matrix(_inputs(6, gen))
-    same = torch.randn(1, 12, generator=gen, dtype=torch.float64).expand(6, 12)  # K ∝ 11ᵀ
-    with pytest.raises(ValueError, match="not identifiable"):
-        fit_affine_kernel(theta, same)
-    two = torch.randn(2, 12, generator=gen, dtype=torch.float64)
-    two = two / two.norm(dim=1, keepdim=True)  # equal norms: K ∈ span(11ᵀ, I) for n = 2
-    with pytest.raises(ValueError, match="not identifiable"):
-        fit_affine_kernel(theta[:2, :2], two)
-    with pytest.raises(ValueError, match="not identifiable"):
-        fit_affine_kernel(theta, torch.eye(6, dtype=torch.float64))  # one-hot: K ∝ I
-    with pytest.raises(ValueError, match="all zero"):
-        fit_affine_kernel(theta, torch.zeros(6, 4))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,588 @@
+"""``RegimeProbe``: the Lightning-free monitor that the callback (or a plain training loop) drives.
+
+It owns everything measured once at the start — the probe set, ``f_0`` on it, the affine fit of
+``Θ_0`` and the reference kernels — and a list of :class:`ShadowRun`\\ s, each a shadow trained in
+lock-step with the network by a mirror of the user's optimizer, with its own exit tracker. The
+owner calls, per optimizer step, :meth:`accumulate` for each micro-batch and then :meth:`step`
+with the learning rate the network is about to use; at a check, :meth:`measure` and
+:meth:`observe` (or :meth:`check`, both at once). Nothing here imports Lightning: collectives,
+ranks and loggers are the owner's business, handed in as plain callables where needed.
+
+Plain PyTorch::
+
+    probe = RegimeProbe.start(model, (x_val, y_val), optimizer, MonitorConfig(loss="mse"))
+    probe.check(model, step=0)
+    for step, (x, y) in enumerate(loader, start=1):
+        lr = optimizer.param_groups[0]["lr"]
+        loss = F.mse_loss(model(x), y); optimizer.zero_grad(); loss.backward()
+        probe.accumulate(x, y); probe.step(lr); optimizer.step()
+        probe.check(model, step)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lin_probe._model_state import cpu_state_copy, floating_dtype, frozen_copy
+from lin_probe._validation import check_callable
+from lin_probe.data import indices_from_batch
+from lin_probe.kernel import AffineKernel
+from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
+from lin_probe.monitor.checks import (
+    NTK_KEYS,
+    POOR_FIT_THRESHOLD,
+    NTKProbe,
+    NTKReference,
+    compare,
+    fit_at_init,
+    ntk_check,
+    ntk_reference,
+)
+from lin_probe.monitor.losses import LossFn, is_classification, resolve_loss
+from lin_probe.monitor.probe import ProbeSet, probe_from_argument
+from lin_probe.monitor.regime import RegimeTracker, validate_patience, validate_tolerance
+from lin_probe.ntk import predict
+from lin_probe.plan import ComputePlan
+from lin_probe.shadows.linear import LinearShadow, feature_rows
+from lin_probe.shadows.mirror import OptimizerMirror
+from lin_probe.shadows.offsets import ExampleIds
+
+STATE_VERSION = 2
+"""Version of :meth:`RegimeProbe.state_dict`'s layout (1 was the unversioned first release)."""
+
+PAPER = ""
+"""Prefix of the paper's shadow's record keys (none: ``functional_distance`` etc.)."""
+MEMO = "memo/"
+"""Prefix of the memorizing shadow's record keys."""
+MEMO_KEYS = ("functional_distance", "functional_distance_rel", "loss_linear")
+"""What is reported for the memorizing shadow (the network's own values are not repeated)."""
+
+HASHED_EXAMPLES_LIMIT = 1 << 22
+"""Distinct hashed inputs allowed when the training set's size is unknown (64 MiB of digests)."""
+
+Warn = Callable[[str], None]
+
+
+def _python_warning(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What to measure and how to judge it; validated here so every entry point gets the same errors.
+
+    ``loss`` is the user's training loss (a name or a callable ``(pred, target) -> scalar``);
+    ``tolerance``/``patience`` define the exit; ``center`` keeps ``f_0`` in the shadow;
+    ``output_fn`` picks the prediction tensor from the model's output; ``features_fn`` maps inputs to
+    the vectors the data kernel is built from; ``memorization`` adds the shadow with the ``c·I`` term;
+    ``plan`` bounds the cost.
+    """
+
+    loss: str | LossFn = "mse"
+    tolerance: float = 0.1
+    patience: int = 3
+    center: bool = True
+    output_fn: Callable[[Any], Tensor] | None = None
+    features_fn: Callable[[Tensor], Tensor] | None = None
+    memorization: bool = False
+    plan: ComputePlan = field(default_factory=ComputePlan)
+
+    def __post_init__(self) -> None:
+        resolve_loss(self.loss)
+        validate_tolerance(self.tolerance)
+        validate_patience(self.patience)
+        check_callable("output_fn", self.output_fn)
+        check_callable("features_fn", self.features_fn)
+        if not isinstance(self.plan, ComputePlan):
+            raise TypeError(f"`plan` must be a lin_probe.plan.ComputePlan, got {type(self.plan).__name__}.")
+
+    @property
+    def loss_fn(self) -> LossFn:
+        return resolve_loss(self.loss)
+
+    @property
+    def classification(self) -> bool:
+        return is_classification(self.loss)
+
+
+@dataclass
+class ShadowRun:
+    """One shadow in lock-step with the network: its mirror, its exit tracker and (memorizing) example ids."""
+
+    prefix: str
+    shadow: LinearShadow
+    mirror: OptimizerMirror
+    regime: RegimeTracker
+    example_ids: ExampleIds | None = None
+    reported: tuple[str, ...] | None = None  # None: every value compare() gives
+
+    def ids(self, x: Tensor, batch: Any) -> Tensor | None:
+        """Example ids of a training batch: its indices (``WithIndex``) if it has them, else row hashes."""
+        return None if self.example_ids is None else self.example_ids(x, indices_from_batch(batch))
+
+    def probe_ids(self, inputs: Tensor) -> Tensor | None:
+        """Ids of probe rows that are training examples seen so far (hash mode only), else ``None``.
+
+        In index mode inputs are not recorded, so the probe counts as held out: exact for the default
+        validation probe, and documented for a training-set probe.
+        """
+        if self.example_ids is None or self.example_ids.mode != "hash":
+            return None
+        return self.example_ids.lookup(inputs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "shadow": cpu_state_copy(self.shadow.state_dict()),
+            "mirror": self.mirror.state_dict(),
+            "regime": self.regime.state_dict(),
+            "example_ids": None if self.example_ids is None else self.example_ids.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Shadow first: the mirror's state refers to its (possibly grown) offset table."""
+        self.shadow.load_state_dict(state["shadow"])
+        self.mirror.load_state_dict(state["mirror"])
+        self.regime.load_state_dict(state["regime"])
+        if self.example_ids is not None and state.get("example_ids") is not None:
+            self.example_ids.load_state_dict(state["example_ids"])
+
+
+@dataclass
+class Measurement:
+    """One check's values (``step`` included) and, for dense NTK checks, Θ_t's eigenvalues."""
+
+    record: dict[str, float]
+    eigenvalues: Tensor | None = None
+
+
+class RegimeProbe:
+    """Probe set, init state and shadow runs of one training run; see the module docstring."""
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        probe: ProbeSet,
+        kernel: AffineKernel,
+        ntk: NTKProbe,
+        reference: NTKReference,
+        initial_outputs: Tensor,
+        runs: list[ShadowRun],
+        *,
+        warn: Warn = _python_warning,
+        require_indices: bool = False,
+    ) -> None:
+        self.config = config
+        self.probe = probe
+        self.kernel = kernel
+        self.ntk = ntk
+        self.reference = reference
+        self.initial_outputs = initial_outputs
+        self.runs = runs
+        self.history: list[dict[str, float]] = []
+        self._warn = warn
+        self._warned: set[str] = set()
+        self._require_indices = require_indices
+        for run in runs:
+            message = run.mirror.mirror_warning()
+            if message is not None:
+                self.warn_once("mirror", message)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def start(
+        cls,
+        model: nn.Module,
+        probe: ProbeSet | Tensor | tuple[Tensor, Tensor],
+        optimizer: torch.optim.Optimizer,
+        config: MonitorConfig | None = None,
+        *,
+        train_size: int | None = None,
+        copy_model: Callable[[nn.Module], nn.Module] = frozen_copy,
+        warn: Warn = _python_warning,
+        require_indices: bool = False,
+    ) -> RegimeProbe:
+        """Measure ``Θ_0`` on the probe, fit the affine kernel and build the shadows, before any step.
+
+        ``probe``: a :class:`ProbeSet`, a tensor of inputs or an ``(inputs, targets)`` pair.
+        ``train_size`` (the training set's length, when known) sizes the memorizing shadow's table
+        and bounds its example identities. ``copy_model`` makes the frozen ``f_0``.
+        """
+        config = config or MonitorConfig()
+        if not isinstance(probe, ProbeSet):
+            probe = probe_from_argument(probe, n_probe=_rows(probe))
+        probe = probe.to(_device(model), floating_dtype(model))
+        ntk = NTKProbe(probe.inputs, config.output_fn, learning_rate_weights(model, optimizer), config.plan)
+        kernel_inputs = _kernel_inputs(probe.inputs, config.features_fn)
+        kernel, theta0, norm0 = fit_at_init(model, ntk, kernel_inputs)
+        initial_outputs = predict(
+            model, probe.inputs, output_fn=config.output_fn, memory_budget=config.plan.memory_budget
+        ).detach()
+        runs, f0 = _build_runs(model, kernel, probe, optimizer, config, copy_model, train_size)
+        dense = theta0.is_dense
+        reference = ntk_reference(
+            kernel, theta0 if dense else _frozen_products(ntk, f0), norm0, kernel_inputs, dense=dense
+        )
+        monitor = cls(
+            config,
+            probe,
+            kernel,
+            ntk,
+            reference,
+            initial_outputs,
+            runs,
+            warn=warn,
+            require_indices=require_indices,
+        )
+        monitor._warn_about_fit()
+        return monitor
+
+    @classmethod
+    def from_state(
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: Mapping[str, Any],
+        config: MonitorConfig | None = None,
+        *,
+        copy_model: Callable[[nn.Module], nn.Module] = frozen_copy,
+        warn: Warn = _python_warning,
+        require_indices: bool = False,
+    ) -> RegimeProbe:
+        """Rebuild from :meth:`state_dict` instead of re-measuring: ``Θ_0`` is the kernel at *initialisation*.
+
+        Raises ``ValueError`` for a state of another layout version (the owner then starts afresh).
+        """
+        config = config or MonitorConfig()
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(
+                f"lin_probe state has layout version {version!r}, this lin_probe reads {STATE_VERSION}."
+            )
+        probe = ProbeSet(
+            state["probe_inputs"], state.get("probe_targets"), state.get("probe_source", "checkpoint")
+        )
+        probe = probe.to(_device(model), floating_dtype(model))
+        ntk = NTKProbe(probe.inputs, config.output_fn, dict(state["param_weights"]), config.plan)
+        kernel = AffineKernel(**state["kernel"])
+        # train_size=None: the memorizing shadow's table takes its saved size from the state.
+        runs, f0 = _build_runs(model, kernel, probe, optimizer, config, copy_model, None)
+        saved_runs = state.get("runs", {})
+        for run in runs:
+            if run.prefix in saved_runs:
+                run.load_state_dict(saved_runs[run.prefix])
+        kernel_inputs = _kernel_inputs(probe.inputs, config.features_fn)
+        dense = state.get("ntk0") is not None
+        theta0 = SymmetricOperator.dense(state["ntk0"], name="Θ_0") if dense else _frozen_products(ntk, f0)
+        reference = ntk_reference(kernel, theta0, float(state["ntk0_norm"]), kernel_inputs, dense=dense)
+        initial_outputs = state["initial_outputs"].to(probe.inputs.device)
+        monitor = cls(
+            config,
+            probe,
+            kernel,
+            ntk,
+            reference,
+            initial_outputs,
+            runs,
+            warn=warn,
+            require_indices=require_indices,
+        )
+        monitor.history = [dict(record) for record in state.get("history", [])]
+        return monitor
+
+    # ------------------------------------------------------------------ training
+    def accumulate(self, x: Tensor, y: Tensor, *, batch: Any = None, scale: float = 1.0) -> None:
+        """Add one micro-batch's shadow gradients (``scale``: the loss factor, e.g. 1/accumulation).
+
+        ``batch`` (the raw batch) carries example indices for the memorizing shadow; a memorizing
+        run whose example identity fails is switched off with a warning, the others go on.
+        """
+        for run in list(self.runs):
+            ids = None
+            if run.example_ids is not None:
+                try:
+                    ids = run.ids(x, batch)
+                except Exception as err:
+                    self.drop_run(run.prefix, f"example identity failed ({type(err).__name__}: {err})")
+                    continue
+                if self._require_indices and run.example_ids.mode != "index":
+                    # Hashed ids are numbered per process, so ranks would average unrelated offsets.
+                    self.drop_run(
+                        run.prefix,
+                        "under DDP it needs batch indices: wrap the training dataset in lin_probe.data.WithIndex",
+                    )
+                    continue
+            run.mirror.accumulate(x, y, ids, scale=scale)
+
+    def step(self, lr: float, reduce_grad: Callable[[Tensor], Tensor] | None = None) -> None:
+        """One mirrored step of every shadow with the network's learning rate ``lr``.
+
+        ``reduce_grad`` maps each accumulated gradient to the one applied (under data parallelism,
+        the mean over processes, as the network gets).
+        """
+        for run in self.runs:
+            run.mirror.step(lr=lr, reduce_grad=reduce_grad)
+
+    def discard(self) -> None:
+        """Drop partly accumulated gradients (a failed micro-batch must not leak into a later step)."""
+        for run in self.runs:
+            run.mirror.discard()
+
+    def drop_run(self, prefix: str, reason: str) -> None:
+        """Switch one shadow off (with one warning); the paper's shadow is never dropped this way."""
+        self.runs = [run for run in self.runs if run.prefix != prefix]
+        self.warn_once(
+            f"drop:{prefix}",
+            f"The memorizing shadow is switched off: {reason}. The paper's shadow carries on.",
+        )
+
+    # ------------------------------------------------------------------ measuring
+    def measure(self, model: nn.Module, step: int, *, ntk: bool = True) -> Measurement:
+        """One check's values; a part that fails is NaN with one warning, never an exception."""
+        record: dict[str, float] = {"step": step}
+        try:
+            record.update(self._functional(model))
+        except Exception as err:  # never crash the user's run over a measurement
+            self.warn_once(
+                "functional",
+                f"lin_probe could not compare network and shadow at step {step} "
+                f"({type(err).__name__}: {err}); logging NaN and carrying on.",
+            )
+            record.update(functional_distance=math.nan, functional_distance_rel=math.nan)
+        if not ntk:
+            return Measurement(record)
+        eigenvalues = None
+        try:
+            values, eigenvalues = ntk_check(self.ntk.operator(model), self.reference)
+        except NonFiniteOperator:
+            values = dict.fromkeys(NTK_KEYS, math.nan)
+        except Exception as err:
+            self.warn_once(
+                "ntk",
+                f"lin_probe could not compute the NTK at step {step} "
+                f"({type(err).__name__}: {err}); logging NaN and carrying on.",
+            )
+            values = dict.fromkeys(NTK_KEYS, math.nan)
+        record.update(values)
+        return Measurement(record, eigenvalues)
+
+    def observe(self, record: dict[str, float]) -> list[str]:
+        """Feed one check to the exit trackers and keep it in :attr:`history`; returns the prefixes
+        of the runs whose exit this check confirms (adds ``in_linear_regime`` and ``*exit_step``)."""
+        step = int(record["step"])
+        expected_nan = () if self.reference.drift_available else ("ntk_drift",)
+        if not all(math.isfinite(v) for k, v in record.items() if k not in expected_nan):
+            self.warn_once(
+                "nonfinite",
+                f"Non-finite values measured at step {step} (NaN/inf in the network or shadow output, or in "
+                "the NTK); they are logged as NaN/inf and training continues.",
+            )
+        exited = []
+        for run in self.runs:
+            value = record.get(run.prefix + "functional_distance_rel", math.nan)
+            if run.regime.update(step, value):
+                exited.append(run.prefix)
+                record[run.prefix + "exit_step"] = float(run.regime.exit_step)  # type: ignore[arg-type]
+        record["in_linear_regime"] = 0.0 if self.paper.regime.exited else 1.0
+        if PAPER in exited:  # keep the record's order: the flag before the paper's exit step
+            record["exit_step"] = record.pop("exit_step")
+        self.history.append(record)
+        return exited
+
+    def check(self, model: nn.Module, step: int, *, ntk: bool = True) -> dict[str, float]:
+        """:meth:`measure` then :meth:`observe`, for a loop that needs no collective in between."""
+        record = self.measure(model, step, ntk=ntk).record
+        self.observe(record)
+        return record
+
+    @property
+    def paper(self) -> ShadowRun:
+        """The paper's shadow ``f_0 + Bᵀψ``: always the first run."""
+        return self.runs[0]
+
+    def run(self, prefix: str) -> ShadowRun | None:
+        return next((run for run in self.runs if run.prefix == prefix), None)
+
+    def exit_step(self, prefix: str = PAPER) -> int | None:
+        """A run's exit step; ``None`` until found, or when that run is off."""
+        run = self.run(prefix)
+        return None if run is None else run.regime.exit_step
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: probe, init measurements, each run's shadow/mirror/tracker."""
+        ntk0 = self.reference.theta0.matrix if self.reference.dense and self.reference.theta0 else None
+        return {
+            "version": STATE_VERSION,
+            "history": [dict(record) for record in self.history],
+            "kernel": {
+                "a": self.kernel.a,
+                "b": self.kernel.b,
+                "c": self.kernel.c,
+                "rel_error": self.kernel.rel_error,
+            },
+            "ntk0": None if ntk0 is None else ntk0.clone(),  # None: matrix-free mode
+            "ntk0_norm": self.reference.norm0,
+            "initial_outputs": self.initial_outputs.detach().cpu().clone(),
+            "probe_inputs": self.probe.inputs.detach().cpu().clone(),
+            "probe_targets": None
+            if self.probe.targets is None
+            else self.probe.targets.detach().cpu().clone(),
+            "probe_source": self.probe.source,
+            "param_weights": dict(self.ntk.param_weights),
+            "runs": {run.prefix: run.state_dict() for run in self.runs},
+        }
+
+    # ------------------------------------------------------------------ internals
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self._warn(message)
+
+    def _functional(self, model: nn.Module) -> dict[str, float]:
+        """Network vs every shadow on the probe; ``f_t`` computed once, ``f_0`` from the cache."""
+        inputs = self.probe.inputs
+        network = predict(
+            model, inputs, output_fn=self.config.output_fn, memory_budget=self.config.plan.memory_budget
+        ).to(torch.float64)
+        initial = self.initial_outputs.to(network.device, torch.float64)
+        record: dict[str, float] = {}
+        for run in self.runs:
+            with torch.no_grad():
+                linear = run.shadow(
+                    inputs, run.probe_ids(inputs), initial_outputs=initial, dtype=torch.float64
+                )
+            compared = compare(
+                network,
+                linear,
+                initial,
+                targets=self.probe.targets,
+                loss_fn=self.config.loss_fn,
+                classification=self.config.classification,
+            )
+            keys = run.reported or tuple(compared)
+            record.update({run.prefix + key: compared[key] for key in keys if key in compared})
+        return record
+
+    def _warn_about_fit(self) -> None:
+        error = self.kernel.rel_error
+        if error is not None and error > POOR_FIT_THRESHOLD:
+            self.warn_once(
+                "poor_fit",
+                f"The affine data kernel fits this model's NTK at init with relative spectral error "
+                f"{error:.2f} > {POOR_FIT_THRESHOLD}: the linear model is a poor proxy for this "
+                "architecture, so distances from it say little about the network's own kernel regime "
+                "(watch `lin_probe/ntk_drift` instead).",
+            )
+        if not self.reference.drift_available:
+            self.warn_once(
+                "drift",
+                f"The probe ({len(self.probe)} examples) is too large for a dense NTK, and with center=False "
+                "there is no copy of the model at init to take Θ_0 products from: `lin_probe/ntk_drift` is "
+                "NaN. Use center=True to measure it.",
+            )
+
+
+def saved_exit_step(state: Mapping[str, Any] | None, prefix: str = PAPER) -> int | None:
+    """A run's exit step as saved in a (callback) state holding ``"core"``, read without rebuilding."""
+    run = ((state or {}).get("core") or {}).get("runs", {}).get(prefix) or {}
+    return run.get("regime", {}).get("exit_step")
+
+
+def learning_rate_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Per-parameter NTK weights ``lr_group / lr_ref`` (``lr_ref``: the first group's).
+
+    With parameter groups at different rates the function-space dynamics follow the kernel
+    ``Σ_p (lr_p / lr_ref) J_p J_pᵀ``; parameters no group trains get weight 0.
+    """
+    lr_ref = float(optimizer.param_groups[0]["lr"])
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    weights: dict[str, float] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = group_of.get(id(param))
+        if group is None:
+            weights[name] = 0.0
+        elif lr_ref > 0:
+            weights[name] = float(group["lr"]) / lr_ref
+        else:
+            weights[name] = 1.0
+    return weights
+
+
+def _build_runs(
+    model: nn.Module,
+    kernel: AffineKernel,
+    probe: ProbeSet,
+    optimizer: torch.optim.Optimizer,
+    config: MonitorConfig,
+    copy_model: Callable[[nn.Module], nn.Module],
+    train_size: int | None,
+) -> tuple[list[ShadowRun], nn.Module | None]:
+    """The paper's run (and the memorizing one), sharing one frozen ``f_0``; returns the runs and ``f_0``."""
+    f0 = copy_model(model) if config.center else None
+    loss_fn = config.loss_fn
+
+    def run(
+        prefix: str, capacity: int | None, ids: ExampleIds | None, reported: tuple[str, ...] | None
+    ) -> ShadowRun:
+        shadow = LinearShadow.from_model(
+            model,
+            kernel,
+            probe.inputs,
+            initial_model=f0,
+            output_fn=config.output_fn,
+            features_fn=config.features_fn,
+            offsets_capacity=capacity,
+        ).to(probe.inputs.device)
+        mirror = OptimizerMirror(shadow, optimizer, loss_fn)
+        return ShadowRun(
+            prefix, shadow, mirror, RegimeTracker(config.tolerance, config.patience), ids, reported
+        )
+
+    runs = [run(PAPER, None, None, None)]
+    if config.memorization:
+        limit = train_size if train_size is not None else HASHED_EXAMPLES_LIMIT
+        runs.append(run(MEMO, train_size or 0, ExampleIds(max_examples=limit), MEMO_KEYS))
+    return runs, f0
+
+
+def _frozen_products(ntk: NTKProbe, f0: nn.Module | None) -> SymmetricOperator | None:
+    """Matrix-free ``Θ_0`` from the frozen ``f_0`` (``None`` without one: drift is then NaN)."""
+    return None if f0 is None else ntk.frozen_operator(f0)
+
+
+def _kernel_inputs(inputs: Tensor, features_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The ``n × d`` rows the data kernel is built from, on CPU (where the fit runs)."""
+    return feature_rows(inputs, features_fn).cpu()
+
+
+def _device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _rows(probe: Tensor | tuple[Tensor, Tensor]) -> int:
+    first = probe if isinstance(probe, Tensor) else probe[0] if isinstance(probe, (tuple, list)) else None
+    return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() > 0 else 0
+
+
+__all__ = [
+    "MEMO",
+    "PAPER",
+    "STATE_VERSION",
+    "Measurement",
+    "MonitorConfig",
+    "RegimeProbe",
+    "ShadowRun",
+    "learning_rate_weights",
+    "saved_exit_step",
+]
