@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lin_probe.kernel import fit_affine_kernel
-from lin_probe.monitor.losses import resolve_loss
-from lin_probe.shadows.linear import LinearShadow
 from lin_probe._model_state import frozen_copy
+from lin_probe.kernel import fit_affine_kernel
+from lin_probe.losses import resolve_loss
+from lin_probe.shadows.linear import LinearShadow
 from lin_probe.shadows.mirror import OptimizerMirror
 
 

@@ -23,8 +23,16 @@ from lin_probe._validation import check_callable, check_int
 from lin_probe.kernel import AffineKernel
 from lin_probe.lightning import _bridge
 from lin_probe.lightning.publishing import Publisher
-from lin_probe.monitor.core import MEMO, PAPER, STATE_VERSION, MonitorConfig, RegimeProbe, saved_exit_step
-from lin_probe.monitor.losses import LossFn
+from lin_probe.losses import LossFn
+from lin_probe.monitor.core import (
+    MEMO,
+    PAPER,
+    STATE_VERSION,
+    Host,
+    MonitorConfig,
+    RegimeProbe,
+    saved_exit_step,
+)
 from lin_probe.monitor.probe import BatchToXY, default_batch_to_xy, probe_from_argument
 from lin_probe.monitor.schedule import CheckSchedule
 from lin_probe.plan import ComputePlan
@@ -153,17 +161,14 @@ class LinearRegimeMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = _bridge.single_optimizer(trainer)
-        options = {
-            "copy_model": _bridge.initial_copy,
-            "warn": lambda message: rank_zero_warn(message, category=UserWarning),
-            "require_indices": trainer.world_size > 1,
-        }
+        warn = lambda message: rank_zero_warn(message, category=UserWarning)  # noqa: E731
+        host = Host(copy_model=_bridge.initial_copy, warn=warn, require_indices=trainer.world_size > 1)
         state, self._pending_state = self._pending_state, None
-        if state is not None and self._resume(pl_module, optimizer, state, options):
+        if state is not None and self._resume(pl_module, optimizer, state, host):
             return
         self.core = RegimeProbe.start(
             pl_module, _bridge.gather_probe(trainer, self.probe, self.n_probe, self.batch_to_xy), optimizer, self.config,
-            train_size=_bridge.train_set_length(trainer), **options,
+            train_size=_bridge.train_set_length(trainer), host=host,
         )  # fmt: skip
         self._active = True
         n_parameters = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -232,11 +237,11 @@ class LinearRegimeMonitor(Callback):
             )
 
     def _resume(
-        self, pl_module: pl.LightningModule, optimizer: Any, state: dict[str, Any], options: Any
+        self, pl_module: pl.LightningModule, optimizer: Any, state: dict[str, Any], host: Host
     ) -> bool:
         """Rebuild the core from a checkpoint (Θ_0 is the kernel at *init*); False: start afresh."""
         try:
-            self.core = RegimeProbe.from_state(pl_module, optimizer, state["core"], self.config, **options)
+            self.core = RegimeProbe.from_state(pl_module, optimizer, state["core"], self.config, host=host)
         except ValueError as err:
             self.publisher.warnings.warn(
                 f"lin_probe cannot resume from this checkpoint ({err}); starting afresh."

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lin_probe.kernel import AffineKernel, fit_affine_kernel, fit_affine_kernel_matrix_free
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
-from lin_probe.monitor.losses import LossFn
+from lin_probe.losses import LossFn
 from lin_probe.monitor.metrics import functional_distance, prediction_agreement
 from lin_probe.ntk import ntk_diagonal, ntk_operator
 from lin_probe.plan import ComputePlan

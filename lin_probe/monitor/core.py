@@ -22,17 +22,14 @@ Plain PyTorch::
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lin_probe._model_state import cpu_state_copy, floating_dtype, frozen_copy
-from lin_probe._validation import check_callable
-from lin_probe.data import indices_from_batch
+from lin_probe._model_state import floating_dtype
 from lin_probe.kernel import AffineKernel
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
 from lin_probe.monitor.checks import (
@@ -45,113 +42,14 @@ from lin_probe.monitor.checks import (
     ntk_check,
     ntk_reference,
 )
-from lin_probe.monitor.losses import LossFn, is_classification, resolve_loss
+from lin_probe.monitor.config import Host, MonitorConfig
 from lin_probe.monitor.probe import ProbeSet, probe_from_argument
-from lin_probe.monitor.regime import RegimeTracker, validate_patience, validate_tolerance
+from lin_probe.monitor.runs import MEMO, PAPER, ShadowRun, build_runs
 from lin_probe.ntk import predict
-from lin_probe.plan import ComputePlan
-from lin_probe.shadows.linear import LinearShadow, feature_rows
-from lin_probe.shadows.mirror import OptimizerMirror
-from lin_probe.shadows.offsets import ExampleIds
+from lin_probe.shadows.linear import feature_rows
 
 STATE_VERSION = 2
 """Version of :meth:`RegimeProbe.state_dict`'s layout (1 was the unversioned first release)."""
-
-PAPER = ""
-"""Prefix of the paper's shadow's record keys (none: ``functional_distance`` etc.)."""
-MEMO = "memo/"
-"""Prefix of the memorizing shadow's record keys."""
-MEMO_KEYS = ("functional_distance", "functional_distance_rel", "loss_linear")
-"""What is reported for the memorizing shadow (the network's own values are not repeated)."""
-
-HASHED_EXAMPLES_LIMIT = 1 << 22
-"""Distinct hashed inputs allowed when the training set's size is unknown (64 MiB of digests)."""
-
-Warn = Callable[[str], None]
-
-
-def _python_warning(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    """What to measure and how to judge it; validated here so every entry point gets the same errors.
-
-    ``loss`` is the user's training loss (a name or a callable ``(pred, target) -> scalar``);
-    ``tolerance``/``patience`` define the exit; ``center`` keeps ``f_0`` in the shadow;
-    ``output_fn`` picks the prediction tensor from the model's output; ``features_fn`` maps inputs to
-    the vectors the data kernel is built from; ``memorization`` adds the shadow with the ``c·I`` term;
-    ``plan`` bounds the cost.
-    """
-
-    loss: str | LossFn = "mse"
-    tolerance: float = 0.1
-    patience: int = 3
-    center: bool = True
-    output_fn: Callable[[Any], Tensor] | None = None
-    features_fn: Callable[[Tensor], Tensor] | None = None
-    memorization: bool = False
-    plan: ComputePlan = field(default_factory=ComputePlan)
-
-    def __post_init__(self) -> None:
-        resolve_loss(self.loss)
-        validate_tolerance(self.tolerance)
-        validate_patience(self.patience)
-        check_callable("output_fn", self.output_fn)
-        check_callable("features_fn", self.features_fn)
-        if not isinstance(self.plan, ComputePlan):
-            raise TypeError(f"`plan` must be a lin_probe.plan.ComputePlan, got {type(self.plan).__name__}.")
-
-    @property
-    def loss_fn(self) -> LossFn:
-        return resolve_loss(self.loss)
-
-    @property
-    def classification(self) -> bool:
-        return is_classification(self.loss)
-
-
-@dataclass
-class ShadowRun:
-    """One shadow in lock-step with the network: its mirror, its exit tracker and (memorizing) example ids."""
-
-    prefix: str
-    shadow: LinearShadow
-    mirror: OptimizerMirror
-    regime: RegimeTracker
-    example_ids: ExampleIds | None = None
-    reported: tuple[str, ...] | None = None  # None: every value compare() gives
-
-    def ids(self, x: Tensor, batch: Any) -> Tensor | None:
-        """Example ids of a training batch: its indices (``WithIndex``) if it has them, else row hashes."""
-        return None if self.example_ids is None else self.example_ids(x, indices_from_batch(batch))
-
-    def probe_ids(self, inputs: Tensor) -> Tensor | None:
-        """Ids of probe rows that are training examples seen so far (hash mode only), else ``None``.
-
-        In index mode inputs are not recorded, so the probe counts as held out: exact for the default
-        validation probe, and documented for a training-set probe.
-        """
-        if self.example_ids is None or self.example_ids.mode != "hash":
-            return None
-        return self.example_ids.lookup(inputs)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "shadow": cpu_state_copy(self.shadow.state_dict()),
-            "mirror": self.mirror.state_dict(),
-            "regime": self.regime.state_dict(),
-            "example_ids": None if self.example_ids is None else self.example_ids.state_dict(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Shadow first: the mirror's state refers to its (possibly grown) offset table."""
-        self.shadow.load_state_dict(state["shadow"])
-        self.mirror.load_state_dict(state["mirror"])
-        self.regime.load_state_dict(state["regime"])
-        if self.example_ids is not None and state.get("example_ids") is not None:
-            self.example_ids.load_state_dict(state["example_ids"])
 
 
 @dataclass
@@ -174,9 +72,7 @@ class RegimeProbe:
         reference: NTKReference,
         initial_outputs: Tensor,
         runs: list[ShadowRun],
-        *,
-        warn: Warn = _python_warning,
-        require_indices: bool = False,
+        host: Host | None = None,
     ) -> None:
         self.config = config
         self.probe = probe
@@ -186,9 +82,8 @@ class RegimeProbe:
         self.initial_outputs = initial_outputs
         self.runs = runs
         self.history: list[dict[str, float]] = []
-        self._warn = warn
+        self.host = host or Host()
         self._warned: set[str] = set()
-        self._require_indices = require_indices
         for run in runs:
             message = run.mirror.mirror_warning()
             if message is not None:
@@ -204,15 +99,13 @@ class RegimeProbe:
         config: MonitorConfig | None = None,
         *,
         train_size: int | None = None,
-        copy_model: Callable[[nn.Module], nn.Module] = frozen_copy,
-        warn: Warn = _python_warning,
-        require_indices: bool = False,
+        host: Host | None = None,
     ) -> RegimeProbe:
         """Measure ``Θ_0`` on the probe, fit the affine kernel and build the shadows, before any step.
 
         ``probe``: a :class:`ProbeSet`, a tensor of inputs or an ``(inputs, targets)`` pair.
         ``train_size`` (the training set's length, when known) sizes the memorizing shadow's table
-        and bounds its example identities. ``copy_model`` makes the frozen ``f_0``.
+        and bounds its example identities.
         """
         config = config or MonitorConfig()
         if not isinstance(probe, ProbeSet):
@@ -224,22 +117,13 @@ class RegimeProbe:
         initial_outputs = predict(
             model, probe.inputs, output_fn=config.output_fn, memory_budget=config.plan.memory_budget
         ).detach()
-        runs, f0 = _build_runs(model, kernel, probe, optimizer, config, copy_model, train_size)
+        host = host or Host()
+        runs, f0 = build_runs(model, kernel, probe, optimizer, config, host.copy_model, train_size)
         dense = theta0.is_dense
         reference = ntk_reference(
             kernel, theta0 if dense else _frozen_products(ntk, f0), norm0, kernel_inputs, dense=dense
         )
-        monitor = cls(
-            config,
-            probe,
-            kernel,
-            ntk,
-            reference,
-            initial_outputs,
-            runs,
-            warn=warn,
-            require_indices=require_indices,
-        )
+        monitor = cls(config, probe, kernel, ntk, reference, initial_outputs, runs, host)
         monitor._warn_about_fit()
         return monitor
 
@@ -251,9 +135,7 @@ class RegimeProbe:
         state: Mapping[str, Any],
         config: MonitorConfig | None = None,
         *,
-        copy_model: Callable[[nn.Module], nn.Module] = frozen_copy,
-        warn: Warn = _python_warning,
-        require_indices: bool = False,
+        host: Host | None = None,
     ) -> RegimeProbe:
         """Rebuild from :meth:`state_dict` instead of re-measuring: ``Θ_0`` is the kernel at *initialisation*.
 
@@ -272,7 +154,8 @@ class RegimeProbe:
         ntk = NTKProbe(probe.inputs, config.output_fn, dict(state["param_weights"]), config.plan)
         kernel = AffineKernel(**state["kernel"])
         # train_size=None: the memorizing shadow's table takes its saved size from the state.
-        runs, f0 = _build_runs(model, kernel, probe, optimizer, config, copy_model, None)
+        host = host or Host()
+        runs, f0 = build_runs(model, kernel, probe, optimizer, config, host.copy_model, None)
         saved_runs = state.get("runs", {})
         for run in runs:
             if run.prefix in saved_runs:
@@ -282,17 +165,7 @@ class RegimeProbe:
         theta0 = SymmetricOperator.dense(state["ntk0"], name="Θ_0") if dense else _frozen_products(ntk, f0)
         reference = ntk_reference(kernel, theta0, float(state["ntk0_norm"]), kernel_inputs, dense=dense)
         initial_outputs = state["initial_outputs"].to(probe.inputs.device)
-        monitor = cls(
-            config,
-            probe,
-            kernel,
-            ntk,
-            reference,
-            initial_outputs,
-            runs,
-            warn=warn,
-            require_indices=require_indices,
-        )
+        monitor = cls(config, probe, kernel, ntk, reference, initial_outputs, runs, host)
         monitor.history = [dict(record) for record in state.get("history", [])]
         return monitor
 
@@ -311,7 +184,7 @@ class RegimeProbe:
                 except Exception as err:
                     self.drop_run(run.prefix, f"example identity failed ({type(err).__name__}: {err})")
                     continue
-                if self._require_indices and run.example_ids.mode != "index":
+                if self.host.require_indices and run.example_ids.mode != "index":
                     # Hashed ids are numbered per process, so ranks would average unrelated offsets.
                     self.drop_run(
                         run.prefix,
@@ -443,7 +316,7 @@ class RegimeProbe:
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            self._warn(message)
+            self.host.warn(message)
 
     def _functional(self, model: nn.Module) -> dict[str, float]:
         """Network vs every shadow on the probe; ``f_t`` computed once, ``f_0`` from the cache."""
@@ -517,43 +390,6 @@ def learning_rate_weights(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return weights
 
 
-def _build_runs(
-    model: nn.Module,
-    kernel: AffineKernel,
-    probe: ProbeSet,
-    optimizer: torch.optim.Optimizer,
-    config: MonitorConfig,
-    copy_model: Callable[[nn.Module], nn.Module],
-    train_size: int | None,
-) -> tuple[list[ShadowRun], nn.Module | None]:
-    """The paper's run (and the memorizing one), sharing one frozen ``f_0``; returns the runs and ``f_0``."""
-    f0 = copy_model(model) if config.center else None
-    loss_fn = config.loss_fn
-
-    def run(
-        prefix: str, capacity: int | None, ids: ExampleIds | None, reported: tuple[str, ...] | None
-    ) -> ShadowRun:
-        shadow = LinearShadow.from_model(
-            model,
-            kernel,
-            probe.inputs,
-            initial_model=f0,
-            output_fn=config.output_fn,
-            features_fn=config.features_fn,
-            offsets_capacity=capacity,
-        ).to(probe.inputs.device)
-        mirror = OptimizerMirror(shadow, optimizer, loss_fn)
-        return ShadowRun(
-            prefix, shadow, mirror, RegimeTracker(config.tolerance, config.patience), ids, reported
-        )
-
-    runs = [run(PAPER, None, None, None)]
-    if config.memorization:
-        limit = train_size if train_size is not None else HASHED_EXAMPLES_LIMIT
-        runs.append(run(MEMO, train_size or 0, ExampleIds(max_examples=limit), MEMO_KEYS))
-    return runs, f0
-
-
 def _frozen_products(ntk: NTKProbe, f0: nn.Module | None) -> SymmetricOperator | None:
     """Matrix-free ``Θ_0`` from the frozen ``f_0`` (``None`` without one: drift is then NaN)."""
     return None if f0 is None else ntk.frozen_operator(f0)
@@ -579,6 +415,7 @@ __all__ = [
     "MEMO",
     "PAPER",
     "STATE_VERSION",
+    "Host",
     "Measurement",
     "MonitorConfig",
     "RegimeProbe",

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lin_probe.monitor.losses import LossFn
+from lin_probe.losses import LossFn
 from lin_probe.shadows.linear import LinearShadow, _move
 from lin_probe.shadows.offsets import _pad_rows
 

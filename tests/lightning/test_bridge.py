@@ -97,5 +97,5 @@ def test_unwrap_optimizer() -> None:
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     assert unwrap_optimizer(optimizer) is optimizer
     assert unwrap_optimizer(LightningOptimizer(optimizer)) is optimizer
-    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
         unwrap_optimizer(object())

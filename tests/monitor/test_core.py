@@ -22,7 +22,7 @@ from torch import Tensor
 
 import lin_probe
 from lin_probe import RegimeProbe
-from lin_probe.monitor.core import MEMO, STATE_VERSION, MonitorConfig
+from lin_probe.monitor.core import MEMO, STATE_VERSION, Host, MonitorConfig
 
 D, N_TRAIN, N_VAL, WIDTH, LR, STEPS = 8, 32, 16, 256, 0.5, 12
 
@@ -143,7 +143,7 @@ def test_non_sgd_mirror_warns_once_through_the_owners_emitter_only() -> None:
             (x_val, y_val),
             optimizer,
             MonitorConfig(memorization=True),
-            warn=heard.append,
+            host=Host(warn=heard.append),
             train_size=64,
         )
     assert sum("mirroring Adam" in message for message in heard) == 1
@@ -162,7 +162,7 @@ def test_hashed_example_ids_are_bounded_by_the_training_set_size() -> None:
         optimizer,
         MonitorConfig(memorization=True),
         train_size=N_TRAIN,
-        warn=heard.append,
+        host=Host(warn=heard.append),
     )
     probe.accumulate(x, y)  # N_TRAIN distinct rows: fine
     probe.discard()
@@ -180,7 +180,7 @@ def test_a_failed_measurement_is_nan_with_one_warning() -> None:
     model = TwoLayerNet(D, WIDTH)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     heard: list[str] = []
-    probe = RegimeProbe.start(model, (x_val, y_val), optimizer, warn=heard.append)
+    probe = RegimeProbe.start(model, (x_val, y_val), optimizer, host=Host(warn=heard.append))
     with torch.no_grad():
         model.v.fill_(math.nan)
     for step in (1, 2):

@@ -15,10 +15,10 @@ def test_functional_distance_against_numpy() -> None:
     gen = torch.Generator().manual_seed(0)
     net, lin, init = (torch.randn(20, 3, generator=gen) for _ in range(3))
     got = functional_distance(net, lin, init)
-    n, l, i = net.double().numpy(), lin.double().numpy(), init.double().numpy()
-    assert got["functional_distance"] == pytest.approx(np.sqrt(np.mean((n - l) ** 2)), rel=1e-12)
+    f, g, f0 = net.double().numpy(), lin.double().numpy(), init.double().numpy()
+    assert got["functional_distance"] == pytest.approx(np.sqrt(np.mean((f - g) ** 2)), rel=1e-12)
     assert got["functional_distance_rel"] == pytest.approx(
-        np.linalg.norm(n - l) / np.linalg.norm(n - i), rel=1e-12
+        np.linalg.norm(f - g) / np.linalg.norm(f - f0), rel=1e-12
     )
 
 

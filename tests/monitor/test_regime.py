@@ -82,7 +82,7 @@ def test_load_refuses_a_state_saved_under_another_rule() -> None:
     for step, value in enumerate([0.15, 0.3, 0.3]):
         saved.update(step, value)
     state = saved.state_dict()
-    with pytest.raises(ValueError, match="tolerance=0.2"):
+    with pytest.raises(ValueError, match=r"tolerance=0\.2"):
         RegimeTracker(0.1, 3).load_state_dict(state)
     with pytest.raises(ValueError, match="patience=3"):
         RegimeTracker(0.2, 2).load_state_dict(state)

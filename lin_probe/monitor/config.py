@@ -1,0 +1,74 @@
+"""What a monitor measures and how it judges it (``MonitorConfig``), and what its owner provides (``Host``)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from lin_probe._model_state import frozen_copy
+from lin_probe._validation import check_callable
+from lin_probe.losses import LossFn, is_classification, resolve_loss
+from lin_probe.monitor.regime import validate_patience, validate_tolerance
+from lin_probe.plan import ComputePlan
+
+Warn = Callable[[str], None]
+
+
+def _python_warning(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What to measure and how to judge it; validated here so every entry point gets the same errors.
+
+    ``loss`` is the user's training loss (a name or a callable ``(pred, target) -> scalar``);
+    ``tolerance``/``patience`` define the exit; ``center`` keeps ``f_0`` in the shadow;
+    ``output_fn`` picks the prediction tensor from the model's output; ``features_fn`` maps inputs to
+    the vectors the data kernel is built from; ``memorization`` adds the shadow with the ``c·I`` term;
+    ``plan`` bounds the cost.
+    """
+
+    loss: str | LossFn = "mse"
+    tolerance: float = 0.1
+    patience: int = 3
+    center: bool = True
+    output_fn: Callable[[Any], Tensor] | None = None
+    features_fn: Callable[[Tensor], Tensor] | None = None
+    memorization: bool = False
+    plan: ComputePlan = field(default_factory=ComputePlan)
+
+    def __post_init__(self) -> None:
+        resolve_loss(self.loss)
+        validate_tolerance(self.tolerance)
+        validate_patience(self.patience)
+        check_callable("output_fn", self.output_fn)
+        check_callable("features_fn", self.features_fn)
+        if not isinstance(self.plan, ComputePlan):
+            raise TypeError(f"`plan` must be a lin_probe.plan.ComputePlan, got {type(self.plan).__name__}.")
+
+    @property
+    def loss_fn(self) -> LossFn:
+        return resolve_loss(self.loss)
+
+    @property
+    def classification(self) -> bool:
+        return is_classification(self.loss)
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the owner of a :class:`RegimeProbe` provides: how to copy the model into ``f_0``, where
+    warnings go (rank zero only, in Lightning), and whether batches must carry example indices
+    (under data parallelism hashed ids would differ between processes)."""
+
+    copy_model: Callable[[nn.Module], nn.Module] = frozen_copy
+    warn: Warn = _python_warning
+    require_indices: bool = False
+
+
+__all__ = ["Host", "MonitorConfig", "Warn"]

@@ -1,0 +1,117 @@
+"""Shadow runs: each shadow trained in lock-step with the network, with its mirror and exit tracker.
+
+The paper's shadow ``f_0 + Bᵀψ`` is always the first run (record keys without prefix); with
+``memorization=True`` a second run adds per-example offsets (keys under ``memo/``). Both share one
+frozen ``f_0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lin_probe._model_state import cpu_state_copy
+from lin_probe.data import indices_from_batch
+from lin_probe.kernel import AffineKernel
+from lin_probe.monitor.config import MonitorConfig
+from lin_probe.monitor.probe import ProbeSet
+from lin_probe.monitor.regime import RegimeTracker
+from lin_probe.shadows.linear import LinearShadow
+from lin_probe.shadows.mirror import OptimizerMirror
+from lin_probe.shadows.offsets import ExampleIds
+
+PAPER = ""
+"""Prefix of the paper's shadow's record keys (none: ``functional_distance`` etc.)."""
+MEMO = "memo/"
+"""Prefix of the memorizing shadow's record keys."""
+MEMO_KEYS = ("functional_distance", "functional_distance_rel", "loss_linear")
+"""What is reported for the memorizing shadow (the network's own values are not repeated)."""
+
+HASHED_EXAMPLES_LIMIT = 1 << 22
+"""Distinct hashed inputs allowed when the training set's size is unknown (64 MiB of digests)."""
+
+
+@dataclass
+class ShadowRun:
+    """One shadow in lock-step with the network: its mirror, its exit tracker and (memorizing) example ids."""
+
+    prefix: str
+    shadow: LinearShadow
+    mirror: OptimizerMirror
+    regime: RegimeTracker
+    example_ids: ExampleIds | None = None
+    reported: tuple[str, ...] | None = None  # None: every value compare() gives
+
+    def ids(self, x: Tensor, batch: Any) -> Tensor | None:
+        """Example ids of a training batch: its indices (``WithIndex``) if it has them, else row hashes."""
+        return None if self.example_ids is None else self.example_ids(x, indices_from_batch(batch))
+
+    def probe_ids(self, inputs: Tensor) -> Tensor | None:
+        """Ids of probe rows that are training examples seen so far (hash mode only), else ``None``.
+
+        In index mode inputs are not recorded, so the probe counts as held out: exact for the default
+        validation probe, and documented for a training-set probe.
+        """
+        if self.example_ids is None or self.example_ids.mode != "hash":
+            return None
+        return self.example_ids.lookup(inputs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "shadow": cpu_state_copy(self.shadow.state_dict()),
+            "mirror": self.mirror.state_dict(),
+            "regime": self.regime.state_dict(),
+            "example_ids": None if self.example_ids is None else self.example_ids.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Shadow first: the mirror's state refers to its (possibly grown) offset table."""
+        self.shadow.load_state_dict(state["shadow"])
+        self.mirror.load_state_dict(state["mirror"])
+        self.regime.load_state_dict(state["regime"])
+        if self.example_ids is not None and state.get("example_ids") is not None:
+            self.example_ids.load_state_dict(state["example_ids"])
+
+
+def build_runs(
+    model: nn.Module,
+    kernel: AffineKernel,
+    probe: ProbeSet,
+    optimizer: torch.optim.Optimizer,
+    config: MonitorConfig,
+    copy_model: Callable[[nn.Module], nn.Module],
+    train_size: int | None,
+) -> tuple[list[ShadowRun], nn.Module | None]:
+    """The paper's run (and the memorizing one), sharing one frozen ``f_0``; returns the runs and ``f_0``."""
+    f0 = copy_model(model) if config.center else None
+    loss_fn = config.loss_fn
+
+    def run(
+        prefix: str, capacity: int | None, ids: ExampleIds | None, reported: tuple[str, ...] | None
+    ) -> ShadowRun:
+        shadow = LinearShadow.from_model(
+            model,
+            kernel,
+            probe.inputs,
+            initial_model=f0,
+            output_fn=config.output_fn,
+            features_fn=config.features_fn,
+            offsets_capacity=capacity,
+        ).to(probe.inputs.device)
+        mirror = OptimizerMirror(shadow, optimizer, loss_fn)
+        return ShadowRun(
+            prefix, shadow, mirror, RegimeTracker(config.tolerance, config.patience), ids, reported
+        )
+
+    runs = [run(PAPER, None, None, None)]
+    if config.memorization:
+        limit = train_size if train_size is not None else HASHED_EXAMPLES_LIMIT
+        runs.append(run(MEMO, train_size or 0, ExampleIds(max_examples=limit), MEMO_KEYS))
+    return runs, f0
+
+
+__all__ = ["HASHED_EXAMPLES_LIMIT", "MEMO", "MEMO_KEYS", "PAPER", "ShadowRun", "build_runs"]
