@@ -46,7 +46,9 @@ def sphere_data(n: int, d: int, generator: torch.Generator) -> tuple[Tensor, Ten
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1.0)

@@ -60,6 +60,10 @@ def resolve_loss(loss: str | LossFn) -> LossFn:
                 "`loss(prediction, target) -> scalar tensor`."
             )
         return _NAMED[loss]
+    if isinstance(loss, type):
+        raise TypeError(
+            f"`loss` is the class {loss.__name__}; pass an instance (e.g. `{loss.__name__}()`) or a function."
+        )
     if not callable(loss):
         raise TypeError(
             f"`loss` must be one of {sorted(_NAMED)} or a callable `loss(prediction, target)`, "

@@ -15,6 +15,31 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+#: The scalars a run logs under ``lin_probe/`` (``exit_step`` once the exit is found).
+SCALAR_TAGS = (
+    "functional_distance",
+    "functional_distance_rel",
+    "ntk_gap",
+    "ntk_drift",
+    "loss_network",
+    "loss_linear",
+    "in_linear_regime",
+    "exit_step",
+    "fit_a",
+    "fit_b",
+    "fit_c",
+    "fit_rel_error",
+)
+#: Logged too when the loss is a classification loss.
+CLASSIFICATION_TAGS = ("agreement", "accuracy_network", "accuracy_linear")
+#: Logged too with ``memorization=True`` (the memorizing shadow).
+MEMO_TAGS = (
+    "memo/functional_distance",
+    "memo/functional_distance_rel",
+    "memo/loss_linear",
+    "memo/exit_step",
+)
+
 
 class TwoLayerNet(nn.Module):
     """The paper's net ``f(x) = m^{-1/2} Σ_r v_r φ(w_rᵀx/√d)`` (NTK parameterisation)."""

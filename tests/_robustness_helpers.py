@@ -1,4 +1,4 @@
-"""Shared pieces of the robustness tests: a plain-PyTorch replay and small odd models.
+"""Shared pieces of the Lightning tests: the one plain-PyTorch replay, a fit helper and small odd models.
 
 The replay trains a copy of the network with a *torch* optimizer and the linear model
 ``f_0 + ψB`` (``ψ = [√a·x/√d ; √b]`` from the logged ``a, b``) with the same optimizer class and
@@ -12,11 +12,14 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from _lightning_setups import Regressor, loaders, make_trainer, read_events, scalar_series
 from torch import Tensor, nn
 
 Batch = tuple[Tensor, Tensor]
@@ -105,6 +108,80 @@ def cycle_batches(
     return [flat[i * accumulate : (i + 1) * accumulate] for i in range(n_steps)]
 
 
+def assert_matches_replay(
+    trainer: pl.Trainer,
+    initial: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    probe: Tensor,
+    batch_size: int,
+    make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+    *,
+    accumulate: int = 1,
+    **replay_kwargs: Any,
+) -> dict[int, float]:
+    """Every logged ``functional_distance`` equals the replay's on unshuffled batches; returns the logged ones.
+
+    Tolerance: float32 network and shadow in the callback vs a float64 replay shadow, ≤ 25 steps, agree
+    to ~1e-6 relative; ``rel=2e-4`` (+1e-6 absolute) leaves room for that accumulated round-off and is
+    far below what a wrong hyperparameter, f_0, feature map, output or a missed scheduler step changes
+    (≥ 1 %), and below the distances themselves (> 1e-3, asserted).
+    """
+    acc = read_events(trainer.logger.log_dir)
+    a, b = scalar_series(acc, "lin_probe/fit_a")[0], scalar_series(acc, "lin_probe/fit_b")[0]
+    logged = scalar_series(acc, "lin_probe/functional_distance")
+    steps = cycle_batches(x_train, y_train, batch_size, max(logged), accumulate)
+    ref = replay(initial, a, b, steps, probe, make_optimizer, **replay_kwargs)
+    assert max(logged.values()) > 1e-3, "training must move the network away from the shadow"
+    for step, value in logged.items():
+        assert value == pytest.approx(ref.distance(step), rel=2e-4, abs=1e-6), f"step {step}"
+    return logged
+
+
+def fit(
+    tmp_path: Path,
+    module: pl.LightningModule,
+    monitor: pl.Callback | None,
+    *,
+    x: Tensor,
+    y: Tensor,
+    n_train: int,
+    batch_size: int,
+    name: str = "run",
+    shuffle: bool = False,
+    **trainer_kwargs: Any,
+) -> pl.Trainer:
+    """Fit ``module`` on ``x[:n_train]`` (validation: the rest) with ``monitor`` as the only callback."""
+    train, val = loaders(x[:n_train], y[:n_train], x[n_train:], y[n_train:], batch_size, shuffle=shuffle)
+    trainer = make_trainer(tmp_path, [] if monitor is None else [monitor], name=name, **trainer_kwargs)
+    trainer.fit(module, train, val)
+    return trainer
+
+
+def saved(state: Any, key: str) -> Any:
+    """The one value stored under ``key`` anywhere in a (nested) monitor ``state_dict``.
+
+    Reads e.g. Θ_0 (``"ntk0"``) or the shadow's ``"B"`` without depending on how the state nests
+    its parts; more than one match is an error, so the value read is never ambiguous.
+    """
+    found: list[Any] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == key:
+                    found.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v)
+
+    walk(state)
+    assert len(found) == 1, f"{len(found)} entries named {key!r} in the monitor's state"
+    return found[0]
+
+
 def params_and_buffers(module: nn.Module) -> list[Tensor]:
     """Every parameter and buffer, detached copies: what "the user's run" leaves behind."""
     return [t.detach().clone() for t in [*module.parameters(), *module.buffers()]]
@@ -171,3 +248,40 @@ class OutputKeyRegressor(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class OptRegressor(Regressor):
+    """A Regressor whose optimizer (and optional scheduler config) come from factories."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        make_opt: Callable[[Any], torch.optim.Optimizer],
+        scheduler: dict | None = None,
+    ) -> None:
+        super().__init__(net, lr=0.0)
+        self.make_opt = make_opt
+        self.scheduler_config = scheduler
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.make_opt(self.parameters())
+        if self.scheduler_config is None:
+            return optimizer
+        config = dict(self.scheduler_config)
+        config["scheduler"] = config["scheduler"](optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+VOCAB, LENGTH = 12, 6
+
+
+def token_data(n: int) -> tuple[Tensor, Tensor]:
+    """``n`` rows of ``LENGTH`` token ids below ``VOCAB`` and a smooth target of them."""
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (n, LENGTH), generator=gen)
+    return tokens, torch.sin(tokens.float().mean(dim=1, keepdim=True))
+
+
+def one_hot_bag(tokens: Tensor) -> Tensor:
+    """Token ids → bag-of-words frequencies, the vectors the data kernel sees (a ``features_fn``)."""
+    return F.one_hot(tokens, VOCAB).float().mean(dim=1)

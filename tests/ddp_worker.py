@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _lightning_setups import Regressor, TwoLayerNet, loaders, sphere_data
 
-from lin_probe.lightning.callback import LinearRegimeMonitor
+from lin_probe import LinearRegimeMonitor
 
 # Shared with the test: the data, model and schedule the single-process replay must reproduce.
 D, N_TRAIN, N_VAL, WIDTH, LR = 16, 64, 32, 8, 2.0

@@ -220,8 +220,8 @@ class LinearRegimeMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.core is None:
-            return {"version": STATE_VERSION, "history": list(self.history)}
+        if self.core is None:  # loaded but not yet resumed: keep what was loaded
+            return self._pending_state or {"version": STATE_VERSION, "history": list(self.history)}
         loop = {"last_optimizer_step": self._last_step, "checks_since_exit": self._checks_since_exit}
         return {"version": STATE_VERSION, "core": self.core.state_dict(), **loop, "active": self._active}
 

@@ -16,23 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from _lightning_setups import read_events, scalar_series
+from _lightning_setups import SCALAR_TAGS, read_events, scalar_series
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-LIN_PROBE_TAGS = (
-    "functional_distance",
-    "functional_distance_rel",
-    "loss_network",
-    "loss_linear",
-    "in_linear_regime",
-    "ntk_gap",
-    "ntk_drift",
-    "fit_a",
-    "fit_b",
-    "fit_c",
-    "fit_rel_error",
-)
+LIN_PROBE_TAGS = tuple(name for name in SCALAR_TAGS if name != "exit_step")  # the exit only once found
 EXIT = re.compile(r"^exit step: (\d+|none)", re.MULTILINE)
 
 

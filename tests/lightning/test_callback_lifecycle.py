@@ -75,7 +75,9 @@ def test_a_state_missing_optional_keys_resumes_with_defaults(tmp_path: Path) -> 
     resumed = _monitor()
     resumed.load_state_dict(state)  # no last_optimizer_step / checks_since_exit / active
     _fit(tmp_path, resumed, name="resumed", seed=0)
-    assert [r["step"] for r in resumed.history][: len(monitor.history)] == [r["step"] for r in monitor.history]
+    assert [r["step"] for r in resumed.history][: len(monitor.history)] == [
+        r["step"] for r in monitor.history
+    ]
 
 
 def test_an_unversioned_state_from_the_first_release_is_refused_with_a_warning(tmp_path: Path) -> None:
@@ -87,7 +89,9 @@ def test_an_unversioned_state_from_the_first_release_is_refused_with_a_warning(t
     assert monitor.history[0]["step"] == 0
 
 
-def test_the_non_sgd_warning_goes_through_rank_zero_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_non_sgd_warning_goes_through_rank_zero_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under DDP every rank builds a mirror; only rank zero may say so (the callback hands the core
     ``rank_zero_warn``). Here the rank-zero channel is replaced by a recorder."""
     heard: list[str] = []
@@ -109,3 +113,16 @@ def test_the_non_sgd_warning_goes_through_rank_zero_only(tmp_path: Path, monkeyp
 
 def test_dead_options_are_gone() -> None:
     assert "closed_form" not in inspect.signature(fit_card).parameters
+
+
+def test_a_loaded_but_not_yet_resumed_monitor_saves_what_it_loaded(tmp_path: Path) -> None:
+    """A checkpoint written between load_state_dict and train start must not lose the shadow state."""
+    monitor = _monitor()
+    _fit(tmp_path, monitor, name="saved", seed=0)
+    state = monitor.state_dict()
+    loaded = _monitor()
+    loaded.load_state_dict(state)
+    again = loaded.state_dict()
+    assert again.keys() == state.keys()
+    shadow, saved_shadow = again["core"]["runs"][""]["shadow"], state["core"]["runs"][""]["shadow"]
+    assert all(torch.equal(shadow[key], saved_shadow[key]) for key in saved_shadow if key != "_extra_state")

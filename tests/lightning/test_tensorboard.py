@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _lightning_setups import CLASSIFICATION_TAGS, MEMO_TAGS, SCALAR_TAGS
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from lin_probe.kernel import AffineKernel
+from lin_probe import AffineKernel
 from lin_probe.lightning.tensorboard import (
     PREFIX,
     TensorBoardPanels,
@@ -28,30 +29,7 @@ from lin_probe.lightning.tensorboard import (
 
 LAYOUT_TAG = "custom_scalars__config__"
 
-BASE_TAGS = [
-    "functional_distance",
-    "functional_distance_rel",
-    "ntk_gap",
-    "ntk_drift",
-    "loss_network",
-    "loss_linear",
-    "in_linear_regime",
-    "exit_step",
-    "fit_a",
-    "fit_b",
-    "fit_c",
-    "fit_rel_error",
-    "agreement",
-    "accuracy_network",
-    "accuracy_linear",
-]
-MEMO_TAGS = [
-    "memo/functional_distance",
-    "memo/functional_distance_rel",
-    "memo/loss_linear",
-    "memo/exit_step",
-]
-ALL_TAGS = ["lin_probe/" + name for name in BASE_TAGS + MEMO_TAGS]
+ALL_TAGS = ["lin_probe/" + name for name in SCALAR_TAGS + CLASSIFICATION_TAGS + MEMO_TAGS]
 
 EXPECTED_CHARTS = {
     "loss: network vs linear": {"lin_probe/loss_network", "lin_probe/loss_linear"},
@@ -102,6 +80,37 @@ def _written_layout(tmp_path: Path, **flags: bool) -> layout_pb2.Layout:
     writer.close()
     (layout,) = _layouts(_read(tmp_path))
     return layout
+
+
+#: A number standing alone: not part of a longer number or a word ("0.25" is not found in "0.2513").
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.]*\d)")
+
+
+def _table(markdown: str) -> dict[str, list[str]]:
+    """A markdown table's body as ``{first cell: other cells}`` (header and ``|---|`` rows skipped)."""
+    rows = [line.strip().strip("|").split("|") for line in markdown.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in row] for row in rows]
+    body = [row for row in cells[1:] if not all(set(c) <= set("-: ") for c in row)]
+    table = {row[0]: row[1:] for row in body}
+    assert len(table) == len(body), "row labels must be unique"
+    return table
+
+
+def _prose_numbers(markdown: str) -> list[float]:
+    """Every stand-alone number outside the tables."""
+    text = "\n".join(line for line in markdown.splitlines() if not line.startswith("|"))
+    return [float(m) for m in NUMBER.findall(text)]
+
+
+def _cell(value: str) -> float:
+    (number,) = NUMBER.findall(value)
+    assert number == value, f"cell {value!r} is not a bare number"
+    return float(number)
+
+
+# Cards round to 4 significant digits: a relative tolerance of 5e-4 accepts that and nothing coarser
+# (0.25 vs 0.2513 is 5e-3 apart).
+CARD_REL = 5e-4
 
 
 def _history() -> list[dict[str, float]]:
@@ -192,8 +201,29 @@ def test_text_card_reads_back_with_numbers(tmp_path: Path) -> None:
     assert len(events) == 1
     assert events[0].step == 0
     text = events[0].tensor_proto.string_val[0].decode("utf-8")
-    for number in ("0.4321", "0.0789", "0.2468", "0.0531", "64", "12345", "validation"):
-        assert number in text
+    _assert_fit_card(
+        text, (0.4321, 0.0789, 0.2468, 0.0531), n_probe=64, n_parameters=12345, source="validation"
+    )
+
+
+def _assert_fit_card(
+    card: str,
+    coefficients: tuple[float, float, float, float],
+    *,
+    n_probe: int,
+    n_parameters: int,
+    source: str,
+) -> None:
+    """One row per coefficient (a, b, c, rel_error, in that order) holding exactly its value, one column."""
+    table = _table(card)
+    assert len(table) == 4
+    for (label, cells), expected in zip(table.items(), coefficients, strict=True):
+        assert len(cells) == 1, label  # fitted values only: no second column
+        assert _cell(cells[0]) == pytest.approx(expected, rel=CARD_REL), label
+    assert [label.split()[0].strip("`") for label in table] == ["a", "b", "c", "relative"]
+    prose = _prose_numbers(card)
+    assert n_probe in prose and n_parameters in prose
+    assert re.search(rf"\b{source}\b", card)
 
 
 def test_eigenvalue_histogram_count_min_max(tmp_path: Path) -> None:
@@ -293,34 +323,47 @@ def test_run_figure_single_record_renders(tmp_path: Path) -> None:
     assert len(_read(tmp_path).Images("lin_probe/summary")) == 1
 
 
-def test_fit_card_verdict_and_closed_form() -> None:
-    good = fit_card(
-        AffineKernel(0.5, 0.25, 0.125, rel_error=0.29),
+@pytest.mark.parametrize(("rel_error", "verdict"), [(0.29, "good"), (0.3, "good"), (0.31, "poor")])
+def test_fit_card_numbers_and_verdict(rel_error: float, verdict: str) -> None:
+    card = fit_card(
+        AffineKernel(0.5, 0.25, 0.125, rel_error=rel_error),
         n_probe=32,
         probe_source="train",
         n_parameters=999,
         center=False,
-        closed_form=AffineKernel(0.4987, 0.2513, 0.1311),
     )
-    assert "good proxy" in good and "poor proxy" not in good
-    for number in ("0.5", "0.25", "0.125", "0.29", "0.4987", "0.2513", "0.1311", "32", "999", "train"):
-        assert number in good
-    assert "closed form" in good
-    poor = fit_card(
-        AffineKernel(0.5, 0.25, 0.125, rel_error=0.31),
-        n_probe=32,
-        probe_source="train",
-        n_parameters=999,
+    _assert_fit_card(card, (0.5, 0.25, 0.125, rel_error), n_probe=32, n_parameters=999, source="train")
+    other = {"good": "poor", "poor": "good"}[verdict]
+    assert f"{verdict} proxy" in card and f"{other} proxy" not in card
+    assert "closed form" not in card
+
+
+def test_fit_card_rounds_to_four_significant_digits() -> None:
+    card = fit_card(
+        AffineKernel(0.251349, 1234.56, 3.14159e-5, rel_error=None),
+        n_probe=8,
+        probe_source="validation",
+        n_parameters=10,
         center=True,
     )
-    assert "poor proxy" in poor and "good proxy" not in poor
-    assert "closed form" not in poor
+    table = _table(card)
+    values = [cells[0] for cells in table.values()]
+    assert [float(v) for v in values[:3]] == pytest.approx([0.2513, 1235.0, 3.142e-5], rel=1e-12)
+    assert values[3] == "n/a"  # no error measured
+    assert "unknown" in card and "poor proxy" not in card
 
 
 def test_exit_card_states_step_and_numbers() -> None:
     record = {"step": 140, "functional_distance_rel": 0.2718, "functional_distance": 0.0314, "ntk_gap": 0.577}
     card = exit_card(120, record, tolerance=0.15, patience=3)
-    assert "left the linear regime at step 120" in card
-    for number in ("0.2718", "0.15", "0.0314", "0.577", "140"):
-        assert number in card
-    assert "patience 3" in card
+    assert re.search(r"left the linear regime at step 120\b", card)
+    table = {label.strip("`"): cells for label, cells in _table(card).items()}
+    assert set(table) == {"functional_distance_rel", "functional_distance", "ntk_gap"}  # the step is in prose
+    for name in table:
+        (cell,) = table[name]
+        assert _cell(cell) == pytest.approx(record[name], rel=CARD_REL), name
+    prose = _prose_numbers(card)
+    # the heading's step, the deciding value against the tolerance, the patience, the step of the record
+    for number in (120, 0.2718, 0.15, 3, 140):
+        assert any(n == pytest.approx(number, rel=CARD_REL) for n in prose), (number, prose)
+    assert re.search(r"\bpatience 3\b", card)

@@ -14,7 +14,7 @@ from _shadow_helpers import SGD_COMBOS, SgdRecurrence, centred_shadow, combo_id,
 from torch import Tensor, nn
 
 from lin_probe.kernel import AffineKernel
-from lin_probe.monitor.losses import resolve_loss
+from lin_probe.losses import resolve_loss
 from lin_probe.shadows.linear import LinearShadow
 from lin_probe.shadows.mirror import OptimizerMirror
 

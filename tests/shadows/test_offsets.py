@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lin_probe.data import WithIndex, indices_from_batch
 from lin_probe.kernel import AffineKernel, fit_affine_kernel
-from lin_probe.monitor.losses import resolve_loss
+from lin_probe.losses import resolve_loss
 from lin_probe.ntk.dense import empirical_ntk
 from lin_probe.shadows.linear import LinearShadow
 from lin_probe.shadows.mirror import OptimizerMirror

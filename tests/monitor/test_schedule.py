@@ -1,0 +1,45 @@
+"""The check schedule against a brute-force enumeration of its rule.
+
+Rule: a functional check at step 0, at every multiple of ``every_n_steps`` and, with
+``log_spaced``, at every power of two; an NTK check at step 0 and every multiple of
+``ntk_every_n_steps``, where 0 means step 0 only.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lin_probe.monitor.schedule import is_check_step, is_ntk_step
+
+HORIZON = 1100  # past 2^10, so several powers of two and many multiples are enumerated
+
+
+def _expected_checks(every_n_steps: int, log_spaced: bool) -> set[int]:
+    steps = {0, *range(0, HORIZON, every_n_steps)}
+    if log_spaced:
+        steps |= {2**j for j in range(HORIZON.bit_length()) if 2**j < HORIZON}
+    return steps
+
+
+@pytest.mark.parametrize("every_n_steps", [1, 3, 5, 10, 64, 1000])
+@pytest.mark.parametrize("log_spaced", [False, True])
+def test_check_steps_match_enumeration(every_n_steps: int, log_spaced: bool) -> None:
+    actual = {step for step in range(HORIZON) if is_check_step(step, every_n_steps, log_spaced)}
+    assert actual == _expected_checks(every_n_steps, log_spaced)
+
+
+def test_log_spacing_adds_exactly_the_powers_of_two() -> None:
+    linear = {s for s in range(HORIZON) if is_check_step(s, 10, False)}
+    logged = {s for s in range(HORIZON) if is_check_step(s, 10, True)}
+    assert logged - linear == {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024} - linear
+    assert 3 not in logged and 6 not in logged and 12 not in logged  # not powers of two, not multiples of 10
+
+
+@pytest.mark.parametrize("ntk_every_n_steps", [1, 2, 7, 10, 500])
+def test_ntk_steps_are_zero_and_multiples(ntk_every_n_steps: int) -> None:
+    actual = {step for step in range(HORIZON) if is_ntk_step(step, ntk_every_n_steps)}
+    assert actual == set(range(0, HORIZON, ntk_every_n_steps))
+
+
+def test_ntk_every_zero_means_only_step_zero() -> None:
+    assert {step for step in range(HORIZON) if is_ntk_step(step, 0)} == {0}
