@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--log-dir", type=Path, default=Path("runs"), help="TensorBoard log directory")
     parser.add_argument("--fast", action="store_true", help="tiny settings (used by the tests)")
     args = parser.parse_args()
-    width, steps = (256, 64) if args.fast else (args.width, args.steps)
+    width, steps = (1024, 64) if args.fast else (args.width, args.steps)
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -75,8 +75,15 @@ def main() -> None:
             if key != "step":
                 writer.add_scalar(f"lin_probe/{key}", value, global_step=int(record["step"]))
 
-    publish(probe.check(model, step=0))
+    def show(record: dict[str, float]) -> None:
+        publish(record)
+        print(
+            f"{int(record['step']):>6}  {record['functional_distance_rel']:>12.4f}  {record['loss_network']:>9.4f}  "
+            f"{record['loss_linear']:>9.4f}  {record.get('ntk_drift', float('nan')):>9.4f}"
+        )
+
     print(f"{'step':>6}  {'rel distance':>12}  {'loss net':>9}  {'loss lin':>9}  {'ntk drift':>9}")
+    show(probe.check(model, step=0))
     for step in range(1, steps + 1):
         loss = F.mse_loss(model(x_train), y_train)
         optimizer.zero_grad()
@@ -85,12 +92,7 @@ def main() -> None:
         probe.step(lr=optimizer.param_groups[0]["lr"])  # ... and the same step
         optimizer.step()
         if schedule.functional(step):
-            record = probe.check(model, step, ntk=schedule.ntk(step))
-            publish(record)
-            print(
-                f"{step:>6}  {record['functional_distance_rel']:>12.4f}  {record['loss_network']:>9.4f}  "
-                f"{record['loss_linear']:>9.4f}  {record.get('ntk_drift', float('nan')):>9.4f}"
-            )
+            show(probe.check(model, step, ntk=schedule.ntk(step)))
     writer.close()
     exit_step = probe.paper.regime.exit_step
     print(f"exit step: {'none' if exit_step is None else exit_step}")

@@ -165,3 +165,19 @@ def test_width_sweep_wider_leaves_later(tmp_path: Path) -> None:
             None if math.isinf(exit_step) else exit_step,
             ntk=False,
         )
+
+
+def test_plain_pytorch_loop(tmp_path: Path) -> None:
+    """The Lightning-free core from a plain loop: the table, the exit line and the event file."""
+    out = run_example("plain_pytorch_loop.py", tmp_path)
+    exit_step = printed_exit(out)
+    rows = table_rows(out, 5)  # step, rel distance, loss net, loss lin, ntk drift
+    steps = [int(r[0]) for r in rows]
+    assert steps[:5] == [0, 1, 2, 4, 8] and steps[-1] == 64, out
+    assert float(rows[0][1]) == 0.0 and 0 < float(rows[1][1]) < 1.0
+    assert float(rows[-1][2]) < float(rows[0][2]), "training moved"
+    acc = read_events(tmp_path / "plain_pytorch_loop")
+    rel = scalar_series(acc, "lin_probe/functional_distance_rel")
+    assert sorted(rel) == steps and rel[0] == 0.0
+    regime = scalar_series(acc, "lin_probe/in_linear_regime")
+    assert (exit_step is None) == all(v == 1.0 for v in regime.values())
