@@ -130,7 +130,7 @@ def fit(
         warnings.filterwarnings("ignore", message=".*no logger.*")
         trainer.fit(module, train, val)
     seconds = time.perf_counter() - start
-    source = monitor._probe.source if monitor._probe is not None else "?"  # shown in the fit card
+    source = monitor.core.probe.source if monitor.core is not None else "?"  # shown in the fit card
     if "validation" not in source:
         raise RuntimeError(f"{name}: the probe is not held out ({source})")
     if not any("memo/functional_distance_rel" in r for r in monitor.history):
