@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _spectra import with_spectrum
 from torch import Tensor
 
 from lin_probe.linalg import NonFiniteOperator, SymmetricOperator
@@ -18,17 +19,10 @@ DENSE_RTOL = 1e-10
 LANCZOS_RTOL = 1e-4
 
 
-def _with_spectrum(eigenvalues: np.ndarray, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((eigenvalues.size, eigenvalues.size)))
-    a = (q * eigenvalues) @ q.T
-    return (a + a.T) / 2
-
-
 def _indefinite(n: int, seed: int) -> np.ndarray:
     """Spectrum in [-0.9, 0.8] plus a planted -1.3: the norm comes from the negative end."""
     rng = np.random.default_rng(seed)
-    return _with_spectrum(np.concatenate([[-1.3, 0.8], rng.uniform(-0.9, 0.8, n - 2)]), seed + 1)
+    return with_spectrum(np.concatenate([[-1.3, 0.8], rng.uniform(-0.9, 0.8, n - 2)]), seed + 1)
 
 
 def _psd(n: int, seed: int) -> np.ndarray:

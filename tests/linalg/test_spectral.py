@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from _spectra import with_spectrum
 from torch import Tensor
 
 from lin_probe.linalg import NonFiniteOperator, SymmetricOperator, spectral_norm
@@ -25,14 +26,6 @@ def _reference_norm(a: np.ndarray) -> float:
     return float(np.abs(np.linalg.eigvalsh(a)).max())
 
 
-def _with_spectrum(eigenvalues: np.ndarray, seed: int) -> np.ndarray:
-    """Symmetric matrix ``Q diag(λ) Qᵀ`` with a random orthogonal ``Q`` (a chosen, known spectrum)."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((eigenvalues.size, eigenvalues.size)))
-    a = (q * eigenvalues) @ q.T
-    return (a + a.T) / 2
-
-
 def _psd(n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     g = rng.standard_normal((n, 2 * n))
@@ -43,19 +36,19 @@ def _indefinite_negative_dominant(n: int, seed: int) -> np.ndarray:
     """Spectrum spread in [-0.9, 0.8] plus one eigenvalue -1.3: the norm comes from the negative end."""
     rng = np.random.default_rng(seed)
     eigenvalues = np.concatenate([[-1.3, 0.8], rng.uniform(-0.9, 0.8, n - 2)])
-    return _with_spectrum(eigenvalues, seed + 1)
+    return with_spectrum(eigenvalues, seed + 1)
 
 
 def _near_degenerate(n: int, seed: int) -> np.ndarray:
     """λ₁ = 1, λ₂ = 1 − 1e-6, the rest spread over [-0.5, 0.9]: where power iteration stalls."""
     eigenvalues = np.concatenate([[1.0, 1.0 - 1e-6], np.linspace(-0.5, 0.9, n - 2)])
-    return _with_spectrum(eigenvalues, seed)
+    return with_spectrum(eigenvalues, seed)
 
 
 def _big_gap(n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     eigenvalues = np.concatenate([[100.0], rng.uniform(-1.0, 1.0, n - 1)])
-    return _with_spectrum(eigenvalues, seed + 1)
+    return with_spectrum(eigenvalues, seed + 1)
 
 
 def _matvec(a: np.ndarray) -> Callable[[Tensor], Tensor]:
