@@ -34,7 +34,7 @@ from lin_probe.shadows.mirror import OptimizerMirror
 
 
 class TwoLayer(nn.Module):
-    """``m^{-1/2} vᵀ φ(Wx/√d)`` in the NTK parametrisation of DESIGN §1."""
+    """``m^{-1/2} vᵀ φ(Wx/√d)`` in the NTK parametrisation (the closed forms of lin_probe.kernel.closed_form)."""
 
     def __init__(self, d: int, width: int, generator: torch.Generator) -> None:
         super().__init__()

@@ -1,7 +1,7 @@
 """lin_probe in two minutes: the paper's claim at init, then a real Trainer run with the monitor.
 
 1. The two-layer net ``f(x) = m^{-1/2} Σ v_r relu(w_rᵀx/√d)``: its empirical NTK at init is fitted by
-   ``a·XXᵀ/d + b·11ᵀ + c·I``; the fitted (a, b, c) are printed next to the closed form (DESIGN §1).
+   ``a·XXᵀ/d + b·11ᵀ + c·I``; the fitted (a, b, c) are printed next to the closed form (`lin_probe.kernel.closed_form`).
 2. The same architecture trained on scikit-learn's digits with ``LinearRegimeMonitor``: the exit
    step from the linear regime and the TensorBoard command to look at the run.
 

@@ -33,3 +33,14 @@ def test_bad_values_are_refused() -> None:
         ComputePlan(kernel_budget=0)
     with pytest.raises(TypeError, match="dense_max_n"):
         ComputePlan(dense_max_n=1.5)  # type: ignore[arg-type]
+
+
+def test_resolve_takes_a_memory_budget_shorthand_or_a_plan_but_not_both() -> None:
+    assert ComputePlan.resolve(None, None) == ComputePlan()
+    assert ComputePlan.resolve(4096, None) == ComputePlan(memory_budget=4096)
+    plan = ComputePlan(kernel_budget=1)
+    assert ComputePlan.resolve(None, plan) is plan
+    with pytest.raises(ValueError, match="not both"):
+        ComputePlan.resolve(4096, plan)
+    with pytest.raises(ValueError, match="memory_budget"):
+        ComputePlan(memory_budget=0)

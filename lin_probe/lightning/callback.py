@@ -173,7 +173,7 @@ class LinearRegimeMonitor(Callback):
         self._active = True
         n_parameters = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         self.publisher.fit(trainer, self.core, n_parameters)
-        self._check(trainer, pl_module, step=0)
+        self._run_check(trainer, pl_module, step=0)
 
     @override
     def on_train_batch_start(
@@ -211,7 +211,7 @@ class LinearRegimeMonitor(Callback):
             return
         self._last_step = step
         if self.schedule.functional(step):
-            self._check(trainer, pl_module, step)
+            self._run_check(trainer, pl_module, step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,7 +284,7 @@ class LinearRegimeMonitor(Callback):
         reason = f"the linear shadow could not take a step ({failure})"
         self.publisher.warnings.warn(f"LinearRegimeMonitor stops measuring: {reason}. Training continues.")
 
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+    def _run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         assert self.core is not None
         measured = self.core.measure(pl_module, step, ntk=self.schedule.ntk(step))
         # Every rank measured the same thing; rank zero's record makes the exit (and so the

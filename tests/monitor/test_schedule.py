@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from lin_probe.monitor.schedule import is_check_step, is_ntk_step
+from lin_probe.monitor.schedule import CheckSchedule, is_check_step, is_ntk_step
 
 HORIZON = 1100  # past 2^10, so several powers of two and many multiples are enumerated
 
@@ -43,3 +43,15 @@ def test_ntk_steps_are_zero_and_multiples(ntk_every_n_steps: int) -> None:
 
 def test_ntk_every_zero_means_only_step_zero() -> None:
     assert {step for step in range(HORIZON) if is_ntk_step(step, 0)} == {0}
+
+
+def test_check_schedule_object_follows_the_rule_and_validates() -> None:
+    schedule = CheckSchedule(every_n_steps=10, ntk_every_n_steps=None, log_spaced=True)
+    assert [s for s in range(41) if schedule.functional(s)] == [0, 1, 2, 4, 8, 10, 16, 20, 30, 32, 40]
+    assert [s for s in range(41) if schedule.ntk(s)] == [0, 10, 20, 30, 40]  # None: every_n_steps
+    only_init = CheckSchedule(every_n_steps=5, ntk_every_n_steps=0, log_spaced=False)
+    assert [s for s in range(21) if only_init.ntk(s)] == [0]
+    with pytest.raises(ValueError, match="every_n_steps"):
+        CheckSchedule(every_n_steps=0)
+    with pytest.raises(TypeError, match="ntk_every_n_steps"):
+        CheckSchedule(ntk_every_n_steps=1.5)  # type: ignore[arg-type]
