@@ -74,6 +74,13 @@ def cpu_state_copy(state: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter or buffer (``None`` for a stateless module)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return None
+
+
 def floating_dtype(module: nn.Module) -> torch.dtype | None:
     """The dtype of the module's first floating parameter (probe inputs are cast to it); ``None`` if none."""
     for param in module.parameters():

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lin_probe._model_state import floating_dtype
+from lin_probe._model_state import floating_dtype, model_device
 from lin_probe.kernel import AffineKernel
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
 from lin_probe.monitor.checks import (
@@ -110,7 +110,7 @@ class RegimeProbe:
         config = config or MonitorConfig()
         if not isinstance(probe, ProbeSet):
             probe = probe_from_argument(probe, n_probe=_rows(probe))
-        probe = probe.to(_device(model), floating_dtype(model))
+        probe = _on_model(probe, model)
         ntk = NTKProbe(probe.inputs, config.output_fn, learning_rate_weights(model, optimizer), config.plan)
         kernel_inputs = _kernel_inputs(probe.inputs, config.features_fn)
         kernel, theta0, norm0 = fit_at_init(model, ntk, kernel_inputs)
@@ -150,7 +150,7 @@ class RegimeProbe:
         probe = ProbeSet(
             state["probe_inputs"], state.get("probe_targets"), state.get("probe_source", "checkpoint")
         )
-        probe = probe.to(_device(model), floating_dtype(model))
+        probe = _on_model(probe, model)
         ntk = NTKProbe(probe.inputs, config.output_fn, dict(state["param_weights"]), config.plan)
         kernel = AffineKernel(**state["kernel"])
         # train_size=None: the memorizing shadow's table takes its saved size from the state.
@@ -400,10 +400,9 @@ def _kernel_inputs(inputs: Tensor, features_fn: Callable[[Tensor], Tensor] | Non
     return feature_rows(inputs, features_fn).cpu()
 
 
-def _device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+def _on_model(probe: ProbeSet, model: nn.Module) -> ProbeSet:
+    """The probe on the model's device, floating inputs in its dtype (a float32 probe can measure float64)."""
+    return probe.to(model_device(model) or torch.device("cpu"), floating_dtype(model))
 
 
 def _rows(probe: Tensor | tuple[Tensor, Tensor]) -> int:

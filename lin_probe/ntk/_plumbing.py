@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lin_probe._model_state import model_buffers, trainable_parameters
+from lin_probe._model_state import model_buffers, model_device, trainable_parameters
 from lin_probe._validation import check_finite, check_int
 from lin_probe.plan import DEFAULT_MEMORY_BUDGET_BYTES
 
@@ -171,13 +171,6 @@ def kernel_dtype(params: Mapping[str, Tensor], fallback: torch.dtype | None = No
 
 
 # -------------------------------------------------------------------------------------- validation
-
-
-def model_device(model: nn.Module) -> torch.device | None:
-    """The device of the model's first parameter or buffer (``None`` for a stateless module)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return None
 
 
 def prepare_inputs(model: nn.Module, inputs: Tensor) -> Tensor:

@@ -56,6 +56,17 @@ def _matvec(a: np.ndarray) -> Callable[[Tensor], Tensor]:
     return lambda v: matrix @ v
 
 
+def _counting_matvec(a: np.ndarray) -> tuple[Callable[[Tensor], Tensor], list[int]]:
+    """``v ↦ Av`` and the list it appends to on each product (how many Lanczos used)."""
+    apply, calls = _matvec(a), []
+
+    def counting(v: Tensor) -> Tensor:
+        calls.append(1)
+        return apply(v)
+
+    return counting, calls
+
+
 MATRICES = {
     "psd": lambda: _psd(150, 0),
     "indefinite_negative": lambda: _indefinite_negative_dominant(150, 1),
@@ -92,12 +103,7 @@ def test_negative_end_is_the_answer() -> None:
 def test_lanczos_stops_early_on_a_big_gap() -> None:
     """With a gap of 100 vs 1 the top Ritz value converges in a few steps: far fewer than n products."""
     a = _big_gap(300, 4)
-    calls = []
-    matrix = torch.from_numpy(a)
-
-    def counting(v: Tensor) -> Tensor:
-        calls.append(1)
-        return matrix @ v
+    counting, calls = _counting_matvec(a)
 
     got = spectral_norm(counting, 300)
     assert abs(got - _reference_norm(a)) <= LANCZOS_RTOL * 100.0
@@ -173,12 +179,7 @@ def test_lanczos_leaves_global_rng_alone() -> None:
 
 def test_max_iter_caps_products_and_warns() -> None:
     a = _near_degenerate(200, 10)
-    calls = []
-    matrix = torch.from_numpy(a)
-
-    def counting(v: Tensor) -> Tensor:
-        calls.append(1)
-        return matrix @ v
+    counting, calls = _counting_matvec(a)
 
     with pytest.warns(RuntimeWarning, match="max_iter"):
         got = spectral_norm(counting, 200, max_iter=3)
