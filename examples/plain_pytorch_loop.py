@@ -3,8 +3,9 @@
 ``RegimeProbe`` is the Lightning-free core that ``LinearRegimeMonitor`` drives. A loop calls it in
 three places: ``accumulate(x, y)`` with each batch and ``step(lr)`` with the learning rate the
 optimizer is about to use (the linear shadow takes the same step), then ``check(model, step)``
-whenever it wants a measurement. Here: the paper's two-layer ReLU net on inputs on the sphere,
-full-batch gradient descent on MSE, checks on a log-spaced schedule, and the exit step.
+whenever it wants a measurement. Here: the paper's two-layer ReLU net on inputs on the sphere (the
+net and data of ``paper_two_layer.py``; nothing in this loop uses Lightning), full-batch gradient
+descent on MSE, checks on a log-spaced schedule, and the exit step.
 
 Run: ``python examples/plain_pytorch_loop.py`` (``--fast`` for a few-second run).
 """
@@ -12,37 +13,16 @@ Run: ``python examples/plain_pytorch_loop.py`` (``--fast`` for a few-second run)
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from paper_two_layer import TwoLayerNet, sphere_task
 from torch.utils.tensorboard import SummaryWriter
 
 from lin_probe import RegimeProbe
 from lin_probe.monitor.core import MonitorConfig
 from lin_probe.monitor.schedule import CheckSchedule
-
-
-class TwoLayerNet(nn.Module):
-    """``f(x) = m^{-1/2} Σ_r v_r relu(w_rᵀx/√d)``, the paper's parameterisation."""
-
-    def __init__(self, d: int, width: int) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(width, d))
-        self.v = nn.Parameter(torch.randn(1, width))
-
-    def forward(self, x: Tensor) -> Tensor:
-        hidden = torch.relu(x @ self.w.T / math.sqrt(self.w.shape[1]))
-        return hidden @ self.v.T / math.sqrt(self.w.shape[0])
-
-
-def sphere_data(n: int, d: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Inputs with ‖x‖² = d and a target that is not linear in them."""
-    x = torch.randn(n, d, generator=generator)
-    x = x * math.sqrt(d) / x.norm(dim=1, keepdim=True)
-    return x, torch.tanh(x[:, :1] * x[:, 1:2] / 2 + x[:, 2:3])
 
 
 def main() -> None:
@@ -58,10 +38,9 @@ def main() -> None:
     width, steps = (1024, 64) if args.fast else (args.width, args.steps)
 
     torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
     d = 32
-    x_train, y_train = sphere_data(128, d, generator)
-    x_val, y_val = sphere_data(64, d, generator)
+    x, y = sphere_task(128 + 64, d, seed=0)  # the paper's net and data, as in paper_two_layer.py
+    x_train, y_train, x_val, y_val = x[:128], y[:128], x[128:], y[128:]
     model = TwoLayerNet(d, width)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
 
