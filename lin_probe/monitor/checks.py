@@ -29,7 +29,7 @@ from lin_probe.kernel import AffineKernel, fit_affine_kernel, fit_affine_kernel_
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
 from lin_probe.losses import LossFn
 from lin_probe.monitor.metrics import functional_distance, prediction_agreement
-from lin_probe.ntk import ntk_diagonal, ntk_operator
+from lin_probe.ntk import ntk_diagonal, ntk_matvec, ntk_operator
 from lin_probe.plan import ComputePlan
 
 OutputFn = Callable[[Any], Tensor]
@@ -49,26 +49,32 @@ class NTKProbe:
     param_weights: Mapping[str, float]
     plan: ComputePlan
 
+    @property
+    def _options(self) -> dict[str, Any]:
+        return {"output_fn": self.output_fn, "param_weights": self.param_weights}
+
     def operator(self, model: nn.Module) -> SymmetricOperator:
         """``Θ`` at the model's current parameters: dense or products, per the plan."""
-        return ntk_operator(
-            model, self.inputs, plan=self.plan, output_fn=self.output_fn, param_weights=self.param_weights
-        )
+        return ntk_operator(model, self.inputs, plan=self.plan, **self._options)
 
     def trace(self, model: nn.Module) -> float:
         """``tr Θ`` exactly, from small dense diagonal blocks (no ``n × n``)."""
-        diagonal = ntk_diagonal(
-            model, self.inputs, plan=self.plan, output_fn=self.output_fn, param_weights=self.param_weights
-        )
+        diagonal = ntk_diagonal(model, self.inputs, plan=self.plan, **self._options)
         return float(diagonal.sum())
 
     def frozen_operator(self, frozen: nn.Module) -> SymmetricOperator:
-        """``u ↦ Θ_0 u`` on the frozen ``f_0``, its init-time trainable parameters unfrozen per product."""
+        """``u ↦ Θ_0 u`` on the frozen ``f_0``, its init-time trainable parameters unfrozen per product.
+
+        Always products (this is the matrix-free mode's ``Θ_0``); each call builds the product inside
+        the unfreezing, since which parameters are differentiated is read when it is built.
+        """
         names = frozenset(self.param_weights)
 
         def apply(u: Tensor) -> Tensor:
             with _trainable_only(frozen, names):
-                return self.operator(frozen)(u)
+                return ntk_matvec(
+                    frozen, self.inputs, memory_budget=self.plan.memory_budget, **self._options
+                )(u)
 
         return SymmetricOperator.from_products(apply, self.inputs.shape[0], name="Θ_0")
 
