@@ -151,3 +151,71 @@ def read_events(log_dir: str | Path) -> EventAccumulator:
 
 def scalar_series(acc: EventAccumulator, tag: str) -> dict[int, float]:
     return {event.step: event.value for event in acc.Scalars(tag)}
+
+
+#: Where a TensorBoardLogger run holds each flat record key: (series run under ``lin_probe/``, chart
+#: tag), ``""`` being the main run. Written out here, not imported, so the tests also pin the layout.
+DASHBOARD = {
+    "loss_network": ("network", "lin_probe/loss"),
+    "loss_linear": ("linear", "lin_probe/loss"),
+    "memo/loss_linear": ("memorizing", "lin_probe/loss"),
+    "accuracy_network": ("network", "lin_probe/accuracy"),
+    "accuracy_linear": ("linear", "lin_probe/accuracy"),
+    "agreement": ("linear", "lin_probe/agreement"),
+    "functional_distance": ("linear", "lin_probe/functional_distance"),
+    "memo/functional_distance": ("memorizing", "lin_probe/functional_distance"),
+    "functional_distance_rel": ("linear", "lin_probe/functional_distance_rel"),
+    "memo/functional_distance_rel": ("memorizing", "lin_probe/functional_distance_rel"),
+    "ntk_gap": ("ntk_gap", "lin_probe/ntk"),
+    "ntk_drift": ("ntk_drift", "lin_probe/ntk"),
+    "fit_a": ("", "lin_probe_summary/fit_a"),
+    "fit_b": ("", "lin_probe_summary/fit_b"),
+    "fit_c": ("", "lin_probe_summary/fit_c"),
+    "fit_rel_error": ("", "lin_probe_summary/fit_rel_error"),
+    "exit_step": ("", "lin_probe_summary/exit_step"),
+    "memo/exit_step": ("", "lin_probe_summary/memo_exit_step"),
+}
+
+
+class Dashboard:
+    """A TensorBoardLogger run's lin_probe values read back from its event files, by flat record key.
+
+    ``in_linear_regime`` is the union of the ``linear`` run's 1s (inside) and the ``exit`` run's 0s.
+    """
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.main = read_events(self.log_dir)
+        self._runs: dict[str, EventAccumulator | None] = {}
+
+    def run(self, name: str) -> EventAccumulator | None:
+        if name == "":
+            return self.main
+        if name not in self._runs:
+            path = self.log_dir / "lin_probe" / name
+            self._runs[name] = read_events(path) if path.is_dir() else None
+        return self._runs[name]
+
+    def has(self, key: str) -> bool:
+        if key == "in_linear_regime":
+            return self.has_in("linear", "lin_probe/in_linear_regime") or self.has_in(
+                "exit", "lin_probe/in_linear_regime"
+            )
+        run, tag = DASHBOARD[key]
+        return self.has_in(run, tag)
+
+    def has_in(self, run: str, tag: str) -> bool:
+        acc = self.run(run)
+        return acc is not None and tag in acc.Tags()["scalars"]
+
+    def series(self, key: str) -> dict[int, float]:
+        """``{step: value}``; empty when never written."""
+        if key == "in_linear_regime":
+            pairs = [("linear", "lin_probe/in_linear_regime"), ("exit", "lin_probe/in_linear_regime")]
+        else:
+            pairs = [DASHBOARD[key]]
+        values: dict[int, float] = {}
+        for run, tag in pairs:
+            if self.has_in(run, tag):
+                values.update(scalar_series(self.run(run), tag))  # type: ignore[arg-type]
+        return dict(sorted(values.items()))

@@ -19,7 +19,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from _lightning_setups import Regressor, loaders, make_trainer, read_events, scalar_series
+from _lightning_setups import Dashboard, Regressor, loaders, make_trainer
 from torch import Tensor, nn
 
 Batch = tuple[Tensor, Tensor]
@@ -127,9 +127,9 @@ def assert_matches_replay(
     far below what a wrong hyperparameter, f_0, feature map, output or a missed scheduler step changes
     (≥ 1 %), and below the distances themselves (> 1e-3, asserted).
     """
-    acc = read_events(trainer.logger.log_dir)
-    a, b = scalar_series(acc, "lin_probe/fit_a")[0], scalar_series(acc, "lin_probe/fit_b")[0]
-    logged = scalar_series(acc, "lin_probe/functional_distance")
+    dashboard = Dashboard(trainer.logger.log_dir)
+    a, b = dashboard.series("fit_a")[0], dashboard.series("fit_b")[0]
+    logged = dashboard.series("functional_distance")
     steps = cycle_batches(x_train, y_train, batch_size, max(logged), accumulate)
     ref = replay(initial, a, b, steps, probe, make_optimizer, **replay_kwargs)
     assert max(logged.values()) > 1e-3, "training must move the network away from the shadow"

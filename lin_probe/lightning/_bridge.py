@@ -8,9 +8,12 @@ Lightning-free core takes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
@@ -138,3 +141,29 @@ def gather_probe(
     if trainer.val_dataloaders is None:
         rank_zero_info(_NO_VALIDATION_PROBE.format(source=gathered.source))
     return from_rank_zero(trainer, gathered)  # type: ignore[return-value]
+
+
+def tensorboard_logger(trainer: pl.Trainer) -> TensorBoardLogger | None:
+    """The run's first ``TensorBoardLogger``, if any."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def writes_default_hparams(logger: TensorBoardLogger) -> bool:
+    """Whether Lightning itself will write this run's HParams session (``default_hp_metric=True``)."""
+    return bool(getattr(logger, "_default_hp_metric", False))
+
+
+def logged_hparams(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, logger: TensorBoardLogger
+) -> dict[str, Any]:
+    """The hyperparameters Lightning logs at train start (module's and datamodule's), flattened and
+    sanitised the way ``TensorBoardLogger.log_hyperparams`` does, so a session written before
+    Lightning's holds the same values."""
+    params: dict[str, Any] = {}
+    if getattr(pl_module, "_log_hyperparams", True):
+        params.update(pl_module.hparams_initial)
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and getattr(datamodule, "_log_hyperparams", False):
+        params.update(datamodule.hparams_initial)
+    params.pop("_class_path", None)  # LightningCLI's own key, which Lightning does not log either
+    return logger._sanitize_params(_flatten_dict(_convert_params(params)))

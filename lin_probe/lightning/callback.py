@@ -49,7 +49,8 @@ class LinearRegimeMonitor(Callback):
     At train start the empirical NTK Θ_0 of the model on a probe set is fitted by an affine transform
     of the data kernel, ``Θ_0 ≈ a·XXᵀ/d + b·11ᵀ + c·I``; the linear model
     ``f_lin(x) = f_0(x) + Bᵀ[√a·x/√d; √b]`` then trains on the same batches, with the same loss and
-    learning rate. Its distance from the network is logged under ``lin_probe/``.
+    learning rate. Its distance from the network is logged under ``lin_probe/`` (for TensorBoard, as the
+    dashboard described in :mod:`lin_probe.lightning.tensorboard`).
 
     Args:
         probe: ``None`` (the first ``n_probe`` validation examples, else training ones), a tensor of
@@ -157,6 +158,7 @@ class LinearRegimeMonitor(Callback):
             return
         _bridge.require_automatic_optimization(pl_module)
         self._reset()  # each fit starts clean; a checkpoint's state arrives after this, in load_state_dict
+        self.publisher.start(trainer, pl_module, n_probe=self.n_probe)  # before Lightning's HParams
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -171,8 +173,7 @@ class LinearRegimeMonitor(Callback):
             train_size=_bridge.train_set_length(trainer), host=host,
         )  # fmt: skip
         self._active = True
-        n_parameters = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        self.publisher.fit(trainer, self.core, n_parameters)
+        self.publisher.fit(trainer, self.core, pl_module)
         self._run_check(trainer, pl_module, step=0)
 
     @override
@@ -214,9 +215,16 @@ class LinearRegimeMonitor(Callback):
             self._run_check(trainer, pl_module, step)
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.publisher.epoch_figure(trainer, self.core)
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.core is not None:
-            self.publisher.figure(trainer, self.core)
+        self.publisher.finish(trainer, self.core)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, err: BaseException) -> None:
+        self.publisher.finish(trainer, self.core)  # what was measured stays readable after a crash or Ctrl-C
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -291,7 +299,7 @@ class LinearRegimeMonitor(Callback):
         # stop_after_exit schedule that gates the shadows' collectives) identical everywhere.
         record = _bridge.from_rank_zero(trainer, measured.record)
         exited = self.core.observe(record)
-        self.publisher.record(trainer, record, measured.eigenvalues)
+        self.publisher.record(trainer, record, measured.eigenvalues, self.core)
         self.publisher.exits(trainer, exited, record, self.core)
         if self.exit_step is not None and self.stop_after_exit is not None:
             if self._checks_since_exit >= self.stop_after_exit:

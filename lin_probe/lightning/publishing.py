@@ -1,41 +1,131 @@
 """Where a check's numbers go in a Lightning run: loggers, ``callback_metrics``, the progress bar, TensorBoard.
 
-Scalars go through every configured logger with ``log_metrics(step=...)`` (so ``log_every_n_steps``
-does not thin them) and into ``trainer.callback_metrics`` (so ``EarlyStopping`` and
-``ModelCheckpoint`` can monitor them). The extras only a TensorBoard ``SummaryWriter`` can show
-(layout, text cards, eigenvalue histogram, figure) are written on rank zero when a
-``TensorBoardLogger`` is present.
+Every check's values go into ``trainer.callback_metrics`` under flat names (``lin_probe/loss_network``,
+``lin_probe/functional_distance_rel``, …, so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor
+them) and to every logger that is not TensorBoard with ``log_metrics(step=...)`` (so
+``log_every_n_steps`` does not thin them). A ``TensorBoardLogger`` gets the dashboard of
+:mod:`lin_probe.lightning.tensorboard` instead, on rank zero: the same values, one run per series so
+TensorBoard colours them apart, plus cards, spectrum, figures and an HParams session.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import WarningCache, rank_zero_info
 from torch import Tensor
 
-from lin_probe.lightning.tensorboard import TensorBoardPanels, exit_card, fit_card, tag
+from lin_probe.lightning import _bridge
+from lin_probe.lightning.series import RegimeTimeline, check_points
+from lin_probe.lightning.tensorboard import (
+    EXIT_CARD,
+    FIT_CARD,
+    SUMMARY_METRICS,
+    TensorBoardPanels,
+    exit_card,
+    fit_card,
+    summary_tag,
+    tag,
+)
 from lin_probe.monitor.core import MEMO, PAPER, MonitorConfig, RegimeProbe
 
 PROGRESS_BAR_KEY = tag("functional_distance_rel")
+
+# An epoch-end redraw costs ~0.3-0.5 s of matplotlib: at most one per this many seconds (a cost of
+# ~0.1 % of the run; the first epoch end, the exit and the end of training always draw).
+EPOCH_FIGURE_INTERVAL_S = 300.0
+
+_NO_MATPLOTLIB = (
+    "lin_probe draws its summary figure with matplotlib, which is not installed: the Images tab stays "
+    "empty. `pip install matplotlib` to get it; every other panel is written."
+)
 
 
 class Publisher:
     """Publishes one monitor's records to a trainer's loggers; warnings once per fit."""
 
     def __init__(self, config: MonitorConfig, *, progress_bar: bool, verbose: bool) -> None:
-        self.classification = config.classification
-        self.memorization = config.memorization
+        self.config = config
         self.progress_bar = progress_bar
         self.verbose = verbose
         self.warnings = WarningCache()
-        self._layout_registered = False
+        self.timeline = RegimeTimeline()
+        self.spectra: dict[str, np.ndarray] = {}
+        self._panels: TensorBoardPanels | None = None
+        self._drawn: tuple[int, float] | None = None  # (checks drawn, when) of the last figure
 
-    def record(self, trainer: pl.Trainer, record: Mapping[str, float], eigenvalues: Tensor | None) -> None:
+    # ------------------------------------------------------------------ the run's frame
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, n_probe: int) -> None:
+        """At setup, before Lightning logs the model's hyperparameters: the run's HParams session.
+
+        TensorBoard keeps the first session of a run, so lin_probe writes it first, with the model's
+        hyperparameters (those Lightning would write) and lin_probe's settings; its summary
+        values arrive later as scalars. Only where Lightning would write a session itself
+        (``default_hp_metric=True``): a user who logs their own HParams metrics keeps their session.
+        """
+        panels = self.panels(trainer)
+        logger = _bridge.tensorboard_logger(trainer)
+        if panels is None or logger is None or not _bridge.writes_default_hparams(logger):
+            return
+        config = self.config
+        settings = {
+            "lin_probe/tolerance": config.tolerance,
+            "lin_probe/patience": config.patience,
+            "lin_probe/n_probe": n_probe,
+            "lin_probe/loss": config.loss if isinstance(config.loss, str) else "callable",
+            "lin_probe/data_kernel": "flat" if config.features_fn is None else "features_fn",
+        }
+        params = {**_bridge.logged_hparams(trainer, pl_module, logger), **settings}
+        panels.hparams(params, ["hp_metric", *map(summary_tag, SUMMARY_METRICS)])
+
+    def fit(self, trainer: pl.Trainer, probe: RegimeProbe, pl_module: pl.LightningModule) -> None:
+        """The fit at init: ``fit_*`` values at step 0 and the fit card."""
+        n_parameters = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        kernel = probe.kernel
+        fit = {"fit_a": kernel.a, "fit_b": kernel.b, "fit_c": kernel.c}
+        fit["fit_rel_error"] = math.nan if kernel.rel_error is None else kernel.rel_error
+        self.scalars(trainer, {tag(k): float(v) for k, v in fit.items()}, 0)
+        panels = self.panels(trainer)
+        if panels is not None:
+            panels.summary(fit, 0)
+            card = fit_card(
+                kernel,
+                n_probe=len(probe.probe),
+                probe_source=probe.probe.source,
+                n_parameters=n_parameters,
+                center=probe.config.center,
+            )
+            panels.text(FIT_CARD, card, 0)
+            panels.flush()
+
+    def finish(self, trainer: pl.Trainer, probe: RegimeProbe | None) -> None:
+        """At train end: the regime of checks still undecided, the final flag and figure; close the runs."""
+        panels = self.panels(trainer)
+        if panels is None:
+            return
+        if probe is not None and probe.history:
+            self._regime(panels, probe, final=True)
+            final = 0.0 if probe.paper.regime.exited else 1.0
+            panels.summary({"final_in_linear_regime": final}, int(probe.history[-1]["step"]))
+            self.figure(trainer, probe)
+        panels.flush()
+        panels.close()
+        self._panels = None
+
+    # ------------------------------------------------------------------ each check
+    def record(
+        self,
+        trainer: pl.Trainer,
+        record: Mapping[str, float],
+        eigenvalues: Tensor | None,
+        probe: RegimeProbe | None = None,
+    ) -> None:
         """One check: every value but the step, under ``lin_probe/``, at the record's step."""
         metrics = {tag(k): float(v) for k, v in record.items() if k != "step"}
         for key, value in metrics.items():
@@ -45,37 +135,33 @@ class Publisher:
         step = int(record["step"])
         self.scalars(trainer, metrics, step)
         panels = self.panels(trainer)
-        if panels is not None and eigenvalues is not None:
-            panels.eigenvalue_histogram(eigenvalues, step)
-
-    def fit(self, trainer: pl.Trainer, probe: RegimeProbe, n_parameters: int) -> None:
-        """The fit at init: ``fit_*`` scalars at step 0 and the fit card."""
-        kernel = probe.kernel
-        fit = {"fit_a": kernel.a, "fit_b": kernel.b, "fit_c": kernel.c}
-        fit["fit_rel_error"] = math.nan if kernel.rel_error is None else kernel.rel_error
-        self.scalars(trainer, {tag(k): float(v) for k, v in fit.items()}, 0)
-        panels = self.panels(trainer)
-        if panels is not None:
-            card = fit_card(
-                kernel,
-                n_probe=len(probe.probe),
-                probe_source=probe.probe.source,
-                n_parameters=n_parameters,
-                center=probe.config.center,
-            )
-            panels.text("fit", card, 0)
-            panels.flush()
+        if panels is None:
+            return
+        panels.series.write(check_points(record, self.config.tolerance), tag)
+        if probe is not None:
+            self._regime(panels, probe)
+        if eigenvalues is not None:
+            panels.spectrum(eigenvalues, step)
+            values = eigenvalues.detach().to("cpu", torch.float64).numpy()
+            initial = list(self.spectra.items())[:1] if step > 0 else []
+            self.spectra = dict(initial) | {f"init (step {step})" if not initial else f"step {step}": values}
+        panels.flush()
 
     def exits(
         self, trainer: pl.Trainer, exited: list[str], record: Mapping[str, float], probe: RegimeProbe
     ) -> None:
         """Announce the exits this check confirmed: a line on rank zero and, for the paper's shadow, the card."""
         config = probe.config
-        if MEMO in exited and self.verbose:
-            rank_zero_info(
-                f"lin_probe: the memorizing shadow (kernel aK + b11ᵀ + cI) left the linear regime at step "
-                f"{int(record['memo/exit_step'])}."
-            )
+        panels = self.panels(trainer)
+        if MEMO in exited:
+            memo_exit = int(record["memo/exit_step"])
+            if self.verbose:
+                rank_zero_info(
+                    "lin_probe: the memorizing shadow (kernel aK + b11ᵀ + cI) left the linear regime at "
+                    f"step {memo_exit}."
+                )
+            if panels is not None:
+                panels.summary({"memo_exit_step": memo_exit}, int(record["step"]))
         if PAPER not in exited:
             return
         exit_step = int(record["exit_step"])
@@ -85,29 +171,50 @@ class Publisher:
                 f"(functional_distance_rel > {config.tolerance} for {config.patience} consecutive checks; "
                 f"now {record['functional_distance_rel']:.3g} at step {int(record['step'])})."
             )
-        panels = self.panels(trainer)
         if panels is not None:
+            panels.summary({"exit_step": exit_step}, int(record["step"]))
             card = exit_card(exit_step, record, tolerance=config.tolerance, patience=config.patience)
-            panels.text("exit", card, int(record["step"]))
+            panels.text(EXIT_CARD, card, int(record["step"]))
+            self.figure(trainer, probe)
             panels.flush()
 
+    def epoch_figure(self, trainer: pl.Trainer, probe: RegimeProbe | None) -> None:
+        """The figure at an epoch end, when there is something new and the last one is not too recent."""
+        if probe is None:
+            return
+        if self._drawn is not None:
+            checks, when = self._drawn
+            if checks == len(probe.history) or time.monotonic() - when < EPOCH_FIGURE_INTERVAL_S:
+                return
+        self.figure(trainer, probe)
+
     def figure(self, trainer: pl.Trainer, probe: RegimeProbe) -> None:
-        """The run's summary figure (never fatal: a drawing failure is one warning)."""
+        """The run's summary figure, one image per panel (never fatal: a drawing failure is one warning)."""
         panels = self.panels(trainer)
         if panels is None or not probe.history:
             return
+        self._drawn = (len(probe.history), time.monotonic())
         try:
-            panels.figure(
+            from lin_probe.lightning.figure import summary_images
+
+            images = summary_images(
                 probe.history,
                 exit_step=probe.paper.regime.exit_step,
                 tolerance=probe.config.tolerance,
-                step=trainer.global_step,
+                spectra=self.spectra or None,
             )
-            panels.flush()
+        except ImportError:
+            self.warnings.warn(_NO_MATPLOTLIB)
+            return
         except Exception as err:
             self.warnings.warn(f"lin_probe could not draw its summary figure: {err}")
+            return
+        panels.images(images, trainer.global_step)
+        panels.flush()
 
+    # ------------------------------------------------------------------ plumbing
     def scalars(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        """Flat values to every logger but TensorBoard's (which gets the per-series dashboard)."""
         if not trainer.loggers:
             self.warnings.warn(
                 "LinearRegimeMonitor found no logger: measurements are kept in "
@@ -115,17 +222,28 @@ class Publisher:
             )
             return
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            if not isinstance(logger, TensorBoardLogger):
+                logger.log_metrics(metrics, step=step)
 
     def panels(self, trainer: pl.Trainer) -> TensorBoardPanels | None:
         """TensorBoard extras: rank zero and a TensorBoardLogger only; the layout is registered once."""
         if not trainer.is_global_zero:
             return None
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if logger is None:
-            return None
-        panels = TensorBoardPanels(logger.experiment)
-        if not self._layout_registered:
-            panels.register_layout(classification=self.classification, memorization=self.memorization)
-            self._layout_registered = True
-        return panels
+        if self._panels is None:
+            logger = _bridge.tensorboard_logger(trainer)
+            if logger is None:
+                return None
+            self._panels = TensorBoardPanels(logger.experiment, logger.log_dir)
+            self._panels.register_layout(classification=self.config.classification)
+        return self._panels
+
+    def _regime(self, panels: TensorBoardPanels, probe: RegimeProbe, *, final: bool = False) -> None:
+        """The regime flag of every check the exit rule has decided by now."""
+        regime = probe.paper.regime
+        points = self.timeline.decided(
+            probe.history,
+            exit_step=regime.exit_step,
+            undecided_from=regime.streak_start if regime.streak else None,
+            final=final,
+        )
+        panels.series.write(points, tag)

@@ -1,9 +1,18 @@
-"""TensorBoard panels for lin_probe: custom-scalar layout, text cards, NTK spectrum, summary figure.
+"""lin_probe's TensorBoard dashboard: per-series runs, custom-scalar layout, cards, spectrum, figures, HParams.
 
-The callback logs the scalars through whatever Lightning logger is configured; this module adds the
-extras that only a TensorBoard ``SummaryWriter`` can show, so a reader sees network and linear
-shadow side by side without assembling the charts by hand. matplotlib is optional: without it the
-figure is skipped silently.
+What a reader finds, and where (``L`` is the logger's run directory):
+
+- **Charts** ``lin_probe/loss``, ``…/functional_distance_rel``, ``…/functional_distance``, ``…/ntk``,
+  ``…/in_linear_regime`` (``…/accuracy``, ``…/agreement`` for classifiers): one tag each, written by
+  one run per series (``L/lin_probe/network``, ``…/linear``, ``…/memorizing``, ``…/tolerance``,
+  ``…/exit``, ``…/ntk_gap``, ``…/ntk_drift``), so TensorBoard draws them in distinct colours with
+  those names (:mod:`lin_probe.lightning.series`). The Custom Scalars tab groups them.
+- **Cards** ``lin_probe/1_fit`` (the init fit) and ``lin_probe/2_exit`` (the exit), in reading order.
+- **Spectrum** ``lin_probe/ntk_spectrum``: ``log10(λ/λ_max)`` of the NTK at each dense NTK check, so
+  the bulk of the spectrum is visible beside its one dominant eigenvalue.
+- **Figures** ``lin_probe/figure/*``: one readable image per panel (:mod:`lin_probe.lightning.figure`).
+- **HParams**: one session per run with the model's hyperparameters, lin_probe's settings and the
+  ``lin_probe_summary/*`` values (fit ``a, b, c``, fit error, exit step), so a sweep reads as a table.
 """
 
 from __future__ import annotations
@@ -11,28 +20,41 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lin_probe.kernel import AffineKernel
-from lin_probe.monitor.checks import NTK_KEYS, POOR_FIT_THRESHOLD
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+from lin_probe.lightning.series import SeriesWriters
+from lin_probe.monitor.checks import POOR_FIT_THRESHOLD
 
 PREFIX = "lin_probe/"
+SUMMARY_PREFIX = "lin_probe_summary/"  # its own group: single-value charts stay out of lin_probe/'s
+
+FIT_CARD = "1_fit"
+EXIT_CARD = "2_exit"
+SPECTRUM = "ntk_spectrum"
+FIGURE = "figure/"
+
+# The per-run values HParams shows as metric columns (scalars of the main run).
+SUMMARY_METRICS = ("fit_a", "fit_b", "fit_c", "fit_rel_error", "exit_step", "memo_exit_step",
+                   "final_in_linear_regime")  # fmt: skip
 
 _CATEGORY = "lin_probe"
 _LAYOUT_FLAG = "_lin_probe_layout_registered"
+_SPECTRUM_FLOOR = 1e-12  # λ/λ_max below this (round-off of a rank-deficient kernel) is not shown
 
 
 def tag(name: str) -> str:
     """The full TensorBoard tag for a lin_probe metric, so every tag lives under one prefix."""
     return PREFIX + name
+
+
+def summary_tag(name: str) -> str:
+    """A per-run value's tag: a group of its own, after ``lin_probe/`` in Scalars and Time Series."""
+    return SUMMARY_PREFIX + name
 
 
 # --------------------------------------------------------------------------- custom-scalar layout
@@ -48,29 +70,43 @@ def _multiline(*names: str) -> list[Any]:
     return ["Multiline", [_exact(name) for name in names]]
 
 
-def _with_memo(names: tuple[str, ...], memo_name: str, memorization: bool) -> tuple[str, ...]:
-    """Append the memorisation shadow's tag to a chart when that feature is on."""
-    return (*names, f"memo/{memo_name}") if memorization else names
+def custom_scalar_layout(*, classification: bool = False) -> dict:
+    """The layout for ``SummaryWriter.add_custom_scalars``: each chart is one tag, its series are runs.
 
-
-def custom_scalar_layout(*, classification: bool = False, memorization: bool = False) -> dict:
-    """The layout for ``SummaryWriter.add_custom_scalars``: network and shadow on shared charts."""
+    The memorizing shadow needs no entry of its own: its run writes the same tags.
+    """
     charts: dict[str, list[Any]] = {
-        "loss: network vs linear": _multiline(
-            *_with_memo(("loss_network", "loss_linear"), "loss_linear", memorization)
-        ),
-        "functional distance": _multiline(
-            *_with_memo(("functional_distance",), "functional_distance", memorization)
-        ),
-        "functional distance (relative)": _multiline(
-            *_with_memo(("functional_distance_rel",), "functional_distance_rel", memorization)
-        ),
-        "NTK: gap to affine kernel and drift": _multiline(*NTK_KEYS),
+        "loss: network vs linear": _multiline("loss"),
+        "functional distance (relative) vs tolerance": _multiline("functional_distance_rel"),
         "in linear regime": _multiline("in_linear_regime"),
+        "NTK: gap to affine kernel and drift": _multiline("ntk"),
+        "functional distance": _multiline("functional_distance"),
     }
     if classification:
-        charts["accuracy and agreement"] = _multiline("accuracy_network", "accuracy_linear", "agreement")
+        charts["accuracy and agreement"] = _multiline("accuracy", "agreement")
     return {_CATEGORY: charts}
+
+
+def spectrum_values(eigenvalues: Tensor) -> np.ndarray | None:
+    """``log10(λ/λ_max)`` of the positive finite eigenvalues (≥ 1e-12·λ_max); None when none is left."""
+    values = eigenvalues.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    values = values[torch.isfinite(values) & (values > 0)]
+    if values.numel() == 0:
+        return None
+    ratios = values / values.max()
+    ratios = ratios[ratios >= _SPECTRUM_FLOOR]
+    return torch.log10(ratios).numpy()
+
+
+def hparams_summaries(params: Mapping[str, Any], metrics: Sequence[str]) -> tuple[Any, Any, Any]:
+    """The experiment, session-start and session-end summaries of one HParams session.
+
+    torch's ``hparams`` builds them (the same function Lightning's ``TensorBoardLogger`` uses); only
+    the metric *names* matter here: HParams reads their values from the run's scalars.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    return hparams(dict(params), dict.fromkeys(metrics, math.nan))
 
 
 # --------------------------------------------------------------------------- markdown cards
@@ -160,153 +196,18 @@ def exit_card(exit_step: int, record: Mapping[str, float], *, tolerance: float, 
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- summary figure
-
-
-def _series(history: Sequence[Mapping[str, float]], key: str) -> tuple[list[float], list[float]]:
-    """Steps and values of one metric over the checks where it was measured (NaN kept as a gap)."""
-    points = [(float(rec["step"]), float(rec[key])) for rec in history if key in rec]
-    return [s for s, _ in points], [v for _, v in points]
-
-
-def _has_data(history: Sequence[Mapping[str, float]], keys: Sequence[str]) -> bool:
-    """Whether any of ``keys`` was measured at a finite value at any check."""
-    return any(key in rec and math.isfinite(float(rec[key])) for rec in history for key in keys)
-
-
-def _plot_lines(ax: Axes, history: Sequence[Mapping[str, float]], keys: Sequence[str], **style: Any) -> None:
-    """One line (with markers, so a single check still shows) per measured key; memo shadow dash-dotted."""
-    for key in keys:
-        steps, values = _series(history, key)
-        if steps:
-            linestyle = "-." if key.startswith("memo/") else "-"
-            ax.plot(steps, values, marker="o", markersize=3, linestyle=linestyle, label=key, **style)
-
-
-def _mark_exit(ax: Axes, exit_step: int | None) -> None:
-    """The exit step as a labelled vertical line, so every panel shows where the regime ended."""
-    if exit_step is not None:
-        ax.axvline(exit_step, color="crimson", linestyle=":", linewidth=1.5, label=f"exit (step {exit_step})")
-
-
-def _legend(*axes: Axes) -> None:
-    """One legend for an axis and its twin, so both curves are named in the same box."""
-    handles: list[Any] = []
-    labels: list[str] = []
-    for ax in axes:
-        h, lab = ax.get_legend_handles_labels()
-        handles += h
-        labels += lab
-    if handles:
-        axes[0].legend(handles, labels, fontsize="small", loc="best")
-
-
-def _loss_panel(ax: Axes, history: Sequence[Mapping[str, float]], exit_step: int | None) -> None:
-    """Probe loss of the network against its linear shadow(s)."""
-    _plot_lines(ax, history, ("loss_network", "loss_linear", "memo/loss_linear"))
-    _mark_exit(ax, exit_step)
-    ax.set_title("probe loss: network vs linear model")
-    ax.set_ylabel("loss")
-    _legend(ax)
-
-
-def _distance_panel(
-    ax: Axes, history: Sequence[Mapping[str, float]], exit_step: int | None, tolerance: float
-) -> None:
-    """Absolute distance on the left axis, relative distance and its tolerance on the right."""
-    _plot_lines(ax, history, ("functional_distance", "memo/functional_distance"), color="tab:blue")
-    ax.set_ylabel("RMS(f − f_lin)")
-    rel_ax = ax.twinx()
-    _plot_lines(
-        rel_ax, history, ("functional_distance_rel", "memo/functional_distance_rel"), color="tab:orange"
-    )
-    rel_ax.axhline(
-        tolerance, color="tab:orange", linestyle="--", linewidth=1, label=f"tolerance {tolerance:g}"
-    )
-    rel_ax.set_ylabel("‖f − f_lin‖ / ‖f − f₀‖")
-    ax.set_ylim(bottom=0.0)
-    rel_ax.set_ylim(bottom=0.0)
-    _mark_exit(ax, exit_step)
-    ax.set_title("functional distance to the linear model")
-    _legend(ax, rel_ax)
-
-
-def _ntk_panel(ax: Axes, history: Sequence[Mapping[str, float]], exit_step: int | None) -> None:
-    """NTK gap to the affine data kernel and drift from the initial NTK."""
-    _plot_lines(ax, history, NTK_KEYS)
-    _mark_exit(ax, exit_step)
-    ax.set_title("NTK: gap to affine kernel and drift from init")
-    ax.set_ylabel("relative spectral norm")
-    _legend(ax)
-
-
-def _step_limits(history: Sequence[Mapping[str, float]], exit_step: int | None) -> tuple[float, float]:
-    """x-range from just left of step 0 to past the last step, never degenerate for a single check."""
-    steps = [float(rec["step"]) for rec in history]
-    if exit_step is not None:
-        steps.append(float(exit_step))
-    last = max(steps, default=0.0)
-    return -0.2, max(1.0, last) * 1.3
-
-
-def _new_figure(n_panels: int) -> tuple[Figure, list[Axes]] | None:
-    """A Figure on its own Agg canvas (never pyplot, so the user's backend is untouched)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    fig = Figure(figsize=(8.0, 2.8 * n_panels), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(n_panels, 1, sharex=True, squeeze=False)[:, 0]
-    return fig, list(axes)
-
-
-def run_figure(history: Sequence[Mapping[str, float]], *, exit_step: int | None, tolerance: float):
-    """Summary of a run: losses, functional distance and NTK change on a shared symlog step axis.
-
-    Returns a ``matplotlib.figure.Figure``, or None when matplotlib is not installed. The loss and
-    NTK panels appear only when something was measured for them; the distance panel always does.
-    """
-    panels = []
-    if _has_data(history, ("loss_network", "loss_linear", "memo/loss_linear")):
-        panels.append(lambda ax: _loss_panel(ax, history, exit_step))
-    panels.append(lambda ax: _distance_panel(ax, history, exit_step, tolerance))
-    if _has_data(history, NTK_KEYS):
-        panels.append(lambda ax: _ntk_panel(ax, history, exit_step))
-    made = _new_figure(len(panels))
-    if made is None:
-        return None
-    fig, axes = made
-    for draw, ax in zip(panels, axes, strict=True):
-        draw(ax)
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.grid(True, alpha=0.3)
-    axes[-1].set_xlim(*_step_limits(history, exit_step))
-    axes[-1].set_xlabel("optimizer step (symlog)")
-    fig.suptitle("lin_probe: network vs its linear model")
-    return fig
-
-
-def _figure_pixels(fig: Figure) -> np.ndarray:
-    """Render a Figure to an ``H × W × 3`` uint8 array with Agg, without going through pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
-
-
-# --------------------------------------------------------------------------- writer wrapper
+# --------------------------------------------------------------------------- the dashboard
 
 
 class TensorBoardPanels:
-    """Writes lin_probe's extras to a ``torch.utils.tensorboard.SummaryWriter`` (rank 0 only)."""
+    """Writes lin_probe's extras for one TensorBoard run (rank 0 only): ``writer`` is the run's own
+    ``SummaryWriter``; the series runs are created beside it, under ``<log_dir>/lin_probe/``."""
 
-    def __init__(self, writer: Any) -> None:
+    def __init__(self, writer: Any, log_dir: str | None = None) -> None:
         self.writer = writer
+        self.series = SeriesWriters(log_dir or _log_dir(writer), type(writer))
 
-    def register_layout(self, *, classification: bool = False, memorization: bool = False) -> None:
+    def register_layout(self, *, classification: bool = False) -> None:
         """Write the custom-scalar layout once per writer: TensorBoard keeps a single layout per run.
 
         The flag lives on the writer, so several panels objects sharing it still write it once; a
@@ -314,36 +215,45 @@ class TensorBoardPanels:
         """
         if getattr(self.writer, _LAYOUT_FLAG, False):
             return
-        layout = custom_scalar_layout(classification=classification, memorization=memorization)
-        self.writer.add_custom_scalars(layout)
+        self.writer.add_custom_scalars(custom_scalar_layout(classification=classification))
         setattr(self.writer, _LAYOUT_FLAG, True)
+
+    def hparams(self, params: Mapping[str, Any], metrics: Sequence[str]) -> None:
+        """The run's HParams session. TensorBoard keeps the *first* session written to a run."""
+        file_writer = self.writer._get_file_writer()
+        for summary in hparams_summaries(params, metrics):
+            file_writer.add_summary(summary)
+
+    def summary(self, values: Mapping[str, float], step: int) -> None:
+        """Per-run values (``lin_probe_summary/*``) in the main run, where HParams reads them."""
+        for name, value in values.items():
+            self.writer.add_scalar(summary_tag(name), float(value), global_step=step)
 
     def text(self, name: str, markdown: str, step: int) -> None:
         """A markdown card under ``lin_probe/<name>``."""
         self.writer.add_text(tag(name), markdown, global_step=step)
 
-    def eigenvalue_histogram(self, eigenvalues: Tensor, step: int) -> None:
-        """The NTK spectrum under ``lin_probe/ntk_eigenvalues``; non-finite values are dropped."""
-        values = eigenvalues.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-        values = values[torch.isfinite(values)]
-        if values.numel() == 0:
-            return
-        self.writer.add_histogram(tag("ntk_eigenvalues"), values.numpy(), global_step=step)
+    def spectrum(self, eigenvalues: Tensor, step: int) -> None:
+        """The NTK spectrum as a histogram of ``log10(λ/λ_max)`` under ``lin_probe/ntk_spectrum``."""
+        values = spectrum_values(eigenvalues)
+        if values is not None:
+            self.writer.add_histogram(tag(SPECTRUM), values, global_step=step)
 
-    def figure(
-        self,
-        history: Sequence[Mapping[str, float]],
-        *,
-        exit_step: int | None,
-        tolerance: float,
-        step: int,
-    ) -> None:
-        """The run summary figure as an image under ``lin_probe/summary`` (skipped without matplotlib)."""
-        fig = run_figure(history, exit_step=exit_step, tolerance=tolerance)
-        if fig is None:
-            return
-        self.writer.add_image(tag("summary"), _figure_pixels(fig), global_step=step, dataformats="HWC")
+    def images(self, images: Mapping[str, np.ndarray], step: int) -> None:
+        """Figure panels (``H × W × 3`` uint8) under ``lin_probe/figure/<name>``."""
+        for name, pixels in images.items():
+            self.writer.add_image(tag(FIGURE + name), pixels, global_step=step, dataformats="HWC")
 
     def flush(self) -> None:
         """Push pending events to disk, e.g. before a test or a user reads them back."""
         self.writer.flush()
+        self.series.flush()
+
+    def close(self) -> None:
+        """Close the series runs' writers (the main writer belongs to the logger)."""
+        self.series.close()
+
+
+def _log_dir(writer: Any) -> str:
+    """A writer's run directory: torch's ``log_dir`` or tensorboardX's ``logdir``."""
+    return str(getattr(writer, "log_dir", None) or writer.logdir)

@@ -17,7 +17,7 @@ from pathlib import Path
 import ddp_worker as W
 import pytest
 import torch
-from _lightning_setups import TwoLayerNet, read_events, scalar_series, sphere_data
+from _lightning_setups import Dashboard, TwoLayerNet, sphere_data
 from _robustness_helpers import replay
 from torch import Tensor
 from torch.utils.data import DistributedSampler
@@ -90,11 +90,13 @@ def test_ddp_ranks_agree_and_match_single_process_replay(ddp_runs) -> None:
     assert rank0["global_step"] == rank1["global_step"] == W.MAX_STEPS
 
     # Only rank zero writes TensorBoard events.
-    event_dirs = {p.parent for p in out.rglob("events.out.tfevents*")}
-    assert event_dirs == {out / "tb" / "version_0"}
+    event_files = list(out.rglob("events.out.tfevents*"))
+    event_dirs = {p.parent for p in event_files}
+    assert event_dirs and all(d.is_relative_to(out / "tb" / "version_0") for d in event_dirs)
+    assert len(event_files) == len(event_dirs), "one writer per run: a second rank wrote events too"
 
-    acc = read_events(out / "tb" / "version_0")
-    a, b = scalar_series(acc, "lin_probe/fit_a")[0], scalar_series(acc, "lin_probe/fit_b")[0]
+    dashboard = Dashboard(out / "tb" / "version_0")
+    a, b = dashboard.series("fit_a")[0], dashboard.series("fit_b")[0]
     x, y = sphere_data(W.N_TRAIN + W.N_VAL, W.D)
     x_train, y_train, x_val = x[: W.N_TRAIN], y[: W.N_TRAIN], x[W.N_TRAIN :]
     probe = x_val[0::2][: W.N_PROBE]  # rank 0's DistributedSampler shard (shuffle=False): 0, 2, 4, ...
@@ -106,8 +108,8 @@ def test_ddp_ranks_agree_and_match_single_process_replay(ddp_runs) -> None:
         probe,
         lambda params: torch.optim.SGD(params, lr=W.LR, momentum=MOMENTUM),
     )
-    logged = scalar_series(acc, "lin_probe/functional_distance")
-    rel = scalar_series(acc, "lin_probe/functional_distance_rel")
+    logged = dashboard.series("functional_distance")
+    rel = dashboard.series("functional_distance_rel")
     assert max(logged) == W.MAX_STEPS
     assert max(logged.values()) > 1e-2, "training must move the network away from the shadow"
     for step, value in logged.items():

@@ -23,12 +23,12 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from _lightning_setups import (
+    Dashboard,
     Regressor,
     TwoLayerNet,
     loaders,
     make_trainer,
     read_events,
-    scalar_series,
     sphere_data,
 )
 from _robustness_helpers import OptRegressor, assert_matches_replay, fit, saved
@@ -221,7 +221,8 @@ def test_validate_or_test_without_fit_is_quiet(tmp_path: Path, entry: str) -> No
     assert monitor.history == [] and monitor.kernel is None
     assert not any(k.startswith("lin_probe/") for k in trainer.callback_metrics)
     acc = read_events(trainer.logger.log_dir)
-    assert not [t for t in acc.Tags()["scalars"] if t.startswith("lin_probe/")]
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("lin_probe")]
+    assert not (Path(trainer.logger.log_dir) / "lin_probe").exists()
 
 
 # ------------------------------------------------------------------------------------------ resume
@@ -252,7 +253,7 @@ def test_resume_with_momentum_equals_uninterrupted_run(tmp_path: Path, ckpt_step
         warnings.simplefilter("ignore")
         trainer.fit(module(99), train, val, ckpt_path=str(path))
     assert resumed.exit_step == full.exit_step
-    logged = scalar_series(read_events(trainer.logger.log_dir), "lin_probe/functional_distance")
+    logged = Dashboard(trainer.logger.log_dir).series("functional_distance")
     expected = {int(r["step"]): r["functional_distance"] for r in full.history if r["step"] > ckpt_step}
     assert set(logged) == set(expected)
     for step, value in expected.items():
@@ -260,8 +261,5 @@ def test_resume_with_momentum_equals_uninterrupted_run(tmp_path: Path, ckpt_step
         assert logged[step] == pytest.approx(value, rel=1e-6, abs=1e-8), f"step {step}"
     # the exit is logged once, by whichever run confirms it: the resumed one only if after the checkpoint
     found_at = next(int(r["step"]) for r in full.history if "exit_step" in r)
-    acc = read_events(trainer.logger.log_dir)
-    exit_logs = (
-        scalar_series(acc, "lin_probe/exit_step") if "lin_probe/exit_step" in acc.Tags()["scalars"] else {}
-    )
+    exit_logs = Dashboard(trainer.logger.log_dir).series("exit_step")
     assert exit_logs == ({found_at: float(full.exit_step)} if found_at > ckpt_step else {})

@@ -92,22 +92,29 @@ def test_tensorboard_serves_lin_probe_scalars_and_layout(tmp_path: Path) -> None
         )
         assert plugins["scalars"]["enabled"] and plugins["custom_scalars"]["enabled"]
 
+        run = "existing_trainer/version_0"
+        series_runs = [f"{run}/lin_probe/{name}" for name in ("network", "linear", "tolerance")]
         tags = wait_for(
             base,
             "/data/plugin/scalars/tags",
-            lambda t: any("lin_probe/functional_distance_rel" in v for v in t.values()),
+            lambda t: all("lin_probe/loss" in t.get(r, {}) for r in series_runs[:2]),
             proc,
             deadline,
         )
-        assert list(tags) == ["existing_trainer/version_0"], tags
-        run_tags = tags["existing_trainer/version_0"]
-        for name in ("functional_distance_rel", "loss_network", "loss_linear", "ntk_drift", "fit_a"):
-            assert f"lin_probe/{name}" in run_tags, sorted(run_tags)
+        # one TensorBoard run per series (TensorBoard colours by run), the summary in the main run
+        assert set(series_runs) <= set(tags), sorted(tags)
+        assert "lin_probe/functional_distance_rel" in tags[f"{run}/lin_probe/linear"]
+        assert "lin_probe/ntk" in tags[f"{run}/lin_probe/ntk_drift"]
+        assert "lin_probe_summary/fit_a" in tags[run], sorted(tags[run])
 
-        query = "?run=existing_trainer/version_0&tag=lin_probe/functional_distance_rel"
+        query = f"?run={run}/lin_probe/linear&tag=lin_probe/functional_distance_rel"
         series = get_json(base, "/data/plugin/scalars/scalars" + query)  # [[wall_time, step, value], ...]
         assert series[0][1] == 0 and series[0][2] == 0.0
         assert len(series) >= 4 and all(row[2] >= 0 for row in series)
+        query = f"?run={run}/lin_probe/tolerance&tag=lin_probe/functional_distance_rel"
+        tolerance = get_json(base, "/data/plugin/scalars/scalars" + query)
+        assert [row[1] for row in tolerance] == [row[1] for row in series]
+        assert len({row[2] for row in tolerance}) == 1, "the tolerance is a constant line"
 
         layout = wait_for(
             base, "/data/plugin/custom_scalars/layout", lambda p: bool(p.get("category")), proc, deadline
@@ -117,7 +124,7 @@ def test_tensorboard_serves_lin_probe_scalars_and_layout(tmp_path: Path) -> None
         titles = [chart["title"] for chart in category["chart"]]
         assert "loss: network vs linear" in titles and "accuracy and agreement" in titles, titles
         loss_chart = next(c for c in category["chart"] if c["title"] == "loss: network vs linear")
-        assert loss_chart["multiline"]["tag"] == ["^lin_probe/loss_network$", "^lin_probe/loss_linear$"]
+        assert loss_chart["multiline"]["tag"] == ["^lin_probe/loss$"]
     except AssertionError:
         print(server_log.read_text()[-3000:])
         raise

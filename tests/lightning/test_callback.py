@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from _lightning_setups import (
     SCALAR_TAGS,
+    Dashboard,
     Regressor,
     TwoLayerNet,
     loaders,
@@ -118,29 +119,30 @@ def test_every_tag_and_layout_present(tmp_path: Path) -> None:
     monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=4, tolerance=0.01, patience=2)
     trainer, _, _, _ = _run(tmp_path, width=16, lr=2.0, monitor=monitor, max_steps=16)
     acc = read_events(trainer.logger.log_dir)
-    scalars = set(acc.Tags()["scalars"])
+    dashboard = Dashboard(trainer.logger.log_dir)
     for name in SCALAR_TAGS:
-        assert f"lin_probe/{name}" in scalars, name
+        assert dashboard.has(name), name
     # ntk_gap at step 0 equals the fit's own error (same denominator ‖Θ_0‖₂)
-    gap0 = scalar_series(acc, "lin_probe/ntk_gap")[0]
-    assert gap0 == pytest.approx(scalar_series(acc, "lin_probe/fit_rel_error")[0], rel=1e-6)
-    assert scalar_series(acc, "lin_probe/ntk_drift")[0] == pytest.approx(0.0, abs=1e-9)
-    assert scalar_series(acc, "lin_probe/functional_distance_rel")[0] == 0.0
+    gap0 = dashboard.series("ntk_gap")[0]
+    assert gap0 == pytest.approx(dashboard.series("fit_rel_error")[0], rel=1e-6)
+    assert dashboard.series("ntk_drift")[0] == pytest.approx(0.0, abs=1e-9)
+    assert dashboard.series("functional_distance_rel")[0] == 0.0
+    # TensorBoard gets the per-series dashboard, not a second copy of the flat tags in the main run
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("lin_probe/")]
     layouts = acc.Tensors("custom_scalars__config__")
     assert len(layouts) == 1
     layout = layout_pb2.Layout()
     layout.ParseFromString(layouts[0].tensor_proto.string_val[0])
     assert layout.category[0].title == "lin_probe"
     texts = set(acc.Tags()["tensors"])
-    assert "lin_probe/fit/text_summary" in texts and "lin_probe/exit/text_summary" in texts
-    assert "lin_probe/ntk_eigenvalues" in acc.Tags()["histograms"]
-    assert "lin_probe/summary" in acc.Tags()["images"]
+    assert "lin_probe/1_fit/text_summary" in texts and "lin_probe/2_exit/text_summary" in texts
+    assert "lin_probe/ntk_spectrum" in acc.Tags()["histograms"]
+    assert "lin_probe/figure/2_distance" in acc.Tags()["images"]
     # callback_metrics feed EarlyStopping / ModelCheckpoint
     assert "lin_probe/functional_distance_rel" in trainer.callback_metrics
     assert monitor.exit_step is not None
-    assert scalar_series(acc, "lin_probe/exit_step") == {
-        next(iter(scalar_series(acc, "lin_probe/exit_step"))): float(monitor.exit_step)
-    }
+    (confirmed_at,) = [int(r["step"]) for r in monitor.history if "exit_step" in r]
+    assert dashboard.series("exit_step") == {confirmed_at: float(monitor.exit_step)}
 
 
 def _brute_force_exit(history: list[dict], tolerance: float, patience: int) -> int | None:
@@ -154,20 +156,25 @@ def _brute_force_exit(history: list[dict], tolerance: float, patience: int) -> i
 def test_exit_follows_rule_on_a_run_that_leaves(tmp_path: Path) -> None:
     monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=5, tolerance=0.1, patience=3)
     trainer, _, _, _ = _run(tmp_path, width=8, lr=4.0, monitor=monitor, max_steps=40)
-    acc = read_events(trainer.logger.log_dir)
-    rel = scalar_series(acc, "lin_probe/functional_distance_rel")
+    dashboard = Dashboard(trainer.logger.log_dir)
+    rel = dashboard.series("functional_distance_rel")
     history = [{"step": s, "functional_distance_rel": v} for s, v in sorted(rel.items())]
     expected = _brute_force_exit(history, 0.1, 3)
     assert expected is not None, "narrow net at a large learning rate must leave the linear regime"
     assert monitor.exit_step == expected
-    flags = scalar_series(acc, "lin_probe/in_linear_regime")
-    assert flags[0] == 1.0 and flags[max(flags)] == 0.0
+    # the flag drops AT the exit step (not at the later check that confirmed it), in two constant runs
+    assert dashboard.series("in_linear_regime") == {step: float(step < expected) for step in rel}
+    exit_marks = scalar_series(dashboard.run("exit"), "lin_probe/functional_distance_rel")
+    assert min(exit_marks) == expected
+    assert exit_marks == {step: value for step, value in rel.items() if step >= expected}
+    tolerance = scalar_series(dashboard.run("tolerance"), "lin_probe/functional_distance_rel")
+    assert tolerance == dict.fromkeys(rel, pytest.approx(0.1))
 
 
 def test_lazy_wide_net_stays_linear(tmp_path: Path) -> None:
     monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=5, tolerance=0.1, patience=3)
     trainer, _, _, _ = _run(tmp_path, width=4096, lr=0.05, monitor=monitor, max_steps=10)
-    rel = scalar_series(read_events(trainer.logger.log_dir), "lin_probe/functional_distance_rel")
+    rel = Dashboard(trainer.logger.log_dir).series("functional_distance_rel")
     assert monitor.exit_step is None
     assert max(rel.values()) < 0.1
 

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 from _lightning_setups import (
+    Dashboard,
     Regressor,
     TwoLayerNet,
     loaders,
     make_trainer,
-    read_events,
-    scalar_series,
     sphere_data,
 )
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -88,25 +87,25 @@ def test_matrix_free_run_matches_dense_run(
     free, free_dir = _fit(tmp_path, "free", matrix_free=True)
     assert dense.core is not None and dense.core.reference.dense
     assert free.core is not None and not free.core.reference.dense
-    acc_dense, acc_free = read_events(dense_dir), read_events(free_dir)
+    acc_dense, acc_free = Dashboard(dense_dir), Dashboard(free_dir)
     # fit: the same normal equations from float32 products instead of a float32 matrix (~1e-7 relative)
     for key in ("fit_a", "fit_b", "fit_c"):
-        got = scalar_series(acc_free, f"lin_probe/{key}")[0]
-        assert got == pytest.approx(scalar_series(acc_dense, f"lin_probe/{key}")[0], rel=1e-5), key
+        got = acc_free.series(key)[0]
+        assert got == pytest.approx(acc_dense.series(key)[0], rel=1e-5), key
     # Lanczos-based values: rtol 1e-5 per norm, float32 products; 1e-4 relative leaves a margin
     for key in ("fit_rel_error", "ntk_gap", "ntk_drift"):
-        want, got = scalar_series(acc_dense, f"lin_probe/{key}"), scalar_series(acc_free, f"lin_probe/{key}")
+        want, got = acc_dense.series(key), acc_free.series(key)
         assert set(got) == set(want), key
         for step in want:
             assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-7), (key, step)
-    assert set(scalar_series(acc_free, "lin_probe/ntk_gap")) == {0, 4, 8}
-    assert scalar_series(acc_free, "lin_probe/ntk_drift")[8] > 1e-2, "the kernel must really move"
+    assert set(acc_free.series("ntk_gap")) == {0, 4, 8}
+    assert acc_free.series("ntk_drift")[8] > 1e-2, "the kernel must really move"
     # the functional side is untouched by the mode
     for r_dense, r_free in zip(dense.history, free.history, strict=True):
         assert r_free["functional_distance"] == pytest.approx(r_dense["functional_distance"], rel=1e-6)
     # no eigenvalue histogram, and no n × n Θ_0 in the checkpoint state, in matrix-free mode
-    assert "lin_probe/ntk_eigenvalues" in acc_dense.Tags()["histograms"]
-    assert "lin_probe/ntk_eigenvalues" not in acc_free.Tags()["histograms"]
+    assert "lin_probe/ntk_spectrum" in acc_dense.main.Tags()["histograms"]
+    assert "lin_probe/ntk_spectrum" not in acc_free.main.Tags()["histograms"]
     state = free.state_dict()["core"]
     assert state["ntk0"] is None
     assert state["ntk0_norm"] == pytest.approx(

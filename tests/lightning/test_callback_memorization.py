@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _lightning_setups import Regressor, TwoLayerNet, make_trainer, read_events, scalar_series, sphere_data
-from tensorboard.plugins.custom_scalar import layout_pb2
+from _lightning_setups import Dashboard, Regressor, TwoLayerNet, make_trainer, sphere_data
 from torch.utils.data import DataLoader, TensorDataset
 
 from lin_probe.data import WithIndex
@@ -50,9 +49,9 @@ def test_memo_shadow_stays_closer_than_the_papers_on_held_out_points(tmp_path: P
     monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=10, memorization=True, tolerance=0.1)
     # width 16384: at 4096 the finite-width noise of Θ_0 alone puts both shadows near 0.1 by step 16
     trainer = _fit(tmp_path, monitor, with_index=True, name="memo", steps=150, width=16384)
-    acc = read_events(trainer.logger.log_dir)
-    paper = scalar_series(acc, "lin_probe/functional_distance_rel")
-    memo = scalar_series(acc, "lin_probe/memo/functional_distance_rel")
+    dashboard = Dashboard(trainer.logger.log_dir)
+    paper = dashboard.series("functional_distance_rel")
+    memo = dashboard.series("memo/functional_distance_rel")
     assert set(paper) == set(memo)
     late = [s for s in paper if s > 10]
     assert late
@@ -62,11 +61,9 @@ def test_memo_shadow_stays_closer_than_the_papers_on_held_out_points(tmp_path: P
     assert memo[max(late)] < 0.8 * paper[max(late)]
     assert monitor.exit_step is not None, "the paper's shadow departs (n = 2d: its missing c·I term matters)"
     assert monitor.memo_exit_step is None or monitor.memo_exit_step > monitor.exit_step
-    assert {"lin_probe/memo/functional_distance", "lin_probe/memo/loss_linear"} <= set(acc.Tags()["scalars"])
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    regexes = [tag for cat in layout.category for chart in cat.chart for tag in chart.multiline.tag]
-    assert any("memo" in r for r in regexes)
+    assert dashboard.has("memo/functional_distance") and dashboard.has("memo/loss_linear")
+    logged = {int(r["step"]): r["memo/functional_distance_rel"] for r in monitor.history}
+    assert memo == {step: pytest.approx(value, rel=1e-6) for step, value in logged.items()}
 
 
 def test_index_and_hash_identity_agree(tmp_path: Path) -> None:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _lightning_setups import CLASSIFICATION_TAGS, MEMO_TAGS, SCALAR_TAGS
-from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from lin_probe import AffineKernel
@@ -23,33 +21,26 @@ from lin_probe.lightning.tensorboard import (
     custom_scalar_layout,
     exit_card,
     fit_card,
-    run_figure,
     tag,
 )
 
 LAYOUT_TAG = "custom_scalars__config__"
 
-ALL_TAGS = ["lin_probe/" + name for name in SCALAR_TAGS + CLASSIFICATION_TAGS + MEMO_TAGS]
+# Every chart tag the series runs write (see lin_probe/lightning/series.py), and the summary tags.
+ALL_TAGS = [
+    "lin_probe/" + name
+    for name in ("loss", "accuracy", "agreement", "functional_distance", "functional_distance_rel", "ntk",
+                 "in_linear_regime")
+] + ["lin_probe_summary/fit_a", "lin_probe_summary/exit_step"]  # fmt: skip
 
 EXPECTED_CHARTS = {
-    "loss: network vs linear": {"lin_probe/loss_network", "lin_probe/loss_linear"},
+    "loss: network vs linear": {"lin_probe/loss"},
     "functional distance": {"lin_probe/functional_distance"},
-    "functional distance (relative)": {"lin_probe/functional_distance_rel"},
-    "NTK: gap to affine kernel and drift": {"lin_probe/ntk_gap", "lin_probe/ntk_drift"},
+    "functional distance (relative) vs tolerance": {"lin_probe/functional_distance_rel"},
+    "NTK: gap to affine kernel and drift": {"lin_probe/ntk"},
     "in linear regime": {"lin_probe/in_linear_regime"},
 }
-MEMO_ADDITIONS = {
-    "loss: network vs linear": {"lin_probe/memo/loss_linear"},
-    "functional distance": {"lin_probe/memo/functional_distance"},
-    "functional distance (relative)": {"lin_probe/memo/functional_distance_rel"},
-}
-CLASSIFICATION_CHART = {
-    "accuracy and agreement": {
-        "lin_probe/accuracy_network",
-        "lin_probe/accuracy_linear",
-        "lin_probe/agreement",
-    }
-}
+CLASSIFICATION_CHART = {"accuracy and agreement": {"lin_probe/accuracy", "lin_probe/agreement"}}
 
 
 def _read(log_dir: Path) -> EventAccumulator:
@@ -132,15 +123,9 @@ def test_tag_prefixes_name() -> None:
 
 
 @pytest.mark.parametrize("classification", [False, True])
-@pytest.mark.parametrize("memorization", [False, True])
-def test_layout_read_back_charts_match_only_their_tags(
-    tmp_path: Path, classification: bool, memorization: bool
-) -> None:
-    layout = _written_layout(tmp_path, classification=classification, memorization=memorization)
+def test_layout_read_back_charts_match_only_their_tags(tmp_path: Path, classification: bool) -> None:
+    layout = _written_layout(tmp_path, classification=classification)
     expected = {title: set(tags) for title, tags in EXPECTED_CHARTS.items()}
-    if memorization:
-        for title, extra in MEMO_ADDITIONS.items():
-            expected[title] |= extra
     if classification:
         expected.update(CLASSIFICATION_CHART)
 
@@ -153,7 +138,7 @@ def test_layout_read_back_charts_match_only_their_tags(
 
 
 def test_layout_regexes_are_anchored_at_both_ends() -> None:
-    charts = custom_scalar_layout(memorization=True)["lin_probe"]
+    charts = custom_scalar_layout()["lin_probe"]
     (distance_rx,) = charts["functional distance"][1][:1]
     assert re.match(distance_rx, "lin_probe/functional_distance")
     assert not re.match(distance_rx, "lin_probe/functional_distance_rel")
@@ -166,7 +151,7 @@ def test_register_layout_twice_writes_once(tmp_path: Path) -> None:
     first, second = TensorBoardPanels(writer), TensorBoardPanels(writer)
     first.register_layout()
     first.register_layout(classification=True)
-    second.register_layout(memorization=True)
+    second.register_layout(classification=True)
     first.flush()
     writer.close()
     layouts = _layouts(_read(tmp_path))
@@ -194,10 +179,10 @@ def test_text_card_reads_back_with_numbers(tmp_path: Path) -> None:
         n_parameters=12345,
         center=True,
     )
-    panels.text("fit", card, step=0)
+    panels.text("1_fit", card, step=0)
     panels.flush()
     writer.close()
-    events = _read(tmp_path).Tensors("lin_probe/fit/text_summary")
+    events = _read(tmp_path).Tensors("lin_probe/1_fit/text_summary")
     assert len(events) == 1
     assert events[0].step == 0
     text = events[0].tensor_proto.string_val[0].decode("utf-8")
@@ -226,101 +211,81 @@ def _assert_fit_card(
     assert re.search(rf"\b{source}\b", card)
 
 
-def test_eigenvalue_histogram_count_min_max(tmp_path: Path) -> None:
+def test_spectrum_histogram_is_log10_of_eigenvalues_over_the_largest(tmp_path: Path) -> None:
     eigenvalues = torch.tensor([3.5e-4, 0.02, 0.7, 1.9, 12.0, 250.0], dtype=torch.float64)
     writer = SummaryWriter(log_dir=str(tmp_path))
     panels = TensorBoardPanels(writer)
-    panels.eigenvalue_histogram(eigenvalues, step=7)
+    panels.spectrum(eigenvalues, step=7)
     panels.flush()
     writer.close()
-    (event,) = _read(tmp_path).Histograms("lin_probe/ntk_eigenvalues")
+    (event,) = _read(tmp_path).Histograms("lin_probe/ntk_spectrum")
     assert event.step == 7
     assert event.histogram_value.num == 6
-    assert event.histogram_value.min == pytest.approx(3.5e-4)
-    assert event.histogram_value.max == pytest.approx(250.0)
-
-
-def test_eigenvalue_histogram_drops_non_finite(tmp_path: Path) -> None:
-    eigenvalues = torch.tensor([1.0, float("nan"), 4.0, float("inf")], dtype=torch.float32)
-    writer = SummaryWriter(log_dir=str(tmp_path))
-    TensorBoardPanels(writer).eigenvalue_histogram(eigenvalues, step=0)
-    writer.close()
-    (event,) = _read(tmp_path).Histograms("lin_probe/ntk_eigenvalues")
-    assert (event.histogram_value.num, event.histogram_value.min, event.histogram_value.max) == (2, 1.0, 4.0)
-
-
-def test_figure_logged_as_image(tmp_path: Path) -> None:
-    writer = SummaryWriter(log_dir=str(tmp_path))
-    panels = TensorBoardPanels(writer)
-    panels.figure(_history(), exit_step=100, tolerance=0.1, step=100)
-    panels.flush()
-    writer.close()
-    (event,) = _read(tmp_path).Images("lin_probe/summary")
-    assert event.step == 100
-    assert event.width > 100 and event.height > 100
-    assert event.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_figure_skipped_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
-        monkeypatch.setitem(sys.modules, module, None)
-    assert run_figure(_history(), exit_step=None, tolerance=0.1) is None
-    writer = SummaryWriter(log_dir=str(tmp_path))
-    TensorBoardPanels(writer).figure(_history(), exit_step=None, tolerance=0.1, step=3)
-    TensorBoardPanels(writer).text("still_alive", "ok", step=3)
-    writer.close()
-    acc = _read(tmp_path)
-    assert acc.Tags()["images"] == []
-    assert "lin_probe/still_alive/text_summary" in acc.Tags()["tensors"]
-
-
-def _exit_lines(fig: Figure) -> int:
-    return sum(
-        1 for ax in fig.axes for line in ax.get_lines() if line.get_label().startswith("exit (step 100)")
+    assert event.histogram_value.min == pytest.approx(math.log10(3.5e-4 / 250.0))
+    assert event.histogram_value.max == pytest.approx(0.0, abs=1e-12)
+    # the bulk is spread over decades, not crushed at 0 as on a linear axis
+    assert event.histogram_value.sum == pytest.approx(
+        sum(math.log10(v / 250.0) for v in eigenvalues.tolist())
     )
 
 
-def test_run_figure_panels_axes_and_exit_line() -> None:
-    fig = run_figure(_history(), exit_step=100, tolerance=0.1)
-    assert isinstance(fig, Figure)
-    main_axes = [ax for ax in fig.axes if ax.get_ylabel() != "‖f − f_lin‖ / ‖f − f₀‖"]
-    assert len(main_axes) == 3
-    assert all(ax.get_xscale() == "symlog" for ax in main_axes)
-    assert _exit_lines(fig) == 3
-    assert all(ax.get_title() and ax.get_legend() is not None for ax in main_axes)
-    (rel_ax,) = [ax for ax in fig.axes if ax not in main_axes]
-    tolerance_lines = [ln for ln in rel_ax.get_lines() if ln.get_linestyle() == "--"]
-    assert [tuple(ln.get_ydata()) for ln in tolerance_lines] == [(0.1, 0.1)]
-
-
-def test_run_figure_draws_nan_as_gap() -> None:
-    fig = run_figure(_history(), exit_step=None, tolerance=0.1)
-    assert fig is not None
-    (rel_line,) = [
-        ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == "functional_distance_rel"
-    ]
-    np.testing.assert_array_equal(rel_line.get_xdata(), [0.0, 1.0, 10.0, 100.0])
-    assert math.isnan(rel_line.get_ydata()[1])
-    (loss_linear,) = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == "loss_linear"]
-    np.testing.assert_array_equal(loss_linear.get_xdata(), [0.0, 10.0, 100.0])  # missing at step 1
-
-
-def test_run_figure_without_exit_ntk_or_loss() -> None:
-    history = [{"step": 0, "functional_distance": 0.0, "functional_distance_rel": float("nan")}]
-    fig = run_figure(history, exit_step=None, tolerance=0.2)
-    assert fig is not None
-    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == [
-        "functional distance to the linear model"
-    ]
-    assert not any(ln.get_label().startswith("exit") for ax in fig.axes for ln in ax.get_lines())
-    fig.canvas.draw()  # renders despite a single point and an all-NaN curve
-
-
-def test_run_figure_single_record_renders(tmp_path: Path) -> None:
+def test_spectrum_drops_non_finite_non_positive_and_round_off(tmp_path: Path) -> None:
+    eigenvalues = torch.tensor([1.0, float("nan"), 4.0, float("inf"), 0.0, -1e-9, 4e-14], dtype=torch.float32)
     writer = SummaryWriter(log_dir=str(tmp_path))
-    TensorBoardPanels(writer).figure(_history()[:1], exit_step=0, tolerance=0.1, step=0)
+    panels = TensorBoardPanels(writer)
+    panels.spectrum(eigenvalues, step=0)
+    panels.spectrum(torch.tensor([float("nan"), -1.0]), step=1)  # nothing left: nothing written
     writer.close()
-    assert len(_read(tmp_path).Images("lin_probe/summary")) == 1
+    (event,) = _read(tmp_path).Histograms("lin_probe/ntk_spectrum")
+    hist = event.histogram_value
+    assert (hist.num, hist.min, hist.max) == (2, pytest.approx(math.log10(0.25)), 0.0)
+
+
+def test_images_written_per_panel_as_png(tmp_path: Path) -> None:
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    panels = TensorBoardPanels(writer)
+    pixels = np.zeros((30, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = 255
+    panels.images({"1_loss": pixels, "2_distance": pixels[:20]}, step=12)
+    panels.flush()
+    writer.close()
+    acc = _read(tmp_path)
+    assert sorted(acc.Tags()["images"]) == ["lin_probe/figure/1_loss", "lin_probe/figure/2_distance"]
+    (event,) = acc.Images("lin_probe/figure/2_distance")
+    assert (event.step, event.width, event.height) == (12, 40, 20)
+    assert event.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hparams_session_reads_back_params_and_metric_names(tmp_path: Path) -> None:
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    panels = TensorBoardPanels(writer)
+    panels.hparams({"lr": 0.5, "lin_probe/data_kernel": "flat"}, ["hp_metric", "lin_probe_summary/fit_a"])
+    panels.summary({"fit_a": 0.25}, step=0)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    contents = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(contents["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["lr"].number_value == 0.5
+    assert hparams["lin_probe/data_kernel"].string_value == "flat"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(contents["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["hp_metric", "lin_probe_summary/fit_a"]
+    (fit_a,) = acc.Scalars("lin_probe_summary/fit_a")
+    assert (fit_a.step, fit_a.value) == (0, 0.25)
+
+
+def test_series_runs_live_under_the_writers_run(tmp_path: Path) -> None:
+    writer = SummaryWriter(log_dir=str(tmp_path / "version_0"))
+    panels = TensorBoardPanels(writer)
+    panels.series.write([("network", "loss", 3, 1.5), ("linear", "loss", 3, 1.25)], tag)
+    panels.flush()
+    panels.close()
+    writer.close()
+    for run, value in (("network", 1.5), ("linear", 1.25)):
+        acc = _read(tmp_path / "version_0" / "lin_probe" / run)
+        (event,) = acc.Scalars("lin_probe/loss")
+        assert (event.step, event.value) == (3, value)
 
 
 @pytest.mark.parametrize(("rel_error", "verdict"), [(0.29, "good"), (0.3, "good"), (0.31, "poor")])
