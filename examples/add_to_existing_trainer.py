@@ -4,7 +4,7 @@ Below is an ordinary PyTorch Lightning classifier (a two-hidden-layer MLP with P
 initialisation, cross-entropy, SGD with momentum) on scikit-learn's breast-cancer data. The only
 lin_probe line is ``LinearRegimeMonitor(...)`` in the Trainer's callbacks. It prints the step at
 which the network left the linear regime of Hu et al. (2020), and the command to open TensorBoard
-on the run (scalars under ``lin_probe/``, a "CUSTOM SCALARS" dashboard, text cards, a figure).
+on the run (the dashboard: network vs linear charts, Custom Scalars, text cards, figures, HParams).
 
 Run: ``python examples/add_to_existing_trainer.py`` (``--fast`` for a few-second smoke run).
 """

@@ -75,11 +75,16 @@ def train_with_monitor(width: int, lr: float, max_steps: int, log_dir: Path) -> 
         enable_model_summary=False,
         enable_progress_bar=False,
         check_val_every_n_epoch=5,
+        log_every_n_steps=len(train),  # once per epoch: an epoch is shorter than Lightning's default 50
         accelerator="cpu",
         devices=1,
     )
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # in-memory data
+        # Lightning 2.6 on torch 2.13 calls a pytree check torch deprecates; nothing a user can act on.
+        warnings.filterwarnings(
+            "ignore", message=".*isinstance\\(treespec, LeafSpec\\).*", category=FutureWarning
+        )
         trainer.fit(ValidatedDigitsRegression(width, lr), train, val)
     print(
         f"\n2. Two-layer ReLU net (width {width}) on digits, SGD lr={lr}, {max_steps} steps, with LinearRegimeMonitor"

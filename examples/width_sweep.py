@@ -50,6 +50,7 @@ class DigitsRegression(pl.LightningModule):
 
     def __init__(self, width: int, lr: float) -> None:
         super().__init__()
+        self.save_hyperparameters()  # width and lr: columns of TensorBoard's HParams table, beside lin_probe's
         self.net = TwoLayerNet(64, width, 10)
         self.lr = lr
 

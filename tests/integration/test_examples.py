@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _lightning_setups import SCALAR_TAGS, read_events, scalar_series
+from _lightning_setups import SCALAR_TAGS, Dashboard, read_events, scalar_series
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -48,24 +48,23 @@ def printed_exit(stdout: str) -> int | None:
 def check_event_file(run_dir: Path, exit_step: int | None, *, ntk: bool = True) -> None:
     """The lin_probe scalars exist with finite values, and the logged exit step is the printed one."""
     assert list(run_dir.glob("events.out.tfevents.*")), f"no event file in {run_dir}"
-    acc = read_events(run_dir)
-    scalars = set(acc.Tags()["scalars"])
+    dashboard = Dashboard(run_dir)
     for name in LIN_PROBE_TAGS:
         if not ntk and name in ("ntk_gap", "ntk_drift"):
             continue
-        key = f"lin_probe/{name}"
-        assert key in scalars, f"{key} missing from {sorted(scalars)}"
-        values = scalar_series(acc, key)
-        assert values and all(math.isfinite(v) for v in values.values()), key
-    rel = scalar_series(acc, "lin_probe/functional_distance_rel")
+        values = dashboard.series(name)
+        assert values and all(math.isfinite(v) for v in values.values()), name
+    rel = dashboard.series("functional_distance_rel")
     assert rel[0] == 0.0 and len(rel) >= 4
-    logged_exit = scalar_series(acc, "lin_probe/exit_step") if "lin_probe/exit_step" in scalars else {}
+    logged_exit = dashboard.series("exit_step")
+    regime = dashboard.series("in_linear_regime")
+    assert sorted(regime) == sorted(rel), "every check's regime is written by the end of the run"
     if exit_step is None:
         assert not logged_exit
-        assert all(v == 1.0 for v in scalar_series(acc, "lin_probe/in_linear_regime").values())
+        assert all(v == 1.0 for v in regime.values())
     else:
         assert list(logged_exit.values()) == [float(exit_step)]
-        assert scalar_series(acc, "lin_probe/in_linear_regime")[0] == 1.0
+        assert regime == {step: float(step < exit_step) for step in rel}
 
 
 def table_rows(stdout: str, n_columns: int) -> list[list[str]]:
@@ -181,3 +180,25 @@ def test_plain_pytorch_loop(tmp_path: Path) -> None:
     assert sorted(rel) == steps and rel[0] == 0.0
     regime = scalar_series(acc, "lin_probe/in_linear_regime")
     assert (exit_step is None) == all(v == 1.0 for v in regime.values())
+
+
+@pytest.mark.slow
+def test_demo_runs_without_warnings(tmp_path: Path) -> None:
+    """``make demo`` is a new user's first look: no Lightning or lin_probe warning may clutter it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # Python's default warning filters
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py"), "--fast", "--log-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # warnings.warn / rank_zero_warn print "<file>:<line>: <message>"
+    warned = [line for line in proc.stderr.splitlines() if re.search(r"\.py:\d+: ", line)]
+    assert not warned, "\n".join(warned)
+    found = re.findall(r"exit step: the network left the linear regime at step (\d+)", proc.stdout)
+    stayed = "stayed in the linear regime" in proc.stdout
+    assert len(found) + stayed == 1, proc.stdout
+    check_event_file(tmp_path / "demo" / "version_0", int(found[0]) if found else None)
