@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench browser screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,15 +20,26 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP)
+# The dashboard test drives a real headless Chromium (Debian's chromium + chromium-driver packages);
+# installed here when missing (needs root or sudo, as in CI).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$(command -v sudo || true); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check lin_probe tests examples benchmarks reproduce
-	$(BIN)/ruff format --check lin_probe tests examples benchmarks reproduce
+	$(BIN)/ruff check lin_probe tests examples benchmarks reproduce tools
+	$(BIN)/ruff format --check lin_probe tests examples benchmarks reproduce tools
+
+# The dashboard's screenshots in docs/figures/ (the README shows one): the full demo, then TensorBoard in Chromium.
+screenshots: $(STAMP) browser
+	$(BIN)/python tools/screenshots.py --out docs/figures
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ntk_speed.py

@@ -180,7 +180,7 @@ DASHBOARD = {
 class Dashboard:
     """A TensorBoardLogger run's lin_probe values read back from its event files, by flat record key.
 
-    ``in_linear_regime`` is the union of the ``linear`` run's 1s (inside) and the ``exit`` run's 0s.
+    ``in_linear_regime`` is the union of the ``linear`` run's 1s (inside) and the ``since_exit`` run's 0s.
     """
 
     def __init__(self, log_dir: str | Path) -> None:
@@ -199,7 +199,7 @@ class Dashboard:
     def has(self, key: str) -> bool:
         if key == "in_linear_regime":
             return self.has_in("linear", "lin_probe/in_linear_regime") or self.has_in(
-                "exit", "lin_probe/in_linear_regime"
+                "since_exit", "lin_probe/in_linear_regime"
             )
         run, tag = DASHBOARD[key]
         return self.has_in(run, tag)
@@ -211,7 +211,7 @@ class Dashboard:
     def series(self, key: str) -> dict[int, float]:
         """``{step: value}``; empty when never written."""
         if key == "in_linear_regime":
-            pairs = [("linear", "lin_probe/in_linear_regime"), ("exit", "lin_probe/in_linear_regime")]
+            pairs = [("linear", "lin_probe/in_linear_regime"), ("since_exit", "lin_probe/in_linear_regime")]
         else:
             pairs = [DASHBOARD[key]]
         values: dict[int, float] = {}

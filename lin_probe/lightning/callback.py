@@ -158,7 +158,7 @@ class LinearRegimeMonitor(Callback):
             return
         _bridge.require_automatic_optimization(pl_module)
         self._reset()  # each fit starts clean; a checkpoint's state arrives after this, in load_state_dict
-        self.publisher.start(trainer, pl_module, n_probe=self.n_probe)  # before Lightning's HParams
+        self.publisher.start(trainer, pl_module)  # before Lightning's HParams
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -22,7 +22,7 @@ from pytorch_lightning.utilities.rank_zero import WarningCache, rank_zero_info
 from torch import Tensor
 
 from lin_probe.lightning import _bridge
-from lin_probe.lightning.series import RegimeTimeline, check_points
+from lin_probe.lightning.series import MEMORIZING, SERIES_ORDER, RegimeTimeline, check_points
 from lin_probe.lightning.tensorboard import (
     EXIT_CARD,
     FIT_CARD,
@@ -61,7 +61,7 @@ class Publisher:
         self._drawn: tuple[int, float] | None = None  # (checks drawn, when) of the last figure
 
     # ------------------------------------------------------------------ the run's frame
-    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, n_probe: int) -> None:
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """At setup, before Lightning logs the model's hyperparameters: the run's HParams session.
 
         TensorBoard keeps the first session of a run, so lin_probe writes it first, with the model's
@@ -74,15 +74,15 @@ class Publisher:
         if panels is None or logger is None or not _bridge.writes_default_hparams(logger):
             return
         config = self.config
+        # Two settings only: TensorBoard ticks the first five hparams by name, and "lin_probe/…" sorts
+        # before most of the user's own, which a sweep compares.
         settings = {
-            "lin_probe/tolerance": config.tolerance,
-            "lin_probe/patience": config.patience,
-            "lin_probe/n_probe": n_probe,
-            "lin_probe/loss": config.loss if isinstance(config.loss, str) else "callable",
             "lin_probe/data_kernel": "flat" if config.features_fn is None else "features_fn",
+            "lin_probe/tolerance": config.tolerance,
         }
         params = {**_bridge.logged_hparams(trainer, pl_module, logger), **settings}
-        panels.hparams(params, ["hp_metric", *map(summary_tag, SUMMARY_METRICS)])
+        # Metrics in reading order (TensorBoard ticks the first five); Lightning's hp_metric last.
+        panels.hparams(params, [*map(summary_tag, SUMMARY_METRICS), "hp_metric"])
 
     def fit(self, trainer: pl.Trainer, probe: RegimeProbe, pl_module: pl.LightningModule) -> None:
         """The fit at init: ``fit_*`` values at step 0 and the fit card."""
@@ -235,6 +235,8 @@ class Publisher:
                 return None
             self._panels = TensorBoardPanels(logger.experiment, logger.log_dir)
             self._panels.register_layout(classification=self.config.classification)
+            memo = self.config.memorization
+            self._panels.series.open(run for run in SERIES_ORDER if memo or run != MEMORIZING)
         return self._panels
 
     def _regime(self, panels: TensorBoardPanels, probe: RegimeProbe, *, final: bool = False) -> None:

@@ -10,8 +10,8 @@ Two series exist for the reader's eye only, both constant per run because Tensor
 smooth a constant series (its default smoothing would otherwise turn a 0/1 flag into a slow slide):
 
 - ``tolerance``: the tolerance at every check, drawn beside the relative distance;
-- ``exit``: from the exit step on, the relative distance again and ``in_linear_regime = 0``, so the
-  exit is marked on the step axis *at the exit step*, not at the later check that confirmed it.
+- ``since_exit``: from the exit step on, the relative distance again and ``in_linear_regime = 0``, so
+  the exit is marked on the step axis *at the exit step*, not at the later check that confirmed it.
 
 A check's regime is only known once the rule has decided it (a check outside the tolerance may be
 the start of an exit or a transient), so the regime flag is written with that delay (at most
@@ -33,7 +33,7 @@ NETWORK = "network"
 LINEAR = "linear"
 MEMORIZING = "memorizing"
 TOLERANCE = "tolerance"
-EXIT = "exit"
+EXIT = "since_exit"  # sorts after "linear": TensorBoard draws runs in name order, so it lies on top
 
 # record key -> (chart, series run). The chart's tag is ``lin_probe/<chart>``.
 SERIES: dict[str, tuple[str, str]] = {
@@ -69,7 +69,7 @@ class RegimeTimeline:
     """Writes each check's regime once the exit rule has decided it, in step order.
 
     ``decided(history, exit_step, undecided_from)`` returns the new points: ``linear`` at 1.0 for a
-    check inside the regime, and ``exit`` at 0.0 (plus its relative distance) from the exit step on.
+    check inside the regime, and ``since_exit`` at 0.0 (plus its relative distance) from the exit step on.
     ``undecided_from`` is the first step of a run of outside checks that may still become the exit
     (the tracker's ``streak_start``); checks from there on wait, unless ``final`` (the run ended: an
     unconfirmed run of outside checks is not an exit, by the rule).
@@ -117,13 +117,23 @@ class SeriesWriters:
         self.writer_type = writer_type
         self.writers: dict[str, Any] = {}
 
+    def open(self, runs: Iterable[str]) -> None:
+        """Create these runs now, in this order: TensorBoard hands out its colours in the order runs
+        appear, so the series that matter most get the strongest ones (the exit run, written last,
+        would otherwise get the palette's grey)."""
+        for run in runs:
+            self._writer(run)
+
     def write(self, points: Iterable[Point], tag: Any) -> None:
         """Add every point as a scalar ``tag(chart)`` in its series run."""
         for run, chart, step, value in points:
-            writer = self.writers.get(run)
-            if writer is None:
-                writer = self.writers[run] = self.writer_type(os.path.join(self.root, run))
-            writer.add_scalar(tag(chart), value, global_step=step)
+            self._writer(run).add_scalar(tag(chart), value, global_step=step)
+
+    def _writer(self, run: str) -> Any:
+        writer = self.writers.get(run)
+        if writer is None:
+            writer = self.writers[run] = self.writer_type(os.path.join(self.root, run))
+        return writer
 
     def flush(self) -> None:
         for writer in self.writers.values():
@@ -135,6 +145,9 @@ class SeriesWriters:
         self.writers = {}
 
 
+# Creation order, hence colour order (see SeriesWriters.open).
+SERIES_ORDER = (NETWORK, LINEAR, MEMORIZING, EXIT, TOLERANCE, "ntk_gap", "ntk_drift")
+
 __all__ = [
     "EXIT",
     "LINEAR",
@@ -142,6 +155,7 @@ __all__ = [
     "NETWORK",
     "SERIES",
     "SERIES_DIR",
+    "SERIES_ORDER",
     "TOLERANCE",
     "RegimeTimeline",
     "SeriesWriters",

@@ -5,7 +5,7 @@ What a reader finds, and where (``L`` is the logger's run directory):
 - **Charts** ``lin_probe/loss``, ``…/functional_distance_rel``, ``…/functional_distance``, ``…/ntk``,
   ``…/in_linear_regime`` (``…/accuracy``, ``…/agreement`` for classifiers): one tag each, written by
   one run per series (``L/lin_probe/network``, ``…/linear``, ``…/memorizing``, ``…/tolerance``,
-  ``…/exit``, ``…/ntk_gap``, ``…/ntk_drift``), so TensorBoard draws them in distinct colours with
+  ``…/since_exit``, ``…/ntk_gap``, ``…/ntk_drift``), so TensorBoard draws them in distinct colours with
   those names (:mod:`lin_probe.lightning.series`). The Custom Scalars tab groups them.
 - **Cards** ``lin_probe/1_fit`` (the init fit) and ``lin_probe/2_exit`` (the exit), in reading order.
 - **Spectrum** ``lin_probe/ntk_spectrum``: ``log10(λ/λ_max)`` of the NTK at each dense NTK check, so
@@ -39,8 +39,8 @@ SPECTRUM = "ntk_spectrum"
 FIGURE = "figure/"
 
 # The per-run values HParams shows as metric columns (scalars of the main run).
-SUMMARY_METRICS = ("fit_a", "fit_b", "fit_c", "fit_rel_error", "exit_step", "memo_exit_step",
-                   "final_in_linear_regime")  # fmt: skip
+SUMMARY_METRICS = ("exit_step", "fit_rel_error", "fit_a", "fit_b", "fit_c", "final_in_linear_regime",
+                   "memo_exit_step")  # fmt: skip
 
 _CATEGORY = "lin_probe"
 _LAYOUT_FLAG = "_lin_probe_layout_registered"

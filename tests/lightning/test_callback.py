@@ -164,7 +164,7 @@ def test_exit_follows_rule_on_a_run_that_leaves(tmp_path: Path) -> None:
     assert monitor.exit_step == expected
     # the flag drops AT the exit step (not at the later check that confirmed it), in two constant runs
     assert dashboard.series("in_linear_regime") == {step: float(step < expected) for step in rel}
-    exit_marks = scalar_series(dashboard.run("exit"), "lin_probe/functional_distance_rel")
+    exit_marks = scalar_series(dashboard.run("since_exit"), "lin_probe/functional_distance_rel")
     assert min(exit_marks) == expected
     assert exit_marks == {step: value for step, value in rel.items() if step >= expected}
     tolerance = scalar_series(dashboard.run("tolerance"), "lin_probe/functional_distance_rel")

@@ -55,12 +55,14 @@ def test_exit_is_marked_at_the_exit_step_not_the_confirmation() -> None:
     tracker, written = _replay(values, steps, tolerance=0.1, patience=3)
     assert tracker.exit_step == 2
     regime = [(run, step, value) for run, chart, step, value in written if chart == "in_linear_regime"]
-    assert regime == [("linear", 0, 1.0), ("linear", 1, 1.0)] + [("exit", s, 0.0) for s in (2, 4, 8, 16, 32)]
+    assert regime == [("linear", 0, 1.0), ("linear", 1, 1.0)] + [
+        ("since_exit", s, 0.0) for s in (2, 4, 8, 16, 32)
+    ]
     exit_rel = [(step, value) for run, chart, step, value in written if chart == "functional_distance_rel"]
     assert exit_rel == list(zip(steps[2:], values[2:], strict=True))  # the exit run starts AT the exit step
     # each run's flag is constant, so TensorBoard's smoothing leaves it a step function
     assert {value for run, _, value in regime if run == "linear"} == {1.0}
-    assert {value for run, _, value in regime if run == "exit"} == {0.0}
+    assert {value for run, _, value in regime if run == "since_exit"} == {0.0}
 
 
 def test_a_transient_excursion_is_written_inside_once_it_ends() -> None:
@@ -88,7 +90,9 @@ def test_nan_checks_neither_extend_nor_decide_and_are_not_plotted_on_the_exit_ru
     assert tracker.exit_step == 1
     exit_rel = [step for run, chart, step, _ in written if chart == "functional_distance_rel"]
     assert exit_rel == [1, 3, 4]
-    assert [step for run, chart, step, _ in written if run == "exit" and chart == "in_linear_regime"] == [
+    assert [
+        step for run, chart, step, _ in written if run == "since_exit" and chart == "in_linear_regime"
+    ] == [
         1,
         2,
         3,
