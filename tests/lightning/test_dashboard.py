@@ -151,3 +151,33 @@ def test_other_loggers_keep_the_flat_names_and_tensorboard_gets_series(tmp_path:
     tb_rel = Dashboard(tb.log_dir).series("functional_distance_rel")
     assert tb_rel == {s: pytest.approx(v, rel=1e-6) for s, v in expected.items()}
     assert not math.isnan(sum(tb_rel.values()))
+
+
+class CrashingRegressor(HyperRegressor):
+    """Fails at a given step, as a user's run can (a bug, an OOM, Ctrl-C)."""
+
+    def __init__(self, width: int, lr: float, crash_at: int) -> None:
+        super().__init__(width, lr)
+        self.crash_at = crash_at
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_step == self.crash_at:
+            raise RuntimeError("user's bug")
+        return super().training_step(batch, batch_idx)
+
+
+def test_after_a_crash_the_figure_and_every_decided_check_are_on_disk(tmp_path: Path) -> None:
+    # every check after step 0 is outside a tiny tolerance, and patience 50 never confirms: all undecided
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=2, tolerance=1e-9, patience=50)
+    train, val = loaders(X[:N_TRAIN], Y[:N_TRAIN], X[N_TRAIN:], Y[N_TRAIN:], 16)  # 3 batches an epoch
+    trainer = make_trainer(tmp_path, [monitor], max_steps=50)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="user's bug"):
+        warnings.filterwarnings("ignore", message=".*(num_workers|log_every_n_steps).*")
+        trainer.fit(CrashingRegressor(8, 0.1, crash_at=7), train, val)
+    acc = read_events(trainer.logger.log_dir)
+    (last,) = acc.Images("lin_probe/figure/2_distance")[-1:]
+    assert last.step == 7, "the figure drawn when the run died shows every check up to it"
+    checks = [int(r["step"]) for r in monitor.history]
+    assert max(checks) == 6
+    # the run's end decides them: an unconfirmed run of outside checks is not an exit, by the rule
+    assert Dashboard(trainer.logger.log_dir).series("in_linear_regime") == dict.fromkeys(checks, 1.0)
