@@ -37,9 +37,11 @@ from lin_probe.monitor.core import MEMO, PAPER, MonitorConfig, RegimeProbe
 
 PROGRESS_BAR_KEY = tag("functional_distance_rel")
 
-# An epoch-end redraw costs ~0.3-0.5 s of matplotlib: at most one per this many seconds (a cost of
-# ~0.1 % of the run; the first epoch end, the exit and the end of training always draw).
-EPOCH_FIGURE_INTERVAL_S = 300.0
+# A redraw costs ~0.4 s of matplotlib. Epoch ends redraw while drawing has taken at most this share
+# of the time since the monitor started: every epoch end for epochs of a minute or more, fewer for
+# short ones (the demo's 14-step epochs would have spent ~8 s of its 29 s drawing). The first epoch
+# end, the exit, the end of training and a crash always draw.
+EPOCH_FIGURE_SHARE = 0.01
 
 _NO_MATPLOTLIB = (
     "lin_probe draws its summary figure with matplotlib, which is not installed: the Images tab stays "
@@ -58,7 +60,9 @@ class Publisher:
         self.timeline = RegimeTimeline()
         self.spectra: dict[str, np.ndarray] = {}
         self._panels: TensorBoardPanels | None = None
-        self._drawn: tuple[int, float] | None = None  # (checks drawn, when) of the last figure
+        self._started = time.monotonic()
+        self._drawn_checks = 0  # checks in the last figure
+        self._drawing_s = 0.0  # time spent drawing so far
 
     # ------------------------------------------------------------------ the run's frame
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -179,13 +183,11 @@ class Publisher:
             panels.flush()
 
     def epoch_figure(self, trainer: pl.Trainer, probe: RegimeProbe | None) -> None:
-        """The figure at an epoch end, when there is something new and the last one is not too recent."""
-        if probe is None:
+        """The figure at an epoch end, when there is something new and drawing stays within its share."""
+        if probe is None or self._drawn_checks == len(probe.history):
             return
-        if self._drawn is not None:
-            checks, when = self._drawn
-            if checks == len(probe.history) or time.monotonic() - when < EPOCH_FIGURE_INTERVAL_S:
-                return
+        if self._drawing_s > EPOCH_FIGURE_SHARE * (time.monotonic() - self._started):
+            return
         self.figure(trainer, probe)
 
     def figure(self, trainer: pl.Trainer, probe: RegimeProbe) -> None:
@@ -193,7 +195,7 @@ class Publisher:
         panels = self.panels(trainer)
         if panels is None or not probe.history:
             return
-        self._drawn = (len(probe.history), time.monotonic())
+        self._drawn_checks, began = len(probe.history), time.monotonic()
         try:
             from lin_probe.lightning.figure import summary_images
 
@@ -209,6 +211,8 @@ class Publisher:
         except Exception as err:
             self.warnings.warn(f"lin_probe could not draw its summary figure: {err}")
             return
+        finally:
+            self._drawing_s += time.monotonic() - began
         panels.images(images, trainer.global_step)
         panels.flush()
 

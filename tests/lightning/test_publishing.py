@@ -49,3 +49,49 @@ def test_no_progress_bar_entry_when_switched_off_and_one_warning_without_loggers
         Publisher(MonitorConfig(), progress_bar=False, verbose=False).record(
             _trainer([_Logger()]), {"step": 0, "functional_distance_rel": 0.0}, None
         )
+
+
+class _Panels:
+    """Stands in for the TensorBoard panels: records at which step images were written."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def images(self, images: dict, step: int) -> None:
+        self.steps.append(step)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("epoch_s", "expected"), [(120.0, list(range(1, 11))), (10.0, [1, 5, 10])])
+def test_epoch_end_figures_keep_drawing_within_one_percent(
+    monkeypatch: pytest.MonkeyPatch, epoch_s: float, expected: list[int]
+) -> None:
+    """A draw takes 0.5 s. Epochs of 120 s: every epoch end draws (0.5 s per 120 s, under 1 %).
+    Epochs of 10 s: an epoch end draws only while drawing so far is ≤ 1 % of the elapsed time t:
+    epoch 1 (nothing drawn yet), then 0.5 s ≤ 0.01·t from t ≈ 50 s (epoch 5), then 1.0 s ≤ 0.01·t
+    from t ≈ 100 s (epoch 10)."""
+    import lin_probe.lightning.figure as figure_module
+    import lin_probe.lightning.publishing as publishing
+
+    clock = [0.0]
+    monkeypatch.setattr(publishing.time, "monotonic", lambda: clock[0])
+
+    def drawing(*args: object, **kwargs: object) -> dict:
+        clock[0] += 0.5
+        return {"2_distance": None}
+
+    monkeypatch.setattr(figure_module, "summary_images", drawing)
+    publisher = Publisher(MonitorConfig(), progress_bar=False, verbose=False)
+    panels = _Panels()
+    monkeypatch.setattr(publisher, "panels", lambda trainer: panels)
+    regime = SimpleNamespace(exit_step=None)
+    probe = SimpleNamespace(history=[], paper=SimpleNamespace(regime=regime), config=MonitorConfig())
+    for epoch in range(1, 11):
+        clock[0] = epoch * epoch_s + 0.5 * len(panels.steps)  # training time plus drawing so far
+        probe.history.append({"step": epoch})
+        publisher.epoch_figure(SimpleNamespace(global_step=epoch), probe)
+    assert panels.steps == expected
+    publisher.epoch_figure(SimpleNamespace(global_step=10), probe)  # nothing new since: no redraw
+    assert panels.steps == expected
