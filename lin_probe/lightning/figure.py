@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lin_probe.monitor.checks import NTK_KEYS
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -53,7 +55,6 @@ _SERIES: dict[str, tuple[str, str, str]] = {
 }
 _LOSS_KEYS = ("loss_network", "loss_linear", "memo/loss_linear")
 _DISTANCE_KEYS = ("functional_distance_rel", "memo/functional_distance_rel")
-_NTK_KEYS = ("ntk_gap", "ntk_drift")
 
 
 def _matplotlib() -> tuple[type, type]:
@@ -175,7 +176,7 @@ def _distance_panel(history: _History, exit_step: int | None, tolerance: float) 
 def _ntk_panel(history: _History, exit_step: int | None) -> Figure:
     """How far the NTK is from the affine data kernel, and how far it moved since init."""
     fig, ax = _new_axes()
-    _plot_series(ax, history, _NTK_KEYS)
+    _plot_series(ax, history, NTK_KEYS)
     _step_axis(ax, history, exit_step)
     ax.set_ylim(bottom=0.0)
     _finish(ax, title="NTK change", ylabel="relative spectral norm")
@@ -229,7 +230,7 @@ def summary_figures(
     if _has_finite(history, _LOSS_KEYS):
         builders["1_loss"] = lambda: _loss_panel(history, exit_step)
     builders["2_distance"] = lambda: _distance_panel(history, exit_step, tolerance)
-    if _has_finite(history, _NTK_KEYS):
+    if _has_finite(history, NTK_KEYS):
         builders["3_ntk"] = lambda: _ntk_panel(history, exit_step)
     if spectra and any(_normalised_spectrum(values).size for values in spectra.values()):
         builders["4_spectrum"] = lambda: _spectrum_panel(spectra)
