@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from _examples import example_process
 
 from browser._tensorboard_browser import (
     HPARAMS_DEFAULT_COLUMNS,
@@ -50,7 +49,6 @@ from browser._tensorboard_browser import browser_json as api
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 MAIN_RUN = "demo/version_0"  # TensorBoardLogger(log_dir, name="demo") in a fresh directory
 TOLERANCE = 0.1  # examples/demo.py's LinearRegimeMonitor(tolerance=0.1)
 EXIT_LINE = re.compile(r"exit step: .* at step (\d+)")
@@ -91,16 +89,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
             "",
         )
     log_dir = tmp_path_factory.mktemp("dashboard") / "runs"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py"), "--fast", "--log-dir", str(log_dir)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, f"demo.py --fast failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = example_process("demo.py", log_dir, timeout=600)
     found = EXIT_LINE.findall(proc.stdout)
     assert len(found) == 1, (
         "demo.py --fast should print one 'exit step: ... at step N' line (the dashboard's exit marker "

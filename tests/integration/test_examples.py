@@ -9,34 +9,15 @@ BLAS/OpenMP thread: on a shared, oversubscribed machine multi-threaded LAPACK ca
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _examples import example_process, run_example
 from _lightning_setups import SCALAR_TAGS, Dashboard, read_events, scalar_series
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
 LIN_PROBE_TAGS = tuple(name for name in SCALAR_TAGS if name != "exit_step")  # the exit only once found
 EXIT = re.compile(r"^exit step: (\d+|none)", re.MULTILINE)
-
-
-def run_example(name: str, log_dir: Path, *args: str) -> str:
-    """Run ``examples/<name> --fast --log-dir <log_dir>``; return its stdout (fail with its stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), "--fast", "--log-dir", str(log_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def printed_exit(stdout: str) -> int | None:
@@ -185,16 +166,7 @@ def test_plain_pytorch_loop(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_runs_without_warnings(tmp_path: Path) -> None:
     """``make demo`` is a new user's first look: no Lightning or lin_probe warning may clutter it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # Python's default warning filters
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "demo.py"), "--fast", "--log-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = example_process("demo.py", tmp_path)  # Python's default warning filters
     # warnings.warn / rank_zero_warn print "<file>:<line>: <message>"
     warned = [line for line in proc.stderr.splitlines() if re.search(r"\.py:\d+: ", line)]
     assert not warned, "\n".join(warned)
