@@ -109,8 +109,9 @@ class Publisher:
             panels.flush()
 
     def finish(self, trainer: pl.Trainer, probe: RegimeProbe | None) -> None:
-        """At train end: the regime of checks still undecided, the final flag and figure; close the runs."""
-        panels = self.panels(trainer)
+        """At train end (or a crash): the regime of checks still undecided, the final flag and figure;
+        close the runs. Only panels already open: a fit that failed before they were is left alone."""
+        panels = self._panels
         if panels is None:
             return
         if probe is not None and probe.history:
