@@ -29,12 +29,18 @@ class AffineKernel:
 
     ``rel_error`` is ``‖Θ − Θ_lin‖₂ / ‖Θ‖₂`` for a fitted kernel (how well the paper's claim holds for
     this model) and ``None`` for a closed form, which was not fitted to anything.
+    ``rel_error_centered`` is the same ratio after centring both kernels, ``‖H(Θ − Θ_lin)H‖₂ / ‖HΘH‖₂``
+    with ``H = I − 11ᵀ/n`` (:func:`centered_rel_error`): the constant mode ``b·11ᵀ`` often dominates
+    ``‖Θ‖₂``, so the uncentred ratio looks good even when ``a·K + c·I`` explains little of the rest.
+    It is ``None`` where not computed (a closed form, or a kernel saved before the field existed) and
+    NaN when ``HΘH`` vanishes (a constant kernel: nothing is left to explain).
     """
 
     a: float
     b: float
     c: float
     rel_error: float | None = None
+    rel_error_centered: float | None = None
 
     def matrix(self, inputs: Tensor) -> Tensor:
         """The ``n × n`` matrix ``a·K + b·11ᵀ + c·I`` (float64)."""
@@ -93,14 +99,30 @@ class AffineKernel:
 
 _NOT_IDENTIFIABLE_TOL = 1e-10  # smallest eigenvalue of the basis' Frobenius correlation matrix
 
+# ‖HΘH‖₂ at or below this many float64 eps per example, relative to |1ᵀΘ1|/n (= ‖Θ‖₂ for a constant
+# kernel), is the round-off of centring a constant kernel, not structure: the centred error is NaN.
+# Centring b·11ᵀ leaves entries of a few eps·|b| (the means' summation error), so ‖HΘH‖₂ ≲ n·eps·n|b|.
+_CONSTANT_KERNEL_EPS = 16.0
 
-def fit_affine_kernel(ntk: Tensor | SymmetricOperator, inputs: Tensor) -> AffineKernel:
-    """Least-squares fit of ``Θ ≈ a·K + b·11ᵀ + c·I`` over all ``n²`` entries, with ``a, b ≥ 0``.
+
+def fit_affine_kernel(
+    ntk: Tensor | SymmetricOperator, inputs: Tensor, *, centered_fit: bool = False
+) -> AffineKernel:
+    """Least-squares fit of ``Θ ≈ a·K + b·11ᵀ + c·I`` over all ``n²`` entries, with ``a, b, c ≥ 0``.
 
     The three numbers are what the linear shadow is built from, so the fit is exact (not iterative):
     the 3×3 Frobenius normal equations, and when their solution breaks a bound, the best of the
-    boundary sub-problems (exact for a convex quadratic). Everything is computed in float64.
-    ``rel_error`` is ``‖Θ − Θ_lin‖₂ / ‖Θ‖₂`` with exact spectral norms of the symmetrised ``Θ``.
+    boundary sub-problems (exact for a convex quadratic, see :func:`_best_feasible`). ``c ≥ 0``
+    because the memorizing shadow scales its offsets by ``√c``, and a negative ``c·I`` is no kernel
+    of any network on these points. Everything is computed in float64. ``rel_error`` is
+    ``‖Θ − Θ_lin‖₂ / ‖Θ‖₂`` and ``rel_error_centered`` is :func:`centered_rel_error`, both with exact
+    spectral norms of the symmetrised ``Θ``.
+
+    ``centered_fit=True`` fits the centred kernel instead: ``a, c ≥ 0`` minimise
+    ``‖H(Θ − a·K − c·I)H‖_F`` (``H = I − 11ᵀ/n``; ``b·11ᵀ`` is invisible there), then
+    ``b = max(0, 1ᵀ(Θ − a·K − c·I)1 / n²)`` fits the constant mode. The uncentred fit spends most
+    of its budget on the constant mode when ``b·n`` dominates ``‖Θ‖``; the centred one spends it on
+    the structure the linear model must reproduce.
 
     ``ntk`` is the ``n × n`` kernel (checked and symmetrised by :meth:`SymmetricOperator.dense`) or
     a dense :class:`SymmetricOperator`; for products only use :func:`fit_affine_kernel_matrix_free`.
@@ -120,18 +142,23 @@ def fit_affine_kernel(ntk: Tensor | SymmetricOperator, inputs: Tensor) -> Affine
         )
     if n < 2:
         raise ValueError("need at least 2 probe examples to fit a, b, c (got 1); probe with more examples.")
-    basis = _affine_basis(data_kernel(x).to(theta.device))
+    k = data_kernel(x).to(theta.device)
+    basis = _affine_basis(k)
     gram, rhs = _normal_equations(basis, theta)
     _check_identifiable(gram)
+    if centered_fit:
+        coef = _dense_centered_coefficients(theta, k)
+    else:
 
-    def residual(coef: Tensor) -> float:
-        return float(torch.linalg.matrix_norm(theta - torch.einsum("k,kij->ij", coef, basis)))
+        def residual(coef: Tensor) -> float:
+            return float(torch.linalg.matrix_norm(theta - torch.einsum("k,kij->ij", coef, basis)))
 
-    coef = _best_feasible(gram, rhs, residual)
+        coef = _best_feasible(gram, rhs, residual)
     fitted = torch.einsum("k,kij->ij", coef, basis)
     rel_error = SymmetricOperator._exact(theta - fitted, "ntk − fit").norm() / op.norm()
+    centered = centered_rel_error(op, SymmetricOperator._exact(fitted, "affine fit"))
     a, b, c = (float(v) for v in coef)
-    return AffineKernel(a=a, b=b, c=c, rel_error=rel_error)
+    return AffineKernel(a=a, b=b, c=c, rel_error=rel_error, rel_error_centered=centered)
 
 
 def fit_affine_kernel_matrix_free(
@@ -141,6 +168,7 @@ def fit_affine_kernel_matrix_free(
     trace: float,
     ntk_norm: float | None = None,
     rtol: float = 1e-5,
+    centered_fit: bool = False,
 ) -> AffineKernel:
     """:func:`fit_affine_kernel` from products ``u ↦ Θu`` only, for probe sets too large for ``n × n``.
 
@@ -150,9 +178,14 @@ def fit_affine_kernel_matrix_free(
     ``Σ_i s_i² u_iᵀΘu_i / d`` (singular values below round-off are dropped: each contributes at
     most ``‖Θ‖₂ s_i²``). ``1ᵀΘ1`` is one product. ``trace`` (``tr Θ``) is the caller's, exact:
     a product cannot give it without ``n`` of them or a noisy estimate, while per-example
-    gradients give it at about the cost of one product. The constrained solve (``a, b ≥ 0``) is
+    gradients give it at about the cost of one product. The constrained solve (``a, b, c ≥ 0``) is
     the dense fit's. ``rel_error`` = ``‖Θ − Θ_lin‖₂ / ‖Θ‖₂`` by Lanczos to relative accuracy
     ``rtol``; pass ``ntk_norm`` (``‖Θ‖₂``) when already known to save one Lanczos run.
+    ``rel_error_centered`` (:func:`centered_rel_error`) costs two more Lanczos runs.
+
+    ``centered_fit=True`` is the dense fit's centred variant by the same trick: with ``X_c = HX``,
+    ``⟨HΘH, HKH⟩_F = tr(Θ X_c X_cᵀ)/d`` takes ``rank(X_c)`` products along ``X_c``'s singular
+    directions, ``⟨HΘH, H⟩_F = tr Θ − 1ᵀΘ1/n``, and the Gram of ``{HKH, H}`` comes from ``X_c``.
 
     ``op`` is a :class:`SymmetricOperator` or a callable mapping a float64 ``(n,)`` vector to ``Θu``
     (any floating dtype and device; it is wrapped with :meth:`SymmetricOperator.from_products`).
@@ -169,24 +202,129 @@ def fit_affine_kernel_matrix_free(
         op = SymmetricOperator.from_products(op, n, "ntk")
     elif op.n != n:
         raise ValueError(f"`op` acts on {op.n}-vectors but `inputs` has {n} example(s).")
-    directions, singular = _data_directions(x)
-    gram = _basis_gram(singular, x, d)
-    _check_identifiable(gram)
     ones = torch.ones(n, dtype=torch.float64)
-    inner_k = sum(float(w @ op(w)) for w in directions.T) / d
-    rhs = torch.tensor([inner_k, float(ones @ op(ones)), float(trace)], dtype=torch.float64)
-
-    def residual(coef: Tensor) -> float:
-        # ‖Θ − Σβ_k B_k‖²_F = ‖Θ‖²_F − 2βᵀr + βᵀGβ; the constant ‖Θ‖²_F does not change the ranking.
-        return float(coef @ gram @ coef - 2.0 * coef @ rhs)
-
-    a, b, c = (float(v) for v in _best_feasible(gram, rhs, residual))
+    if centered_fit:
+        _check_identifiable(_basis_gram(torch.linalg.svdvals(x), x, d))
+        coef = _matrix_free_centered_coefficients(op, x, float(trace), float(ones @ op(ones)))
+    else:
+        directions, singular = _data_directions(x)
+        gram = _basis_gram(singular, x, d)
+        _check_identifiable(gram)
+        inner_k = sum(float(w @ op(w)) for w in directions.T) / d
+        rhs = torch.tensor([inner_k, float(ones @ op(ones)), float(trace)], dtype=torch.float64)
+        coef = _best_feasible(gram, rhs, _quadratic_residual(gram, rhs))
+    a, b, c = (float(v) for v in coef)
     fitted = AffineKernel(a=a, b=b, c=c).operator(x, dense=False)
     norm = op.norm(rtol) if ntk_norm is None else float(ntk_norm)
     if not norm > 0.0:
         raise ValueError("`ntk` is identically zero: there is no kernel to fit (are all parameters frozen?).")
     rel_error = (op - fitted).norm(rtol) / norm
-    return AffineKernel(a=a, b=b, c=c, rel_error=rel_error)
+    centered = centered_rel_error(op, fitted, rtol)
+    return AffineKernel(a=a, b=b, c=c, rel_error=rel_error, rel_error_centered=centered)
+
+
+def centered_rel_error(theta: SymmetricOperator, fitted: SymmetricOperator, rtol: float = 1e-5) -> float:
+    """``‖H(Θ − Θ_lin)H‖₂ / ‖HΘH‖₂`` with ``H = I − 11ᵀ/n``: the fit error once the constant mode is gone.
+
+    A large constant mode ``b·11ᵀ`` (ReLU nets on non-negative inputs) makes ``‖Θ‖₂ ≈ b·n`` and the
+    uncentred ratio small whatever ``a·K + c·I`` does; centring removes that mode from both kernels,
+    so this ratio says how much of the rest the fit explains. Exact (``eigvalsh``) when both
+    operators are dense, else Lanczos on the products ``u ↦ H A Hu`` (``Hu = u − mean(u)``), each
+    norm to relative accuracy ``rtol`` (the ratio to about ``2·rtol``).
+
+    NaN when ``HΘH`` vanishes (a constant kernel ``Θ = β·11ᵀ``: there is nothing left to explain,
+    and no ratio): ``‖HΘH‖₂ ≤ 16·n·eps·|1ᵀΘ1|/n``, the round-off of centring a constant matrix.
+    """
+    for name, value in (("theta", theta), ("fitted", fitted)):
+        if not isinstance(value, SymmetricOperator):
+            raise TypeError(
+                f"`{name}` must be a SymmetricOperator (SymmetricOperator.dense(matrix) or .from_products), "
+                f"got {type(value).__name__}."
+            )
+    if fitted.n != theta.n:
+        raise ValueError(f"`theta` is {theta.n}-dimensional but `fitted` is {fitted.n}-dimensional.")
+    n = theta.n
+    ones = torch.ones(n, dtype=torch.float64)
+    constant_scale = abs(float(ones @ theta(ones))) / n
+    if theta.matrix is not None and fitted.matrix is not None:
+        difference = (theta - fitted).matrix
+        assert difference is not None
+        denominator = SymmetricOperator._exact(_center(theta.matrix), "HΘH").norm()
+        if _is_constant(denominator, constant_scale, n):
+            return math.nan
+        return SymmetricOperator._exact(_center(difference), "H(Θ − fit)H").norm() / denominator
+    denominator = _centered_products(theta).norm(rtol)
+    if _is_constant(denominator, constant_scale, n):
+        return math.nan
+    return _centered_products(theta - fitted).norm(rtol) / denominator
+
+
+def _is_constant(centered_norm: float, constant_scale: float, n: int) -> bool:
+    """Whether ``‖HΘH‖₂`` is only the round-off of centring a constant kernel (see ``_CONSTANT_KERNEL_EPS``)."""
+    scale = max(constant_scale, centered_norm)
+    return centered_norm <= _CONSTANT_KERNEL_EPS * n * torch.finfo(torch.float64).eps * scale
+
+
+def _center(m: Tensor) -> Tensor:
+    """``HMH`` for a symmetric ``M`` by subtracting row and column means, symmetrised (round-off)."""
+    c = m - m.mean(dim=0, keepdim=True) - m.mean(dim=1, keepdim=True) + m.mean()
+    return (c + c.T) / 2
+
+
+def _centered_products(op: SymmetricOperator) -> SymmetricOperator:
+    """``u ↦ H·op(Hu)`` with ``Hu = u − mean(u)``: the centred operator from the operator's products."""
+
+    def apply(u: Tensor) -> Tensor:
+        w = op(u - u.mean())
+        return w - w.mean()
+
+    return SymmetricOperator.from_products(apply, op.n, f"H({op.name})H")
+
+
+def _dense_centered_coefficients(theta: Tensor, k: Tensor) -> Tensor:
+    """``(a, b, c)`` of the centred fit from the dense ``Θ`` and ``K`` (see :func:`fit_affine_kernel`)."""
+    n = k.shape[0]
+    eye = torch.eye(n, dtype=k.dtype, device=k.device)
+    basis = torch.stack([_center(k), eye - 1.0 / n])  # HKH and H = HIH
+    theta_c = _center(theta)
+    gram, rhs = _normal_equations(basis, theta_c)
+    _check_identifiable(gram)
+
+    def residual(coef: Tensor) -> float:
+        return float(torch.linalg.matrix_norm(theta_c - torch.einsum("k,kij->ij", coef, basis)))
+
+    a, c = (float(v) for v in _best_feasible(gram, rhs, residual))
+    b = max(0.0, (float(theta.sum()) - a * float(k.sum()) - c * n) / n**2)
+    return torch.tensor([a, b, c], dtype=torch.float64)
+
+
+def _matrix_free_centered_coefficients(
+    op: SymmetricOperator, x: Tensor, trace: float, ones_theta_ones: float
+) -> Tensor:
+    """``(a, b, c)`` of the centred fit from products (see :func:`fit_affine_kernel_matrix_free`)."""
+    n, d = x.shape
+    xc = x - x.mean(dim=0, keepdim=True)
+    directions, singular = _data_directions(xc)
+    cross = float(xc.square().sum()) / d  # ⟨HKH, H⟩_F = tr HKH
+    gram = torch.tensor(
+        [[float((singular**4).sum()) / d**2, cross], [cross, float(n - 1)]], dtype=torch.float64
+    )
+    _check_identifiable(gram)
+    inner_k = sum(float(w @ op(w)) for w in directions.T) / d
+    rhs = torch.tensor([inner_k, trace - ones_theta_ones / n], dtype=torch.float64)
+    a, c = (float(v) for v in _best_feasible(gram, rhs, _quadratic_residual(gram, rhs)))
+    ones_k_ones = float(x.sum(dim=0).square().sum()) / d
+    b = max(0.0, (ones_theta_ones - a * ones_k_ones - c * n) / n**2)
+    return torch.tensor([a, b, c], dtype=torch.float64)
+
+
+def _quadratic_residual(gram: Tensor, rhs: Tensor) -> Callable[[Tensor], float]:
+    """``β ↦ βᵀGβ − 2βᵀr``: ``‖Θ − Σβ_k B_k‖²_F`` less the constant ``‖Θ‖²_F`` (the same ranking, without ``Θ``)."""
+
+    def residual(coef: Tensor) -> float:
+        return float(coef @ gram @ coef - 2.0 * coef @ rhs)
+
+    return residual
 
 
 def _dense_ntk(ntk: Tensor | SymmetricOperator) -> SymmetricOperator:
@@ -257,23 +395,34 @@ def _check_identifiable(gram: Tensor) -> None:
 
 
 def _feasible_candidates(gram: Tensor, rhs: Tensor) -> Iterator[Tensor]:
-    """Unconstrained optima of the four active sets (none, ``a = 0``, ``b = 0``, both) with ``a, b ≥ 0``."""
-    for fixed in ((), (0,), (1,), (0, 1)):
-        free = [k for k in range(3) if k not in fixed]
-        coef = torch.zeros(3, dtype=gram.dtype, device=gram.device)
-        coef[free] = torch.linalg.solve(gram[free][:, free], rhs[free])
-        if not bool((coef[:2] < 0).any()):
+    """Unconstrained optima of every active set (each coefficient free or fixed at 0) that are all ``≥ 0``.
+
+    For ``(a, b, c)`` these are the 8 subsets of ``{a, b, c}`` held at zero (for the centred fit's
+    ``(a, c)``, 4); the empty active set comes first, and the all-zero candidate is always feasible.
+    Every sub-block of ``gram`` is invertible because ``gram`` itself is positive definite
+    (:func:`_check_identifiable`).
+    """
+    size = gram.shape[0]
+    for mask in range(2**size):  # bit k set: coefficient k held at zero
+        free = [k for k in range(size) if not (mask >> k) & 1]
+        coef = torch.zeros(size, dtype=gram.dtype, device=gram.device)
+        if free:
+            coef[free] = torch.linalg.solve(gram[free][:, free], rhs[free])
+        if not bool((coef < 0).any()):
             yield coef
 
 
 def _best_feasible(gram: Tensor, rhs: Tensor, residual: Callable[[Tensor], float]) -> Tensor:
-    """Exact minimiser of ``‖Θ − Σ β_k B_k‖_F`` subject to ``β_0 = a ≥ 0``, ``β_1 = b ≥ 0``.
+    """Exact minimiser of ``‖Θ − Σ β_k B_k‖_F`` subject to every ``β_k ≥ 0``.
 
-    For a strictly convex quadratic the constrained optimum is the unconstrained optimum of its own
-    active set, and every feasible candidate is at least as bad, so enumerating the four active
-    sets and keeping the feasible candidate of least ``residual`` is exact. ``residual`` ranks
-    candidates: the dense fit measures ``‖Θ − Σβ_k B_k‖_F`` itself, the matrix-free fit uses the
-    quadratic form of the normal equations (the same ranking, without ``Θ``).
+    For a strictly convex quadratic the constrained optimum has some active set ``A`` (the
+    coefficients at zero) and its free coefficients are strictly positive, so it is the
+    unconstrained optimum on the subspace ``{β_A = 0}`` -- one of the candidates -- and every other
+    feasible candidate is a feasible point, hence at least as bad. Enumerating all ``2^k`` active
+    sets and keeping the feasible candidate of least ``residual`` is therefore exact (8 solves of
+    at most 3×3 systems). ``residual`` ranks candidates: the dense fit measures
+    ``‖Θ − Σβ_k B_k‖_F`` itself, the matrix-free fit uses the quadratic form of the normal equations
+    (the same ranking, without ``Θ``).
     """
     best: Tensor | None = None
     best_loss = math.inf
@@ -281,5 +430,5 @@ def _best_feasible(gram: Tensor, rhs: Tensor, residual: Callable[[Tensor], float
         loss = residual(coef)
         if loss < best_loss:
             best, best_loss = coef, loss
-    assert best is not None  # the (a, b) = (0, 0) candidate is always feasible
+    assert best is not None  # the all-zero candidate is always feasible
     return best
