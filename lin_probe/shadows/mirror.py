@@ -29,13 +29,7 @@ _IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differenti
 
 def _reference_hyperparameters(optimizer: Optimizer) -> dict[str, Any]:
     """The reference group's (``param_groups[0]``) hyperparameters, without params and implementation flags."""
-    group = optimizer.param_groups[0]
-    hyper = {
-        key: value for key, value in group.items() if key != "params" and key not in _IMPLEMENTATION_FLAGS
-    }
-    if isinstance(hyper.get("lr"), Tensor):
-        hyper["lr"] = float(hyper["lr"])
-    return hyper
+    return _group_hyperparameters(optimizer.param_groups[0])
 
 
 def _check_closure_free(cls: type[Optimizer]) -> None:
@@ -68,6 +62,54 @@ def _build_mirror(optimizer: Optimizer, params: Sequence[nn.Parameter]) -> Optim
             "torch.optim.Adam."
         ) from err
     mirror.param_groups[0].update(hyper)  # extras (e.g. a scheduler's initial_lr) mirrored verbatim
+    return mirror
+
+
+def _group_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    """One parameter group's hyperparameters, without params and implementation flags (lr as a float)."""
+    hyper = {
+        key: value for key, value in group.items() if key != "params" and key not in _IMPLEMENTATION_FLAGS
+    }
+    if isinstance(hyper.get("lr"), Tensor):
+        hyper["lr"] = float(hyper["lr"])
+    return hyper
+
+
+def _build_grouped_mirror(optimizer: Optimizer, groups: Sequence[Sequence[nn.Parameter]]) -> Optimizer:
+    """Same class, one mirrored group per non-empty ``groups[i]``, with user group ``i``'s hyperparameters.
+
+    ``groups`` is aligned with ``optimizer.param_groups``: entry ``i`` holds the stand-ins for that
+    group's parameters (empty: the group trains nothing mirrored and is left out). A model in
+    parameter space (the linearised network) needs every group's own weight decay, betas, lr...;
+    the one-group :func:`_build_mirror` serves shadows whose parameters do not correspond to the
+    network's.
+    """
+    cls = type(optimizer)
+    _check_closure_free(cls)
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"{len(groups)} parameter lists for the {len(optimizer.param_groups)} groups of "
+            f"{cls.__name__}; give one (possibly empty) list per optimizer group."
+        )
+    hypers = [_group_hyperparameters(group) for group in optimizer.param_groups]
+    kept = [(list(params), hyper) for params, hyper in zip(groups, hypers, strict=True) if len(params)]
+    if not kept:
+        raise ValueError(
+            f"None of the {len(groups)} parameter group(s) of {cls.__name__} holds a parameter to mirror; "
+            "build the shadow from the model this optimizer trains."
+        )
+    try:
+        mirror = cls(
+            [{"params": params, **_constructor_arguments(cls, hyper)} for params, hyper in kept],
+            **_constructor_arguments(cls, hypers[0]),
+        )
+    except Exception as err:  # a constructor needing more than its groups' hyperparameters
+        raise TypeError(
+            f"Cannot rebuild {cls.__name__} with its parameter groups from their hyperparameters "
+            f"({type(err).__name__}: {err}); train with a torch.optim optimizer such as SGD or Adam."
+        ) from err
+    for group, (_, hyper) in zip(mirror.param_groups, kept, strict=True):
+        group.update(hyper)  # extras (e.g. a scheduler's initial_lr) mirrored verbatim
     return mirror
 
 
