@@ -29,6 +29,11 @@ SCALAR_TAGS = (
     "fit_b",
     "fit_c",
     "fit_rel_error",
+    "fit_rel_error_centered",
+    "kernel_distance",
+    "kernel_velocity",
+    "kernel_alignment",
+    "ntk_scale",
 )
 #: Logged too when the loss is a classification loss.
 CLASSIFICATION_TAGS = ("agreement", "accuracy_network", "accuracy_linear")
@@ -172,7 +177,17 @@ DASHBOARD = {
     "fit_b": ("", "lin_probe_summary/fit_b"),
     "fit_c": ("", "lin_probe_summary/fit_c"),
     "fit_rel_error": ("", "lin_probe_summary/fit_rel_error"),
+    "fit_rel_error_centered": ("", "lin_probe_summary/fit_rel_error_centered"),
     "exit_step": ("", "lin_probe_summary/exit_step"),
+    "outside_from_start": ("", "lin_probe_summary/outside_from_start"),
+    "linearized/exit_step": ("", "lin_probe_summary/linearized_exit_step"),
+    "linearized/loss_linear": ("linearized", "lin_probe/loss"),
+    "linearized/functional_distance": ("linearized", "lin_probe/functional_distance"),
+    "linearized/functional_distance_rel": ("linearized", "lin_probe/functional_distance_rel"),
+    "kernel_distance": ("network", "lin_probe/kernel_distance"),
+    "kernel_velocity": ("network", "lin_probe/kernel_velocity"),
+    "kernel_alignment": ("network", "lin_probe/kernel_alignment"),
+    "ntk_scale": ("network", "lin_probe/ntk_scale"),
     "memo/exit_step": ("", "lin_probe_summary/memo_exit_step"),
 }
 

@@ -61,6 +61,7 @@ def main() -> None:
         "rank": trainer.global_rank,
         "history": monitor.history,
         "exit_step": monitor.exit_step,
+        "verdict": None if monitor.verdict is None else monitor.verdict.state,
         "kernel": None if kernel is None else [kernel.a, kernel.b, kernel.c],
         "callback_metrics": {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("lin_probe/")

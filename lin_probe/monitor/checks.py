@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,16 +26,29 @@ import torch
 from torch import Tensor, nn
 
 from lin_probe.kernel import AffineKernel, fit_affine_kernel, fit_affine_kernel_matrix_free
+from lin_probe.kernel.data_kernels import DataKernelChoice, choose_data_kernel
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
 from lin_probe.losses import LossFn
+from lin_probe.monitor.kernel_measures import (
+    KERNEL_MEASURE_KEYS,
+    kernel_alignment,
+    kernel_distance,
+    kernel_velocity,
+    ntk_scale,
+)
 from lin_probe.monitor.metrics import functional_distance, prediction_agreement
 from lin_probe.ntk import ntk_diagonal, ntk_matvec, ntk_operator
 from lin_probe.plan import ComputePlan
 
 OutputFn = Callable[[Any], Tensor]
+FeaturesFn = Callable[[Any], Tensor]
 
 POOR_FIT_THRESHOLD = 0.3
-"""A fit error above this at init means the linear model is a poor proxy for the architecture."""
+"""A *centred* fit error (``‖H(Θ_0 − Θ_lin)H‖₂/‖HΘ_0H‖₂``) above this means the linear model is a poor
+proxy for the architecture: the fit card says so and the monitor warns. Not the tolerance (0.1): the
+paper's own wide two-layer ReLU net on digits fits with centred error 0.13 and still follows its
+shadow within 0.07 for 75 steps, since the spectral error is a worst case over directions and the
+first steps move along the kernel's top ones."""
 
 NTK_KEYS = ("ntk_gap", "ntk_drift")
 
@@ -81,15 +94,17 @@ class NTKProbe:
 
 @dataclass
 class NTKReference:
-    """What later NTK checks compare against: ``Θ_0``, ``Θ_lin`` and ``‖Θ_0‖₂``.
+    """What later NTK checks compare against: ``Θ_0``, ``Θ_lin``, ``‖Θ_0‖₂`` and the probe's targets.
 
     ``theta0`` is dense, or products on ``f_0`` in matrix-free mode; ``None`` there without
-    ``f_0`` (``center=False``), when ``ntk_drift`` is NaN by design.
+    ``f_0`` (``center=False``), when ``ntk_drift`` is NaN by design. ``targets`` is ``Y`` of the
+    kernel–target alignment (``None`` when the probe has no targets).
     """
 
     theta0: SymmetricOperator | None
     theta_lin: SymmetricOperator
     norm0: float
+    targets: Tensor | None = None
 
     @property
     def dense(self) -> bool:
@@ -100,18 +115,43 @@ class NTKReference:
         return self.theta0 is not None
 
 
+@dataclass(frozen=True)
+class InitFit:
+    """What the start measures once: ``Θ_0`` (and its norm) and the chosen data kernel with its fit."""
+
+    theta0: SymmetricOperator
+    norm0: float
+    choice: DataKernelChoice
+
+    @property
+    def kernel(self) -> AffineKernel:
+        return self.choice.kernel
+
+
 def fit_at_init(
-    model: nn.Module, ntk: NTKProbe, kernel_inputs: Tensor
-) -> tuple[AffineKernel, SymmetricOperator, float]:
-    """The affine fit of ``Θ_0``, the operator ``Θ_0`` itself and its norm ``‖Θ_0‖₂``."""
+    model: nn.Module, ntk: NTKProbe, candidates: Sequence[tuple[str, FeaturesFn | None]], inputs: Tensor
+) -> InitFit:
+    """``Θ_0``, computed once, and the centred affine fit of every candidate data kernel; the best is kept."""
     theta0 = ntk.operator(model)
     norm0 = theta0.norm()
     if not norm0 > 0:
         raise ValueError("The model's NTK on the probe set is zero: nothing trainable reaches its output.")
+    # The centred fit: a, c ≥ 0 minimise ‖H(Θ_0 − aK − cI)H‖_F and b fits the constant mode. Measured
+    # against the all-entries fit at init on digits: never a worse centred error (the one the verdict
+    # reads), much better on CNNs (GAP + patch-mean kernel 0.33 → 0.083), the uncentred one ≤ 0.022 worse.
     if theta0.is_dense:
-        return fit_affine_kernel(theta0, kernel_inputs), theta0, norm0
-    kernel = fit_affine_kernel_matrix_free(theta0, kernel_inputs, trace=ntk.trace(model), ntk_norm=norm0)
-    return kernel, theta0, norm0
+
+        def fit(op: SymmetricOperator, rows: Tensor) -> AffineKernel:
+            return fit_affine_kernel(op, rows, centered_fit=True)
+
+    else:
+        trace = ntk.trace(model)
+
+        def fit(op: SymmetricOperator, rows: Tensor) -> AffineKernel:
+            return fit_affine_kernel_matrix_free(op, rows, trace=trace, ntk_norm=norm0, centered_fit=True)
+
+    choice = choose_data_kernel(theta0, candidates, inputs, fit=fit)
+    return InitFit(theta0, norm0, choice)
 
 
 def ntk_reference(
@@ -121,21 +161,49 @@ def ntk_reference(
     kernel_inputs: Tensor,
     *,
     dense: bool,
+    targets: Tensor | None = None,
 ) -> NTKReference:
     """The reference for later checks; ``theta0`` as measured (dense) or products on ``f_0`` (or ``None``)."""
-    return NTKReference(theta0, kernel.operator(kernel_inputs, dense=dense), norm0)
+    return NTKReference(theta0, kernel.operator(kernel_inputs, dense=dense), norm0, targets)
 
 
-def ntk_check(theta: SymmetricOperator, reference: NTKReference) -> tuple[dict[str, float], Tensor | None]:
-    """``ntk_gap = ‖Θ_t − Θ_lin‖₂/‖Θ_0‖₂``, ``ntk_drift = ‖Θ_t − Θ_0‖₂/‖Θ_0‖₂`` and Θ_t's eigenvalues
-    (dense only); NaN, not an error, when Θ_t is not finite (a diverged network)."""
+def ntk_check(
+    theta: SymmetricOperator,
+    reference: NTKReference,
+    previous: tuple[int, Tensor] | None = None,
+    step: int = 0,
+) -> tuple[dict[str, float], Tensor | None]:
+    """One NTK check: gap and drift, the kernel measures and Θ_t's eigenvalues (dense only).
+
+    ``ntk_gap = ‖Θ_t − Θ_lin‖₂/‖Θ_0‖₂``, ``ntk_drift = ‖Θ_t − Θ_0‖₂/‖Θ_0‖₂``; ``kernel_distance`` to
+    ``Θ_0``, ``kernel_velocity`` from ``previous`` (the last check's ``(step, Θ)``), ``kernel_alignment``
+    with the probe's targets and ``ntk_scale`` (:mod:`lin_probe.monitor.kernel_measures`). Values
+    needing Frobenius products are NaN in matrix-free mode; everything is NaN, not an error, when
+    Θ_t is not finite (a diverged network).
+    """
+    nan = dict.fromkeys((*NTK_KEYS, *KERNEL_MEASURE_KEYS), math.nan)
     try:
         gap = (theta - reference.theta_lin).norm() / reference.norm0
         drift = math.nan if reference.theta0 is None else (theta - reference.theta0).norm() / reference.norm0
+        eigenvalues = theta.eigenvalues() if theta.is_dense else None
+        norm = float(eigenvalues.abs().max()) if eigenvalues is not None else theta.norm()
     except NonFiniteOperator:
-        return dict.fromkeys(NTK_KEYS, math.nan), None
-    eigenvalues = theta.eigenvalues() if theta.is_dense else None
-    return {"ntk_gap": gap, "ntk_drift": drift}, eigenvalues
+        return nan, None
+    values = {**nan, "ntk_gap": gap, "ntk_drift": drift, "ntk_scale": ntk_scale(norm, reference.norm0)}
+    matrix = theta.matrix
+    if matrix is not None:
+        theta0 = reference.theta0.matrix if reference.theta0 is not None else None
+        if theta0 is not None:
+            values["kernel_distance"] = kernel_distance(theta0, matrix)
+        if previous is not None:
+            values["kernel_velocity"] = kernel_velocity(previous[1], matrix, step - previous[0])
+        if reference.targets is not None:
+            values["kernel_alignment"] = kernel_alignment(matrix, reference.targets)
+    if reference.targets is None:
+        del values["kernel_alignment"]  # not NaN: without probe targets it does not exist
+    if previous is None and matrix is not None:
+        del values["kernel_velocity"]  # the first dense check has nothing to move from (matrix-free: NaN)
+    return values, eigenvalues
 
 
 def compare(
@@ -180,6 +248,7 @@ def _match_dtype(targets: Tensor, predictions: Tensor) -> Tensor:
 __all__ = [
     "NTK_KEYS",
     "POOR_FIT_THRESHOLD",
+    "InitFit",
     "NTKProbe",
     "NTKReference",
     "compare",

@@ -11,11 +11,22 @@ from torch import Tensor, nn
 
 from lin_probe._model_state import frozen_copy
 from lin_probe._validation import check_callable
+from lin_probe.kernel.data_kernels import DATA_KERNELS
 from lin_probe.losses import LossFn, is_classification, resolve_loss
 from lin_probe.monitor.regime import validate_patience, validate_tolerance
 from lin_probe.plan import ComputePlan
 
 Warn = Callable[[str], None]
+
+
+def check_data_kernel(data_kernel: Any) -> None:
+    """``data_kernel`` is one of :data:`DATA_KERNELS` or a callable mapping inputs to feature rows."""
+    if callable(data_kernel) or data_kernel in DATA_KERNELS:
+        return
+    raise ValueError(
+        f"`data_kernel` must be one of {', '.join(map(repr, DATA_KERNELS))} or a callable mapping inputs "
+        f"to feature vectors, got {data_kernel!r}."
+    )
 
 
 def _python_warning(message: str) -> None:
@@ -29,8 +40,11 @@ class MonitorConfig:
     ``loss`` is the user's training loss (a name or a callable ``(pred, target) -> scalar``);
     ``tolerance``/``patience`` define the exit; ``center`` keeps ``f_0`` in the shadow;
     ``output_fn`` picks the prediction tensor from the model's output; ``features_fn`` maps inputs to
-    the vectors the data kernel is built from; ``memorization`` adds the shadow with the ``c·I`` term;
-    ``plan`` bounds the cost.
+    the vectors the data kernel is built from (the same as ``data_kernel=features_fn``);
+    ``memorization`` adds the shadow with the ``c·I`` term; ``plan`` bounds the cost;
+    ``data_kernel`` chooses the data kernel (:mod:`lin_probe.kernel.data_kernels`: ``"auto"``,
+    ``"flat"``, ``"patch_mean"`` or a callable); ``linearized`` adds the network's own first-order
+    Taylor model as a shadow (:mod:`lin_probe.shadows.linearized`).
     """
 
     loss: str | LossFn = "mse"
@@ -41,6 +55,8 @@ class MonitorConfig:
     features_fn: Callable[[Tensor], Tensor] | None = None
     memorization: bool = False
     plan: ComputePlan = field(default_factory=ComputePlan)
+    data_kernel: str | Callable[[Tensor], Tensor] = "auto"
+    linearized: bool = False
 
     def __post_init__(self) -> None:
         resolve_loss(self.loss)
@@ -50,6 +66,18 @@ class MonitorConfig:
         check_callable("features_fn", self.features_fn)
         if not isinstance(self.plan, ComputePlan):
             raise TypeError(f"`plan` must be a lin_probe.plan.ComputePlan, got {type(self.plan).__name__}.")
+        check_data_kernel(self.data_kernel)
+        if self.features_fn is not None and self.data_kernel != "auto":
+            raise ValueError(
+                "Pass `features_fn` or `data_kernel`, not both: `features_fn=f` is `data_kernel=f`."
+            )
+        if not isinstance(self.linearized, bool):
+            raise TypeError(f"`linearized` must be True or False, got {self.linearized!r}.")
+
+    @property
+    def data_kernel_spec(self) -> str | Callable[[Tensor], Tensor]:
+        """What the data kernel is built from: ``features_fn`` when given, else ``data_kernel``."""
+        return self.features_fn if self.features_fn is not None else self.data_kernel
 
     @property
     def loss_fn(self) -> LossFn:

@@ -21,6 +21,7 @@ Plain PyTorch::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from lin_probe._model_state import floating_dtype, model_device
 from lin_probe.kernel import AffineKernel
+from lin_probe.kernel.data_kernels import DataKernelChoice, PatchMeanFeatures, data_kernel_candidates
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
 from lin_probe.monitor.checks import (
     NTK_KEYS,
@@ -43,13 +45,21 @@ from lin_probe.monitor.checks import (
     ntk_reference,
 )
 from lin_probe.monitor.config import Host, MonitorConfig
+from lin_probe.monitor.diagnosis import Diagnosis, Verdict, diagnose
+from lin_probe.monitor.kernel_measures import KERNEL_MEASURE_KEYS, target_matrix
 from lin_probe.monitor.probe import ProbeSet, probe_from_argument
-from lin_probe.monitor.runs import MEMO, PAPER, ShadowRun, build_runs
+from lin_probe.monitor.runs import LINEARIZED, MEMO, PAPER, ShadowRun, build_runs
 from lin_probe.ntk import predict
 from lin_probe.shadows.linear import feature_rows
 
-STATE_VERSION = 2
-"""Version of :meth:`RegimeProbe.state_dict`'s layout (1 was the unversioned first release)."""
+STATE_VERSION = 3
+"""Version of :meth:`RegimeProbe.state_dict`'s layout (1 was the unversioned first release; 3 added
+the data kernel, the linearised shadow, the kernel measures' previous NTK and the diagnosis)."""
+
+_LINEARIZED_HINT = (
+    " For an exact verdict under this optimizer pass linearized=True: the network's own Taylor model "
+    "trained by the same optimizer, which any optimizer applies exactly."
+)
 
 
 @dataclass
@@ -73,6 +83,7 @@ class RegimeProbe:
         initial_outputs: Tensor,
         runs: list[ShadowRun],
         host: Host | None = None,
+        data_kernel: DataKernelChoice | None = None,
     ) -> None:
         self.config = config
         self.probe = probe
@@ -81,13 +92,18 @@ class RegimeProbe:
         self.reference = reference
         self.initial_outputs = initial_outputs
         self.runs = runs
+        self.data_kernel = data_kernel
         self.history: list[dict[str, float]] = []
         self.host = host or Host()
+        self.outside_from_start = False
+        self.diagnosis: Diagnosis | None = None
+        self._diagnosis_due = False
+        self._previous_ntk: tuple[int, Tensor] | None = None
         self._warned: set[str] = set()
         for run in runs:
             message = run.mirror.mirror_warning()
             if message is not None:
-                self.warn_once("mirror", message)
+                self.warn_once("mirror", message + ("" if self.run(LINEARIZED) else _LINEARIZED_HINT))
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -112,18 +128,27 @@ class RegimeProbe:
             probe = probe_from_argument(probe, n_probe=_rows(probe))
         probe = _on_model(probe, model)
         ntk = NTKProbe(probe.inputs, config.output_fn, learning_rate_weights(model, optimizer), config.plan)
-        kernel_inputs = _kernel_inputs(probe.inputs, config.features_fn)
-        kernel, theta0, norm0 = fit_at_init(model, ntk, kernel_inputs)
+        candidates = data_kernel_candidates(config.data_kernel_spec, model, probe.inputs)
+        init = fit_at_init(model, ntk, candidates, probe.inputs)
+        kernel, theta0, features_fn = init.kernel, init.theta0, init.choice.features_fn
+        kernel_inputs = _kernel_inputs(probe.inputs, features_fn)
         initial_outputs = predict(
             model, probe.inputs, output_fn=config.output_fn, memory_budget=config.plan.memory_budget
         ).detach()
         host = host or Host()
-        runs, f0 = build_runs(model, kernel, probe, optimizer, config, host.copy_model, train_size)
+        runs, f0 = build_runs(
+            model, kernel, probe, optimizer, config, host.copy_model, train_size, features_fn
+        )
         dense = theta0.is_dense
         reference = ntk_reference(
-            kernel, theta0 if dense else _frozen_products(ntk, f0), norm0, kernel_inputs, dense=dense
+            kernel,
+            theta0 if dense else _frozen_products(ntk, f0),
+            init.norm0,
+            kernel_inputs,
+            dense=dense,
+            targets=_alignment_targets(probe, initial_outputs),
         )
-        monitor = cls(config, probe, kernel, ntk, reference, initial_outputs, runs, host)
+        monitor = cls(config, probe, kernel, ntk, reference, initial_outputs, runs, host, init.choice)
         monitor._warn_about_fit()
         return monitor
 
@@ -153,20 +178,37 @@ class RegimeProbe:
         probe = _on_model(probe, model)
         ntk = NTKProbe(probe.inputs, config.output_fn, dict(state["param_weights"]), config.plan)
         kernel = AffineKernel(**state["kernel"])
+        saved_kernel = state["data_kernel"]
+        features_fn = _restore_features(saved_kernel, config.data_kernel_spec)
+        choice = DataKernelChoice(
+            saved_kernel["name"], features_fn, kernel, dict(saved_kernel.get("scores", {}))
+        )
         # train_size=None: the memorizing shadow's table takes its saved size from the state.
         host = host or Host()
-        runs, f0 = build_runs(model, kernel, probe, optimizer, config, host.copy_model, None)
+        runs, f0 = build_runs(model, kernel, probe, optimizer, config, host.copy_model, None, features_fn)
         saved_runs = state.get("runs", {})
         for run in runs:
             if run.prefix in saved_runs:
                 run.load_state_dict(saved_runs[run.prefix])
-        kernel_inputs = _kernel_inputs(probe.inputs, config.features_fn)
+        kernel_inputs = _kernel_inputs(probe.inputs, features_fn)
         dense = state.get("ntk0") is not None
         theta0 = SymmetricOperator.dense(state["ntk0"], name="Θ_0") if dense else _frozen_products(ntk, f0)
-        reference = ntk_reference(kernel, theta0, float(state["ntk0_norm"]), kernel_inputs, dense=dense)
         initial_outputs = state["initial_outputs"].to(probe.inputs.device)
-        monitor = cls(config, probe, kernel, ntk, reference, initial_outputs, runs, host)
+        reference = ntk_reference(
+            kernel,
+            theta0,
+            float(state["ntk0_norm"]),
+            kernel_inputs,
+            dense=dense,
+            targets=_alignment_targets(probe, initial_outputs),
+        )
+        monitor = cls(config, probe, kernel, ntk, reference, initial_outputs, runs, host, choice)
         monitor.history = [dict(record) for record in state.get("history", [])]
+        monitor.outside_from_start = bool(state.get("outside_from_start", False))
+        monitor.diagnosis = Diagnosis.from_state(state.get("diagnosis"))
+        previous = state.get("previous_ntk")
+        if previous is not None:
+            monitor._previous_ntk = (int(previous["step"]), previous["matrix"])
         return monitor
 
     # ------------------------------------------------------------------ training
@@ -230,26 +272,45 @@ class RegimeProbe:
             record.update(functional_distance=math.nan, functional_distance_rel=math.nan)
         if not ntk:
             return Measurement(record)
-        eigenvalues = None
+        values, eigenvalues = self._ntk_values(model, step)
+        record.update(values)
+        return Measurement(record, eigenvalues)
+
+    def _ntk_values(self, model: nn.Module, step: int) -> tuple[dict[str, float], Tensor | None]:
+        """The NTK check's values at ``step`` (NaN with one warning when it cannot be computed)."""
+        failed = dict.fromkeys((*NTK_KEYS, *self._kernel_measure_keys), math.nan)
+        if self._previous_ntk is None and self.reference.dense:
+            del failed["kernel_velocity"]
         try:
-            values, eigenvalues = ntk_check(self.ntk.operator(model), self.reference)
+            theta = self.ntk.operator(model)
+            values, eigenvalues = ntk_check(theta, self.reference, self._previous_ntk, step)
         except NonFiniteOperator:
-            values = dict.fromkeys(NTK_KEYS, math.nan)
+            return failed, None
         except Exception as err:
             self.warn_once(
                 "ntk",
                 f"lin_probe could not compute the NTK at step {step} "
                 f"({type(err).__name__}: {err}); logging NaN and carrying on.",
             )
-            values = dict.fromkeys(NTK_KEYS, math.nan)
-        record.update(values)
-        return Measurement(record, eigenvalues)
+            return failed, None
+        if theta.matrix is not None:
+            self._previous_ntk = (step, theta.matrix)
+        else:
+            self.warn_once(
+                "matrix_free_measures",
+                "The probe is too large for dense NTKs: kernel_distance, kernel_velocity and "
+                "kernel_alignment need Frobenius products of n×n kernels and are logged as NaN; "
+                "ntk_scale, ntk_gap and ntk_drift are exact (Lanczos). Use a smaller n_probe for them.",
+            )
+        return values, eigenvalues
 
     def observe(self, record: dict[str, float]) -> list[str]:
         """Feed one check to the exit trackers and keep it in :attr:`history`; returns the prefixes
         of the runs whose exit this check confirms (adds ``in_linear_regime`` and ``*exit_step``)."""
         step = int(record["step"])
         expected_nan = () if self.reference.drift_available else ("ntk_drift",)
+        if not self.reference.dense:  # Frobenius measures are NaN by design (said once in measure)
+            expected_nan += ("kernel_distance", "kernel_velocity", "kernel_alignment")
         if not all(math.isfinite(v) for k, v in record.items() if k not in expected_nan):
             self.warn_once(
                 "nonfinite",
@@ -261,17 +322,47 @@ class RegimeProbe:
             value = record.get(run.prefix + "functional_distance_rel", math.nan)
             if run.regime.update(step, value):
                 exited.append(run.prefix)
-                record[run.prefix + "exit_step"] = float(run.regime.exit_step)  # type: ignore[arg-type]
-        record["in_linear_regime"] = 0.0 if self.paper.regime.exited else 1.0
-        if PAPER in exited:  # keep the record's order: the flag before the paper's exit step
-            record["exit_step"] = record.pop("exit_step")
+                if run.prefix == PAPER and self._explained_by_init_fit(run):
+                    self.outside_from_start = True  # nothing was left: no exit step (module docstring)
+                    record["outside_from_start"] = 1.0
+                else:
+                    record[run.prefix + "exit_step"] = float(run.regime.exit_step)  # type: ignore[arg-type]
+        verdict_run = self.verdict_run
+        record["in_linear_regime"] = 0.0 if verdict_run.regime.exited else 1.0
+        for key in ("exit_step", "outside_from_start"):  # keep the record's order: the flag first
+            if key in record:
+                record[key] = record.pop(key)
         self.history.append(record)
+        self._diagnosis_due = verdict_run.prefix in exited
         return exited
 
+    def conclude(self, model: nn.Module, record: dict[str, float]) -> Diagnosis | None:
+        """After :meth:`observe`, at the check that confirmed the verdict: the diagnosis.
+
+        The cause is read from the kernel *at the exit*, so when this check had no NTK measurement
+        one is taken now (once per run) and its values join the record. Returns the new diagnosis,
+        ``None`` at every other check.
+        """
+        if not self._diagnosis_due:
+            return None
+        self._diagnosis_due = False
+        step = int(record["step"])
+        if "ntk_drift" not in record:
+            record.update(self._ntk_values(model, step)[0])
+        self.diagnosis = diagnose(
+            self._evidence(),
+            step=step,
+            tolerance=self.config.tolerance,
+            fit_rel_error_centered=self.kernel.rel_error_centered,
+            from_start=self.outside_from_start and self.verdict_run.prefix == PAPER,
+        )
+        return self.diagnosis
+
     def check(self, model: nn.Module, step: int, *, ntk: bool = True) -> dict[str, float]:
-        """:meth:`measure` then :meth:`observe`, for a loop that needs no collective in between."""
+        """:meth:`measure`, :meth:`observe` and :meth:`conclude`, for a loop that needs no collective in between."""
         record = self.measure(model, step, ntk=ntk).record
         self.observe(record)
+        self.conclude(model, record)
         return record
 
     @property
@@ -282,10 +373,33 @@ class RegimeProbe:
     def run(self, prefix: str) -> ShadowRun | None:
         return next((run for run in self.runs if run.prefix == prefix), None)
 
+    @property
+    def verdict_run(self) -> ShadowRun:
+        """The shadow the verdict is taken from: the paper's under SGD (its mirror is exact), the
+        linearised network's under any other optimizer when it is on (it is exact for any)."""
+        linearized = self.run(LINEARIZED)
+        if linearized is not None and not self.paper.mirror.exact:
+            return linearized
+        return self.paper
+
+    @property
+    def verdict(self) -> Verdict:
+        """Inside, left at a step, or not in the linear regime from the start (see :mod:`~lin_probe.monitor.diagnosis`)."""
+        run = self.verdict_run
+        indicative = run.prefix == PAPER and not run.mirror.exact
+        if run.prefix == PAPER and self.outside_from_start:
+            return Verdict("outside_from_start", None, run.prefix, indicative)
+        if run.regime.exit_step is not None:
+            return Verdict("left", run.regime.exit_step, run.prefix, indicative)
+        return Verdict("inside", None, run.prefix, indicative)
+
     def exit_step(self, prefix: str = PAPER) -> int | None:
-        """A run's exit step; ``None`` until found, or when that run is off."""
+        """A run's exit step; ``None`` until found, when that run is off, or (paper's shadow) when it
+        was never inside: not in the linear regime from the start is not an exit."""
         run = self.run(prefix)
-        return None if run is None else run.regime.exit_step
+        if run is None or (prefix == PAPER and self.outside_from_start):
+            return None
+        return run.regime.exit_step
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -299,6 +413,7 @@ class RegimeProbe:
                 "b": self.kernel.b,
                 "c": self.kernel.c,
                 "rel_error": self.kernel.rel_error,
+                "rel_error_centered": self.kernel.rel_error_centered,
             },
             "ntk0": None if ntk0 is None else ntk0.clone(),  # None: matrix-free mode
             "ntk0_norm": self.reference.norm0,
@@ -310,6 +425,12 @@ class RegimeProbe:
             "probe_source": self.probe.source,
             "param_weights": dict(self.ntk.param_weights),
             "runs": {run.prefix: run.state_dict() for run in self.runs},
+            "data_kernel": _data_kernel_state(self.data_kernel),
+            "outside_from_start": self.outside_from_start,
+            "diagnosis": None if self.diagnosis is None else self.diagnosis.state_dict(),
+            "previous_ntk": None
+            if self._previous_ntk is None
+            else {"step": self._previous_ntk[0], "matrix": self._previous_ntk[1].detach().cpu().clone()},
         }
 
     # ------------------------------------------------------------------ internals
@@ -343,15 +464,43 @@ class RegimeProbe:
             record.update({run.prefix + key: compared[key] for key in keys if key in compared})
         return record
 
+    @property
+    def _kernel_measure_keys(self) -> tuple[str, ...]:
+        if self.reference.targets is None:
+            return tuple(key for key in KERNEL_MEASURE_KEYS if key != "kernel_alignment")
+        return KERNEL_MEASURE_KEYS
+
+    def _explained_by_init_fit(self, run: ShadowRun) -> bool:
+        """The paper's shadow was outside from the first check on, and the centred misfit at init is
+        larger than the tolerance: that misfit, not training, put it there."""
+        error = self.kernel.rel_error_centered
+        return run.regime.outside_from_first_check and error is not None and error > self.config.tolerance
+
+    def _evidence(self) -> dict[str, float]:
+        """The latest finite value of each quantity the diagnosis reads (shadows: this check's)."""
+        evidence: dict[str, float] = {}
+        for record in self.history:
+            for key in ("ntk_drift", "kernel_distance"):
+                value = record.get(key, math.nan)
+                if record["step"] > 0 and math.isfinite(value):
+                    evidence[key] = value
+        last = self.history[-1]
+        for prefix in (LINEARIZED, MEMO):
+            key = prefix + "functional_distance_rel"
+            if self.run(prefix) is not None and key in last:
+                evidence[key] = last[key]
+        return evidence
+
     def _warn_about_fit(self) -> None:
-        error = self.kernel.rel_error
+        error = self.kernel.rel_error_centered
         if error is not None and error > POOR_FIT_THRESHOLD:
             self.warn_once(
                 "poor_fit",
-                f"The affine data kernel fits this model's NTK at init with relative spectral error "
+                f"The affine data kernel fits this model's centred NTK at init with relative spectral error "
                 f"{error:.2f} > {POOR_FIT_THRESHOLD}: the linear model is a poor proxy for this "
-                "architecture, so distances from it say little about the network's own kernel regime "
-                "(watch `lin_probe/ntk_drift` instead).",
+                "architecture (expect 'not in the linear regime from the start'), so distances from it say "
+                "little about the network's own kernel regime; watch `lin_probe/ntk_drift` and "
+                "`lin_probe/kernel_distance`, or pass linearized=True.",
             )
         if not self.reference.drift_available:
             self.warn_once(
@@ -390,6 +539,38 @@ def learning_rate_weights(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return weights
 
 
+def _alignment_targets(probe: ProbeSet, initial_outputs: Tensor) -> Tensor | None:
+    """``Y`` of the kernel–target alignment (CPU float64), or ``None`` without probe targets."""
+    if probe.targets is None:
+        return None
+    return target_matrix(probe.targets.cpu(), int(initial_outputs.shape[1]))
+
+
+def _data_kernel_state(choice: DataKernelChoice | None) -> dict[str, Any]:
+    """The chosen data kernel as plain values: its name, its geometry (patch-mean) and the fit scores."""
+    if choice is None:
+        return {"name": "flat", "features": None, "scores": {}}
+    features = choice.features_fn
+    geometry = dataclasses.asdict(features) if dataclasses.is_dataclass(features) else None
+    return {"name": choice.name, "features": geometry, "scores": dict(choice.scores)}
+
+
+def _restore_features(saved: Mapping[str, Any], spec: Any) -> Callable[[Tensor], Tensor] | None:
+    """The feature map a saved state's shadow was trained on; a callable cannot be saved, so the
+    configuration must hand the same one in again."""
+    name = saved["name"]
+    if name == "flat":
+        return None
+    if name == "patch_mean":
+        return PatchMeanFeatures(**saved["features"])
+    if not callable(spec):
+        raise ValueError(
+            "the checkpoint's shadow was built on a callable data kernel (`data_kernel=`/`features_fn=`); "
+            "pass the same callable to resume"
+        )
+    return spec
+
+
 def _frozen_products(ntk: NTKProbe, f0: nn.Module | None) -> SymmetricOperator | None:
     """Matrix-free ``Θ_0`` from the frozen ``f_0`` (``None`` without one: drift is then NaN)."""
     return None if f0 is None else ntk.frozen_operator(f0)
@@ -411,6 +592,7 @@ def _rows(probe: Tensor | tuple[Tensor, Tensor]) -> int:
 
 
 __all__ = [
+    "LINEARIZED",
     "MEMO",
     "PAPER",
     "STATE_VERSION",

@@ -28,6 +28,13 @@ class RegimeTracker:
         self.exit_step: int | None = None
         self.streak = 0
         self.streak_start: int | None = None
+        self.first_step: int | None = None  # the first check after init that carried evidence
+
+    @property
+    def outside_from_first_check(self) -> bool:
+        """Whether the exit's run of outside checks began at the first check after init: the shadow
+        was never seen inside (see :mod:`lin_probe.monitor.diagnosis` for what that means)."""
+        return self.exit_step is not None and self.exit_step == self.first_step
 
     @property
     def exited(self) -> bool:
@@ -40,6 +47,8 @@ class RegimeTracker:
         """
         if self.exited or math.isnan(value):
             return False
+        if self.first_step is None and step > 0:
+            self.first_step = step
         if value > self.tolerance:
             if self.streak == 0:
                 self.streak_start = step
@@ -59,6 +68,7 @@ class RegimeTracker:
             "exit_step": self.exit_step,
             "streak": self.streak,
             "streak_start": self.streak_start,
+            "first_step": self.first_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -73,6 +83,7 @@ class RegimeTracker:
         self.exit_step = state.get("exit_step")
         self.streak = int(state.get("streak", 0))
         self.streak_start = state.get("streak_start")
+        self.first_step = state.get("first_step")
 
 
 def validate_tolerance(tolerance: float) -> None:

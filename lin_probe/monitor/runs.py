@@ -1,8 +1,9 @@
 """Shadow runs: each shadow trained in lock-step with the network, with its mirror and exit tracker.
 
 The paper's shadow ``f_0 + Bᵀψ`` is always the first run (record keys without prefix); with
-``memorization=True`` a second run adds per-example offsets (keys under ``memo/``). Both share one
-frozen ``f_0``.
+``memorization=True`` a run adds per-example offsets (keys under ``memo/``); with ``linearized=True``
+a run trains the network's own first-order Taylor model ``f_0 + J_0(θ' − θ_0)`` (keys under
+``linearized/``). All share one frozen ``f_0``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from lin_probe.kernel import AffineKernel
 from lin_probe.monitor.config import MonitorConfig
 from lin_probe.monitor.probe import ProbeSet
 from lin_probe.monitor.regime import RegimeTracker
-from lin_probe.shadows.linear import LinearShadow
+from lin_probe.shadows.linear import FeaturesFn, LinearShadow
+from lin_probe.shadows.linearized import LinearizedMirror, LinearizedShadow
 from lin_probe.shadows.mirror import OptimizerMirror
 from lin_probe.shadows.offsets import ExampleIds
 
@@ -28,8 +30,10 @@ PAPER = ""
 """Prefix of the paper's shadow's record keys (none: ``functional_distance`` etc.)."""
 MEMO = "memo/"
 """Prefix of the memorizing shadow's record keys."""
+LINEARIZED = "linearized/"
+"""Prefix of the linearised network's record keys."""
 MEMO_KEYS = ("functional_distance", "functional_distance_rel", "loss_linear")
-"""What is reported for the memorizing shadow (the network's own values are not repeated)."""
+"""What is reported for the memorizing and linearised shadows (the network's own values are not repeated)."""
 
 HASHED_EXAMPLES_LIMIT = 1 << 22
 """Distinct hashed inputs allowed when the training set's size is unknown (64 MiB of digests)."""
@@ -40,8 +44,8 @@ class ShadowRun:
     """One shadow in lock-step with the network: its mirror, its exit tracker and (memorizing) example ids."""
 
     prefix: str
-    shadow: LinearShadow
-    mirror: OptimizerMirror
+    shadow: LinearShadow | LinearizedShadow
+    mirror: OptimizerMirror | LinearizedMirror
     regime: RegimeTracker
     example_ids: ExampleIds | None = None
     reported: tuple[str, ...] | None = None  # None: every value compare() gives
@@ -85,10 +89,18 @@ def build_runs(
     config: MonitorConfig,
     copy_model: Callable[[nn.Module], nn.Module],
     train_size: int | None,
+    features_fn: FeaturesFn | None = None,
 ) -> tuple[list[ShadowRun], nn.Module | None]:
-    """The paper's run (and the memorizing one), sharing one frozen ``f_0``; returns the runs and ``f_0``."""
-    f0 = copy_model(model) if config.center else None
+    """The paper's run (and the memorizing and linearised ones), sharing one frozen ``f_0``.
+
+    ``features_fn`` is the chosen data kernel's feature map (``None``: the flattened inputs). Returns
+    the runs and ``f_0`` (``None`` only when nothing needs it: ``center=False`` without ``linearized``).
+    """
+    f0 = copy_model(model) if config.center or config.linearized else None
     loss_fn = config.loss_fn
+
+    def tracker() -> RegimeTracker:
+        return RegimeTracker(config.tolerance, config.patience)
 
     def run(
         prefix: str, capacity: int | None, ids: ExampleIds | None, reported: tuple[str, ...] | None
@@ -97,21 +109,27 @@ def build_runs(
             model,
             kernel,
             probe.inputs,
-            initial_model=f0,
+            initial_model=f0 if config.center else None,
             output_fn=config.output_fn,
-            features_fn=config.features_fn,
+            features_fn=features_fn,
             offsets_capacity=capacity,
         ).to(probe.inputs.device)
         mirror = OptimizerMirror(shadow, optimizer, loss_fn)
-        return ShadowRun(
-            prefix, shadow, mirror, RegimeTracker(config.tolerance, config.patience), ids, reported
-        )
+        return ShadowRun(prefix, shadow, mirror, tracker(), ids, reported)
 
     runs = [run(PAPER, None, None, None)]
     if config.memorization:
         limit = train_size if train_size is not None else HASHED_EXAMPLES_LIMIT
         runs.append(run(MEMO, train_size or 0, ExampleIds(max_examples=limit), MEMO_KEYS))
+    if config.linearized:
+        assert f0 is not None
+        # f_0's state is checkpointed by the paper's shadow when centred; otherwise by this one.
+        taylor = LinearizedShadow.from_model(
+            model, f0, output_fn=config.output_fn, own_initial=not config.center
+        )
+        mirror = LinearizedMirror(taylor, optimizer, loss_fn, model=model)
+        runs.append(ShadowRun(LINEARIZED, taylor, mirror, tracker(), None, MEMO_KEYS))
     return runs, f0
 
 
-__all__ = ["HASHED_EXAMPLES_LIMIT", "MEMO", "MEMO_KEYS", "PAPER", "ShadowRun", "build_runs"]
+__all__ = ["HASHED_EXAMPLES_LIMIT", "LINEARIZED", "MEMO", "MEMO_KEYS", "PAPER", "ShadowRun", "build_runs"]

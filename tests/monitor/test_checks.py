@@ -49,7 +49,8 @@ def test_fit_at_init_and_ntk_check_against_brute_force(dense: bool) -> None:
     x = torch.randn(N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     plan = ComputePlan() if dense else ComputePlan(kernel_budget=1)
     ntk = _probe(model, x, plan)
-    kernel, theta0, norm0 = fit_at_init(model, ntk, x)
+    init = fit_at_init(model, ntk, [("flat", None)], x)
+    kernel, theta0, norm0 = init.kernel, init.theta0, init.norm0
     theta = _brute_ntk(model, x).detach()
     assert theta0.is_dense == dense
     # Lanczos norms are certified to rtol 1e-5; the dense ones are exact up to round-off
@@ -64,8 +65,18 @@ def test_fit_at_init_and_ntk_check_against_brute_force(dense: bool) -> None:
     reference = ntk_reference(kernel, initial, norm0, x, dense=dense)
     with torch.no_grad():
         model[2].weight.mul_(1.5)  # the kernel moves
-    values, eigenvalues = ntk_check(ntk.operator(model), reference)
+    values, eigenvalues = ntk_check(ntk.operator(model), reference, (0, theta) if dense else None, 4)
     moved = _brute_ntk(model, x).detach()
+    assert values["ntk_scale"] == pytest.approx(np.linalg.norm(moved.numpy(), 2) / norm0, rel=rtol)
+    if dense:  # kernel distance 1 − cos in Frobenius geometry, from the brute-force kernels
+        cosine = float(
+            (theta * moved).sum() / (np.linalg.norm(theta.numpy()) * np.linalg.norm(moved.numpy()))
+        )
+        assert values["kernel_distance"] == pytest.approx(1 - cosine, rel=1e-9)
+        assert values["kernel_velocity"] == pytest.approx((1 - cosine) / 4, rel=1e-9)
+    else:  # Frobenius products need n products: NaN in matrix-free mode
+        assert math.isnan(values["kernel_distance"]) and math.isnan(values["kernel_velocity"])
+    assert "kernel_alignment" not in values  # the reference has no probe targets
     assert values["ntk_gap"] == pytest.approx(np.linalg.norm((moved - lin).numpy(), 2) / norm0, rel=rtol)
     assert values["ntk_drift"] == pytest.approx(np.linalg.norm((moved - theta).numpy(), 2) / norm0, rel=rtol)
     assert values["ntk_drift"] > 0.1
@@ -94,3 +105,21 @@ def test_compare_losses_and_agreement_against_torch() -> None:
     assert record["agreement"] == pytest.approx(same)
     unlabelled = compare(network, linear, initial, targets=None, loss_fn=F.mse_loss, classification=False)
     assert set(unlabelled) == {"functional_distance", "functional_distance_rel"}
+
+
+def test_kernel_alignment_of_a_check_against_the_brute_force_kernel() -> None:
+    """Centred kernel–target alignment with one-hot class targets, from the per-example autograd NTK."""
+    model = _model()
+    x = torch.randn(N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(N) % 2
+    ntk = _probe(model, x, ComputePlan())
+    init = fit_at_init(model, ntk, [("flat", None)], x)
+    targets = F.one_hot(labels, 2).double()
+    reference = ntk_reference(init.kernel, init.theta0, init.norm0, x, dense=True, targets=targets)
+    values, _ = ntk_check(ntk.operator(model), reference)
+    theta = _brute_ntk(model, x).detach().numpy()
+    h = np.eye(N) - 1.0 / N
+    kc, yc = h @ theta @ h, h @ targets.numpy() @ targets.numpy().T @ h
+    expected = float(np.sum(kc * yc) / (np.linalg.norm(kc) * np.linalg.norm(yc)))
+    assert values["kernel_alignment"] == pytest.approx(expected, rel=1e-9)
+    assert "kernel_velocity" not in values  # the first check has no previous kernel

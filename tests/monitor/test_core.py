@@ -92,7 +92,8 @@ def test_state_round_trip_continues_the_same_run() -> None:
         model = TwoLayerNet(D, WIDTH)
         return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
 
-    config = MonitorConfig(loss="mse", tolerance=0.02, patience=2)
+    # linearized=True: the Taylor model's θ' and its optimizer state must resume too, around the saved f_0
+    config = MonitorConfig(loss="mse", tolerance=0.02, patience=2, linearized=True)
     model, optimizer = fresh()
     whole = RegimeProbe.start(model, (x_val, y_val), optimizer, config)
     whole.check(model, 0)
@@ -118,6 +119,8 @@ def test_state_round_trip_continues_the_same_run() -> None:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-8), (int(want["step"]), key)
     assert whole.paper.regime.exit_step is not None, "the tolerance is tight enough to see an exit"
     assert resumed.paper.regime.exit_step == whole.paper.regime.exit_step
+    assert resumed.verdict == whole.verdict and resumed.diagnosis == whole.diagnosis
+    assert any("linearized/functional_distance_rel" in record for record in whole.history)
 
 
 def test_a_state_of_another_layout_version_is_refused_with_a_clear_error() -> None:
