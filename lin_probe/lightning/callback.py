@@ -33,6 +33,7 @@ from lin_probe.monitor.core import (
     RegimeProbe,
     saved_exit_step,
 )
+from lin_probe.monitor.diagnosis import Diagnosis, Verdict
 from lin_probe.monitor.probe import BatchToXY, default_batch_to_xy, probe_from_argument
 from lin_probe.monitor.schedule import CheckSchedule
 from lin_probe.plan import ComputePlan
@@ -66,16 +67,24 @@ class LinearRegimeMonitor(Callback):
         patience: consecutive outside checks that confirm the exit.
         center: include ``f_0`` in the shadow (a frozen copy of the model); ``False`` for models whose
             initial output is ~0 or that are too large to keep twice.
-        stop_after_exit: stop measuring and shadowing this many checks after the exit (``None``: never).
+        stop_after_exit: stop measuring and shadowing this many checks after the exit, or after the verdict
+            "not in the linear regime from the start" (``None``: never).
         output_fn: maps the model's raw output to the prediction tensor (tuple/dict outputs).
         features_fn: maps inputs to the float vectors the data kernel ``XXᵀ/d`` is built from (token
-            inputs); the model still receives the raw inputs.
+            inputs); the model still receives the raw inputs. The same as ``data_kernel=features_fn``.
         progress_bar: show ``functional_distance_rel`` in the progress bar.
         memory_budget: bytes for the NTK's working memory (default 1 GiB); shorthand for ``compute_plan``.
         verbose: print the exit step (rank zero) when it is found.
         memorization: also run the shadow with the ``c·I`` term on training points (``N_train × C``
             offsets; example identity from :class:`lin_probe.data.WithIndex` indices, else input hashes).
         compute_plan: every cost limit at once (:class:`lin_probe.plan.ComputePlan`).
+        data_kernel: what the affine kernel's ``K`` is built from: ``"flat"`` (the inputs flattened),
+            ``"patch_mean"`` (the mean input patch of the model's first convolution), ``"auto"``
+            (every applicable one is fitted at init and the lowest centred fit error wins) or a callable.
+        linearized: also train the network's own first-order Taylor model ``f_0 + J_0(θ' − θ_0)`` with the
+            same optimizer (tags ``lin_probe/linearized/*``); the verdict's shadow under optimizers other
+            than SGD. Costs one forward-mode and one backward pass of the network per step (a CPU
+            training step measured 4–4.5× as long: benchmarks/README.md) and a copy of the parameters.
 
     Example::
 
@@ -102,6 +111,8 @@ class LinearRegimeMonitor(Callback):
         verbose: bool = True,
         memorization: bool = False,
         compute_plan: ComputePlan | None = None,
+        data_kernel: str | Callable[[Tensor], Tensor] = "auto",
+        linearized: bool = False,
     ) -> None:
         super().__init__()
         check_int("n_probe", n_probe, minimum=2)
@@ -112,7 +123,16 @@ class LinearRegimeMonitor(Callback):
         plan = ComputePlan.resolve(memory_budget, compute_plan)
         # positional, in MonitorConfig's field order: loss, tolerance, patience, center, output_fn, ...
         self.config = MonitorConfig(
-            loss, tolerance, patience, center, output_fn, features_fn, memorization, plan
+            loss,
+            tolerance,
+            patience,
+            center,
+            output_fn,
+            features_fn,
+            memorization,
+            plan,
+            data_kernel,
+            linearized,
         )
         if probe is not None:
             probe_from_argument(probe, n_probe)  # validate now, not after the first epoch's setup
@@ -129,7 +149,7 @@ class LinearRegimeMonitor(Callback):
         config = self.config
         return self._generate_state_key(
             n_probe=self.n_probe, every_n_steps=self.schedule.every_n_steps, tolerance=config.tolerance,
-            patience=config.patience, memorization=config.memorization,
+            patience=config.patience, memorization=config.memorization, linearized=config.linearized,
         )  # fmt: skip
 
     @property
@@ -139,8 +159,21 @@ class LinearRegimeMonitor(Callback):
 
     @property
     def exit_step(self) -> int | None:
-        """First step of the first run of ``patience`` checks above ``tolerance``; ``None`` until found."""
-        return self.core.exit_step(PAPER) if self.core else saved_exit_step(self._pending_state, PAPER)
+        """The verdict's exit: the first step of the first run of ``patience`` checks above ``tolerance``;
+        ``None`` until found, and for a network not in the linear regime from the start."""
+        if self.core is None:
+            return saved_exit_step(self._pending_state, PAPER)
+        return self.core.exit_step(self.core.verdict_run.prefix)
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """Inside, left at a step, or not in the linear regime from the start; ``None`` before train start."""
+        return None if self.core is None else self.core.verdict
+
+    @property
+    def diagnosis(self) -> Diagnosis | None:
+        """The cause of the exit with its numbers (:mod:`lin_probe.monitor.diagnosis`); ``None`` until then."""
+        return None if self.core is None else self.core.diagnosis
 
     @property
     def memo_exit_step(self) -> int | None:
@@ -299,9 +332,10 @@ class LinearRegimeMonitor(Callback):
         # stop_after_exit schedule that gates the shadows' collectives) identical everywhere.
         record = _bridge.from_rank_zero(trainer, measured.record)
         exited = self.core.observe(record)
+        self.core.conclude(pl_module, record)  # the exit's cause, with the kernel at the exit
         self.publisher.record(trainer, record, measured.eigenvalues, self.core)
         self.publisher.exits(trainer, exited, record, self.core)
-        if self.exit_step is not None and self.stop_after_exit is not None:
+        if self.core.verdict.state != "inside" and self.stop_after_exit is not None:
             if self._checks_since_exit >= self.stop_after_exit:
                 self._active = False
                 self._pending = []

@@ -50,11 +50,17 @@ _SERIES: dict[str, tuple[str, str, str]] = {
     "memo/loss_linear": ("memorizing shadow", "tab:green", "-."),
     "functional_distance_rel": ("linear model", "tab:orange", "-"),
     "memo/functional_distance_rel": ("memorizing shadow", "tab:green", "-."),
+    "linearized/loss_linear": ("linearised network", "tab:cyan", "--"),
+    "linearized/functional_distance_rel": ("linearised network", "tab:cyan", "--"),
     "ntk_gap": ("gap to affine kernel", "tab:purple", "-"),
     "ntk_drift": ("drift from init", "tab:brown", "-"),
 }
-_LOSS_KEYS = ("loss_network", "loss_linear", "memo/loss_linear")
-_DISTANCE_KEYS = ("functional_distance_rel", "memo/functional_distance_rel")
+_LOSS_KEYS = ("loss_network", "loss_linear", "memo/loss_linear", "linearized/loss_linear")
+_DISTANCE_KEYS = (
+    "functional_distance_rel",
+    "memo/functional_distance_rel",
+    "linearized/functional_distance_rel",
+)
 
 
 def _matplotlib() -> tuple[type, type]:

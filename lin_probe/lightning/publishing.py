@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.rank_zero import WarningCache, rank_zero_info
 from torch import Tensor
 
 from lin_probe.lightning import _bridge
+from lin_probe.lightning.series import LINEARIZED as LINEARIZED_SERIES
 from lin_probe.lightning.series import MEMORIZING, SERIES_ORDER, RegimeTimeline, check_points
 from lin_probe.lightning.tensorboard import (
     EXIT_CARD,
@@ -33,9 +34,16 @@ from lin_probe.lightning.tensorboard import (
     summary_tag,
     tag,
 )
-from lin_probe.monitor.core import MEMO, PAPER, MonitorConfig, RegimeProbe
+from lin_probe.monitor.core import LINEARIZED, MEMO, MonitorConfig, RegimeProbe
 
 PROGRESS_BAR_KEY = tag("functional_distance_rel")
+
+# The shadows besides the verdict's: (prefix, name in messages, summary value of their exit step).
+_SIDE_SHADOWS = (
+    (MEMO, "the memorizing shadow (kernel aK + b11ᵀ + cI)", "memo_exit_step"),
+    ("", "the paper's linear model", "paper_exit_step"),
+    (LINEARIZED, "the linearised network", "linearized_exit_step"),
+)
 
 # A redraw costs ~0.4 s of matplotlib. Epoch ends redraw while drawing has taken at most this share
 # of the time since the monitor started: every epoch end for epochs of a minute or more, fewer for
@@ -80,8 +88,9 @@ class Publisher:
         config = self.config
         # Two settings only: TensorBoard ticks the first five hparams by name, and "lin_probe/…" sorts
         # before most of the user's own, which a sweep compares.
+        spec = config.data_kernel_spec
         settings = {
-            "lin_probe/data_kernel": "flat" if config.features_fn is None else "features_fn",
+            "lin_probe/data_kernel": spec if isinstance(spec, str) else "callable",
             "lin_probe/tolerance": config.tolerance,
         }
         params = {**_bridge.logged_hparams(trainer, pl_module, logger), **settings}
@@ -93,8 +102,15 @@ class Publisher:
         n_parameters = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         kernel = probe.kernel
         fit = {"fit_a": kernel.a, "fit_b": kernel.b, "fit_c": kernel.c}
-        fit["fit_rel_error"] = math.nan if kernel.rel_error is None else kernel.rel_error
+        for name, value in (
+            ("fit_rel_error", kernel.rel_error),
+            ("fit_rel_error_centered", kernel.rel_error_centered),
+        ):
+            fit[name] = math.nan if value is None else value
         self.scalars(trainer, {tag(k): float(v) for k, v in fit.items()}, 0)
+        choice = probe.data_kernel
+        if self.verbose and choice is not None and len(choice.scores) > 1:
+            rank_zero_info(f"lin_probe: {choice.summary()}.")
         panels = self.panels(trainer)
         if panels is not None:
             panels.summary(fit, 0)
@@ -104,6 +120,7 @@ class Publisher:
                 probe_source=probe.probe.source,
                 n_parameters=n_parameters,
                 center=probe.config.center,
+                data_kernel=choice,
             )
             panels.text(FIT_CARD, card, 0)
             panels.flush()
@@ -116,7 +133,7 @@ class Publisher:
             return
         if probe is not None and probe.history:
             self._regime(panels, probe, final=True)
-            final = 0.0 if probe.paper.regime.exited else 1.0
+            final = 0.0 if probe.verdict_run.regime.exited else 1.0
             panels.summary({"final_in_linear_regime": final}, int(probe.history[-1]["step"]))
             self.figure(trainer, probe)
         panels.flush()
@@ -158,28 +175,46 @@ class Publisher:
         """Announce the exits this check confirmed: a line on rank zero and, for the paper's shadow, the card."""
         config = probe.config
         panels = self.panels(trainer)
-        if MEMO in exited:
-            memo_exit = int(record["memo/exit_step"])
+        step = int(record["step"])
+        for prefix, shadow, summary in _SIDE_SHADOWS:
+            if (
+                prefix not in exited
+                or prefix == probe.verdict_run.prefix
+                or prefix + "exit_step" not in record
+            ):
+                continue  # the verdict's shadow is announced below; "outside from the start" is no exit
+            side_exit = int(record[prefix + "exit_step"])
             if self.verbose:
-                rank_zero_info(
-                    "lin_probe: the memorizing shadow (kernel aK + b11ᵀ + cI) left the linear regime at "
-                    f"step {memo_exit}."
-                )
+                rank_zero_info(f"lin_probe: {shadow} left the linear regime at step {side_exit}.")
             if panels is not None:
-                panels.summary({"memo_exit_step": memo_exit}, int(record["step"]))
-        if PAPER not in exited:
+                panels.summary({summary: side_exit}, step)
+        verdict_run = probe.verdict_run
+        if verdict_run.prefix not in exited:
             return
-        exit_step = int(record["exit_step"])
+        verdict = probe.verdict
         if self.verbose:
+            rel = record[verdict_run.prefix + "functional_distance_rel"]
+            diagnosis = "" if probe.diagnosis is None else f" Diagnosis: {probe.diagnosis.title}."
             rank_zero_info(
-                f"lin_probe: the network left the linear regime at step {exit_step} "
+                f"lin_probe: the network {verdict.describe()} "
                 f"(functional_distance_rel > {config.tolerance} for {config.patience} consecutive checks; "
-                f"now {record['functional_distance_rel']:.3g} at step {int(record['step'])})."
+                f"now {rel:.3g} at step {step}).{diagnosis}"
             )
         if panels is not None:
-            panels.summary({"exit_step": exit_step}, int(record["step"]))
-            card = exit_card(exit_step, record, tolerance=config.tolerance, patience=config.patience)
-            panels.text(EXIT_CARD, card, int(record["step"]))
+            if verdict.state == "outside_from_start":
+                panels.summary({"outside_from_start": 1.0}, step)
+            else:
+                panels.summary({"exit_step": verdict.exit_step}, step)
+                if verdict_run.prefix == LINEARIZED:
+                    panels.summary({"linearized_exit_step": verdict.exit_step}, step)
+            card = exit_card(
+                verdict,
+                record,
+                tolerance=config.tolerance,
+                patience=config.patience,
+                diagnosis=probe.diagnosis,
+            )
+            panels.text(EXIT_CARD, card, step)
             self.figure(trainer, probe)
             panels.flush()
 
@@ -202,7 +237,7 @@ class Publisher:
 
             images = summary_images(
                 probe.history,
-                exit_step=probe.paper.regime.exit_step,
+                exit_step=probe.verdict_run.regime.exit_step,
                 tolerance=probe.config.tolerance,
                 spectra=self.spectra or None,
             )
@@ -240,13 +275,14 @@ class Publisher:
                 return None
             self._panels = TensorBoardPanels(logger.experiment, logger.log_dir)
             self._panels.register_layout(classification=self.config.classification)
-            memo = self.config.memorization
-            self._panels.series.open(run for run in SERIES_ORDER if memo or run != MEMORIZING)
+            off = {MEMORIZING} if not self.config.memorization else set()
+            off |= {LINEARIZED_SERIES} if not self.config.linearized else set()
+            self._panels.series.open(run for run in SERIES_ORDER if run not in off)
         return self._panels
 
     def _regime(self, panels: TensorBoardPanels, probe: RegimeProbe, *, final: bool = False) -> None:
         """The regime flag of every check the exit rule has decided by now."""
-        regime = probe.paper.regime
+        regime = probe.verdict_run.regime
         points = self.timeline.decided(
             probe.history,
             exit_step=regime.exit_step,

@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from lin_probe.monitor.runs import LINEARIZED as _LINEARIZED_PREFIX
 from lin_probe.monitor.runs import MEMO
 
 SERIES_DIR = "lin_probe"
@@ -32,6 +33,7 @@ SERIES_DIR = "lin_probe"
 NETWORK = "network"
 LINEAR = "linear"
 MEMORIZING = "memorizing"
+LINEARIZED = "linearized"
 TOLERANCE = "tolerance"
 EXIT = "since_exit"  # sorts after "linear": TensorBoard draws runs in name order, so it lies on top
 
@@ -47,8 +49,16 @@ SERIES: dict[str, tuple[str, str]] = {
     MEMO + "functional_distance": ("functional_distance", MEMORIZING),
     "functional_distance_rel": ("functional_distance_rel", LINEAR),
     MEMO + "functional_distance_rel": ("functional_distance_rel", MEMORIZING),
+    _LINEARIZED_PREFIX + "loss_linear": ("loss", LINEARIZED),
+    _LINEARIZED_PREFIX + "functional_distance": ("functional_distance", LINEARIZED),
+    _LINEARIZED_PREFIX + "functional_distance_rel": ("functional_distance_rel", LINEARIZED),
     "ntk_gap": ("ntk", "ntk_gap"),
     "ntk_drift": ("ntk", "ntk_drift"),
+    # the network's own kernel: one chart per measure, each in the network's colour
+    "kernel_distance": ("kernel_distance", NETWORK),
+    "kernel_velocity": ("kernel_velocity", NETWORK),
+    "kernel_alignment": ("kernel_alignment", NETWORK),
+    "ntk_scale": ("ntk_scale", NETWORK),
 }
 
 REL_CHART = "functional_distance_rel"
@@ -146,11 +156,13 @@ class SeriesWriters:
 
 
 # Creation order, hence colour order (see SeriesWriters.open).
-SERIES_ORDER = (NETWORK, LINEAR, MEMORIZING, EXIT, TOLERANCE, "ntk_gap", "ntk_drift")
+# The linearised network comes last so that adding it leaves every other series' colour as it was.
+SERIES_ORDER = (NETWORK, LINEAR, MEMORIZING, EXIT, TOLERANCE, "ntk_gap", "ntk_drift", LINEARIZED)
 
 __all__ = [
     "EXIT",
     "LINEAR",
+    "LINEARIZED",
     "MEMORIZING",
     "NETWORK",
     "SERIES",

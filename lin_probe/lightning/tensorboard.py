@@ -27,8 +27,10 @@ import torch
 from torch import Tensor
 
 from lin_probe.kernel import AffineKernel
+from lin_probe.kernel.data_kernels import DataKernelChoice
 from lin_probe.lightning.series import SeriesWriters
 from lin_probe.monitor.checks import POOR_FIT_THRESHOLD
+from lin_probe.monitor.diagnosis import Diagnosis, Verdict
 
 PREFIX = "lin_probe/"
 SUMMARY_PREFIX = "lin_probe_summary/"  # its own group: single-value charts stay out of lin_probe/'s
@@ -39,8 +41,8 @@ SPECTRUM = "ntk_spectrum"
 FIGURE = "figure/"
 
 # The per-run values HParams shows as metric columns (scalars of the main run).
-SUMMARY_METRICS = ("exit_step", "fit_rel_error", "fit_a", "fit_b", "fit_c", "final_in_linear_regime",
-                   "memo_exit_step")  # fmt: skip
+SUMMARY_METRICS = ("exit_step", "outside_from_start", "fit_rel_error_centered", "fit_rel_error", "fit_a",
+                   "fit_b", "fit_c", "final_in_linear_regime", "memo_exit_step", "linearized_exit_step")  # fmt: skip
 
 _CATEGORY = "lin_probe"
 _LAYOUT_FLAG = "_lin_probe_layout_registered"
@@ -84,6 +86,10 @@ def custom_scalar_layout(*, classification: bool = False) -> dict:
     }
     if classification:
         charts["accuracy and agreement"] = _multiline("accuracy", "agreement")
+    charts["kernel distance to init (1 − cos)"] = _multiline("kernel_distance")
+    charts["kernel velocity (distance per step)"] = _multiline("kernel_velocity")
+    charts["kernel-target alignment (centred)"] = _multiline("kernel_alignment")
+    charts["NTK scale ‖Θ_t‖/‖Θ_0‖"] = _multiline("ntk_scale")
     return {_CATEGORY: charts}
 
 
@@ -119,29 +125,52 @@ def _fmt(value: float | None) -> str:
     return f"{float(value):.4g}"
 
 
-def _fit_verdict(rel_error: float | None) -> str:
-    """One line saying whether the affine kernel (hence the linear shadow) is trustworthy at init."""
-    if rel_error is None or math.isnan(rel_error):
+def _fit_verdict(kernel: AffineKernel) -> str:
+    """One line saying whether the affine kernel (hence the linear shadow) is trustworthy at init.
+
+    Judged on the *centred* error: the uncentred one is dominated by the ``b·11ᵀ`` eigenvalue
+    (≈ n·b) and calls gross misfits of everything else good.
+    """
+    error = kernel.rel_error_centered
+    if error is None or math.isnan(error):
         return "Fit error unknown: cannot say whether the linear model is a good proxy at init."
-    if rel_error > POOR_FIT_THRESHOLD:
+    if error > POOR_FIT_THRESHOLD:
         return (
-            f"**The linear model is a poor proxy at init** "
-            f"(fit error {_fmt(rel_error)} > {POOR_FIT_THRESHOLD})."
+            f"**The linear model is a poor proxy at init** (centred fit error {_fmt(error)} > "
+            f"{POOR_FIT_THRESHOLD}): expect *not in the linear regime from the start*."
         )
     return (
-        f"**The linear model is a good proxy at init** (fit error {_fmt(rel_error)} ≤ {POOR_FIT_THRESHOLD})."
+        f"**The linear model is a good proxy at init** (centred fit error {_fmt(error)} ≤ "
+        f"{POOR_FIT_THRESHOLD})."
     )
 
 
 def _fit_rows(kernel: AffineKernel) -> list[str]:
-    """Table rows a, b, c, rel_error."""
+    """Table rows a, b, c, the centred and the uncentred error."""
     labels = (
         ("a", "`a` (data kernel XXᵀ/d)"),
         ("b", "`b` (constant 11ᵀ)"),
         ("c", "`c` (identity I)"),
-        ("rel_error", "relative spectral error"),
+        ("rel_error_centered", "centred relative spectral error ‖H(Θ₀ − Θ_lin)H‖₂/‖HΘ₀H‖₂"),
+        ("rel_error", "relative spectral error ‖Θ₀ − Θ_lin‖₂/‖Θ₀‖₂"),
     )
-    return [f"| {label} | {_fmt(getattr(kernel, field))} |" for field, label in labels]
+    return [f"| {label} | {_fmt(getattr(kernel, field, None))} |" for field, label in labels]
+
+
+def _data_kernel_line(choice: DataKernelChoice | None) -> str:
+    """Which data kernel the shadow uses, and every candidate's scores when there were several."""
+    if choice is None:
+        return "Data kernel: flat (the inputs flattened)."
+    describe = getattr(choice.features_fn, "describe", None)
+    name = describe() if callable(describe) else choice.name
+    scores = [
+        f"{candidate}: centred {_fmt(centred)}, uncentred {_fmt(plain)}"
+        for candidate, (plain, centred) in choice.scores.items()
+    ]
+    chosen = f"Data kernel: **{name}**"
+    if len(scores) > 1:
+        return f"{chosen}, the lowest centred fit error of the candidates ({'; '.join(scores)})."
+    return chosen + "."
 
 
 def fit_card(
@@ -151,23 +180,26 @@ def fit_card(
     probe_source: str,
     n_parameters: int,
     center: bool,
+    data_kernel: DataKernelChoice | None = None,
 ) -> str:
     """Markdown card for the init fit ``Θ_0 ≈ a·K + b·11ᵀ + c·I``, read once at the start of a run."""
     header = ["| coefficient | fitted |", "|---|---:|"]
     shadow = "f₀ + Bᵀψ (centred on the network at init)" if center else "Bᵀψ (pure linear, not centred)"
     context = (
         f"Probe: {n_probe} points ({probe_source}); {n_parameters} trained parameters; "
-        f"shadow: {shadow}, `center={center}`."
+        f"shadow: {shadow}, `center={center}`. H = I − 11ᵀ/n removes the constant mode."
     )
     lines = [
-        "### Affine kernel fit at initialisation: Θ₀ ≈ a·XXᵀ/d + b·11ᵀ + c·I",
+        "### Affine kernel fit at initialisation: Θ₀ ≈ a·K + b·11ᵀ + c·I",
+        "",
+        _data_kernel_line(data_kernel),
         "",
         *header,
         *_fit_rows(kernel),
         "",
         context,
         "",
-        _fit_verdict(kernel.rel_error),
+        _fit_verdict(kernel),
     ]
     return "\n".join(lines)
 
@@ -177,20 +209,41 @@ def _record_rows(record: Mapping[str, float]) -> list[str]:
     return [f"| `{name}` | {_fmt(value)} |" for name, value in record.items() if name != "step"]
 
 
-def exit_card(exit_step: int, record: Mapping[str, float], *, tolerance: float, patience: int) -> str:
-    """Markdown card announcing the exit from the linear regime, with the numbers that decided it."""
-    rel = record.get("functional_distance_rel")
-    lines = [
-        f"### The network left the linear regime at step {exit_step}",
-        "",
-        f"`functional_distance_rel` = {_fmt(rel)} > tolerance {_fmt(tolerance)} "
-        f"for {patience} consecutive checks (patience {patience}); "
-        f"the exit step is the first of them.",
-    ]
+def exit_card(
+    verdict: Verdict,
+    record: Mapping[str, float],
+    *,
+    tolerance: float,
+    patience: int,
+    diagnosis: Diagnosis | None = None,
+) -> str:
+    """Markdown card announcing the verdict at the exit (or "never inside"), its cause and the numbers."""
+    prefix = verdict.run
+    rel = record.get(prefix + "functional_distance_rel")
+    shadow = "the linearised network" if prefix else "the linear model"
+    if verdict.state == "outside_from_start":
+        title = "### Not in the linear regime from the start"
+        rule = (
+            f"`functional_distance_rel` > tolerance {_fmt(tolerance)} from the first check after init on "
+            f"({patience} consecutive checks), and the affine kernel already misfits the centred NTK at "
+            "init by more than the tolerance: no exit step, since nothing was left."
+        )
+    else:
+        title = f"### The network left the linear regime at step {verdict.exit_step}"
+        rule = (
+            f"`{prefix}functional_distance_rel` (network vs {shadow}) = {_fmt(rel)} > tolerance "
+            f"{_fmt(tolerance)} for {patience} consecutive checks (patience {patience}); the exit step is "
+            "the first of them."
+        )
+    lines = [title, "", rule]
+    if verdict.indicative:
+        lines += ["", f"*Indicative only:* {verdict.describe().split('; ', 1)[1]}."]
+    if diagnosis is not None:
+        lines += ["", f"**Diagnosis: {diagnosis.title}.** {diagnosis.explanation()}"]
     if "step" in record:
         lines += [
             "",
-            f"Values below were recorded at step {int(record['step'])}, when the exit was confirmed.",
+            f"Values below were recorded at step {int(record['step'])}, when the verdict was confirmed.",
         ]
     lines += ["", "| metric | value |", "|---|---:|", *_record_rows(record)]
     return "\n".join(lines)

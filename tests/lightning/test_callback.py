@@ -39,6 +39,15 @@ from torch.utils.data import DataLoader
 from lin_probe import LinearRegimeMonitor
 
 D, N_TRAIN, N_VAL = 16, 64, 32
+LINEARIZED_TAGS = (
+    "linearized/functional_distance_rel",
+    "linearized/functional_distance",
+    "linearized/loss_linear",
+)
+# A net that is inside the linear regime at first and leaves it within a few steps: at width 1024
+# the centred fit error is 0.11 and the first check's distance 0.08 < 0.1; lr 4 takes it out by step 2-4.
+# (Narrow nets misfit the affine kernel from the start: width 8 has centred error 0.57.)
+LEAVES_WIDTH, LEAVES_LR = 1024, 4.0
 
 
 def _run(
@@ -116,12 +125,20 @@ def test_logged_distance_matches_independent_replay(
 
 
 def test_every_tag_and_layout_present(tmp_path: Path) -> None:
-    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=4, tolerance=0.01, patience=2)
-    trainer, _, _, _ = _run(tmp_path, width=16, lr=2.0, monitor=monitor, max_steps=16)
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=4, tolerance=0.1, patience=2, linearized=True)
+    trainer, _, _, _ = _run(tmp_path, width=LEAVES_WIDTH, lr=LEAVES_LR, monitor=monitor, max_steps=16)
     acc = read_events(trainer.logger.log_dir)
     dashboard = Dashboard(trainer.logger.log_dir)
-    for name in SCALAR_TAGS:
+    for name in (*SCALAR_TAGS, *LINEARIZED_TAGS):
         assert dashboard.has(name), name
+    for name in ("kernel_distance", "ntk_scale", "kernel_alignment", "linearized/functional_distance_rel"):
+        values = dashboard.series(name)
+        assert values and all(math.isfinite(v) for v in values.values()), name
+    assert dashboard.series("ntk_scale")[0] == pytest.approx(1.0, rel=1e-9)
+    assert dashboard.series("kernel_distance")[0] == pytest.approx(0.0, abs=1e-12)
+    assert monitor.diagnosis is not None
+    card = acc.Tensors("lin_probe/2_exit/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert f"**Diagnosis: {monitor.diagnosis.title}.**" in card
     # ntk_gap at step 0 equals the fit's own error (same denominator ‖Θ_0‖₂)
     gap0 = dashboard.series("ntk_gap")[0]
     assert gap0 == pytest.approx(dashboard.series("fit_rel_error")[0], rel=1e-6)
@@ -155,12 +172,13 @@ def _brute_force_exit(history: list[dict], tolerance: float, patience: int) -> i
 
 def test_exit_follows_rule_on_a_run_that_leaves(tmp_path: Path) -> None:
     monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=5, tolerance=0.1, patience=3)
-    trainer, _, _, _ = _run(tmp_path, width=8, lr=4.0, monitor=monitor, max_steps=40)
+    trainer, _, _, _ = _run(tmp_path, width=LEAVES_WIDTH, lr=LEAVES_LR, monitor=monitor, max_steps=40)
     dashboard = Dashboard(trainer.logger.log_dir)
     rel = dashboard.series("functional_distance_rel")
     history = [{"step": s, "functional_distance_rel": v} for s, v in sorted(rel.items())]
     expected = _brute_force_exit(history, 0.1, 3)
-    assert expected is not None, "narrow net at a large learning rate must leave the linear regime"
+    assert expected is not None, "a large learning rate must take the net out of the linear regime"
+    assert expected > 1, "it must have been inside first (else: not in the regime from the start)"
     assert monitor.exit_step == expected
     # the flag drops AT the exit step (not at the later check that confirmed it), in two constant runs
     assert dashboard.series("in_linear_regime") == {step: float(step < expected) for step in rel}
@@ -228,11 +246,13 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
     can fail and the resumed values do come from the saved state.
     """
 
-    def monitor() -> LinearRegimeMonitor:
-        return LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=3, tolerance=0.1, patience=2)
+    def monitor() -> LinearRegimeMonitor:  # linearized: θ', its optimizer state and the diagnosis resume too
+        return LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=3, tolerance=0.1, patience=2, linearized=True)
 
     def module(seed: int) -> Regressor:
-        return Regressor(TwoLayerNet(D, 8, seed=seed), 4.0, momentum=0.5)  # momentum: optimizer state too
+        return Regressor(
+            TwoLayerNet(D, LEAVES_WIDTH, seed=seed), LEAVES_LR, momentum=0.5
+        )  # momentum: optimizer state too
 
     x, y = sphere_data(N_TRAIN + N_VAL, D)
     train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], N_TRAIN)  # one batch an epoch
@@ -285,7 +305,7 @@ def test_resume_from_mid_run_checkpoint_gives_same_exit(tmp_path: Path) -> None:
     x, y = sphere_data(N_TRAIN + N_VAL, D)
     train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], N_TRAIN)
     trainer = make_trainer(tmp_path, [full, ckpt], name="full", max_steps=36, enable_checkpointing=True)
-    trainer.fit(Regressor(TwoLayerNet(D, 8), 4.0), train, val)
+    trainer.fit(Regressor(TwoLayerNet(D, LEAVES_WIDTH), LEAVES_LR), train, val)
     assert full.exit_step is not None
     ckpt_path = next(p for p in (tmp_path / "ckpt").iterdir() if "step=12" in p.name)
 
@@ -293,7 +313,9 @@ def test_resume_from_mid_run_checkpoint_gives_same_exit(tmp_path: Path) -> None:
     trainer2 = make_trainer(tmp_path, [resumed], name="resumed", max_steps=36)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer2.fit(Regressor(TwoLayerNet(D, 8, seed=99), 4.0), train, val, ckpt_path=str(ckpt_path))
+        trainer2.fit(
+            Regressor(TwoLayerNet(D, LEAVES_WIDTH, seed=99), LEAVES_LR), train, val, ckpt_path=str(ckpt_path)
+        )
     assert resumed.exit_step == full.exit_step
     assert [r["step"] for r in resumed.history] == [r["step"] for r in full.history]
     for r_full, r_resumed in zip(full.history, resumed.history, strict=True):
@@ -310,11 +332,17 @@ def test_no_logger_keeps_history_and_warns_once(tmp_path: Path) -> None:
     assert [r["step"] for r in monitor.history] == [0, 1, 2, 4, 6]
 
 
+def test_patch_mean_on_a_model_without_a_convolution_is_a_clear_error_before_training(tmp_path: Path) -> None:
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, data_kernel="patch_mean")
+    with pytest.raises(ValueError, match="data_kernel='flat'"):
+        _run(tmp_path, monitor=monitor, max_steps=2)
+
+
 def test_stop_after_exit_stops_measuring(tmp_path: Path) -> None:
     monitor = LinearRegimeMonitor(
-        n_probe=N_VAL, every_n_steps=2, tolerance=0.05, patience=1, stop_after_exit=1
+        n_probe=N_VAL, every_n_steps=2, tolerance=0.1, patience=1, stop_after_exit=1
     )
-    _run(tmp_path, width=8, lr=4.0, monitor=monitor, max_steps=30)
+    _run(tmp_path, width=LEAVES_WIDTH, lr=LEAVES_LR, monitor=monitor, max_steps=30)
     assert monitor.exit_step is not None
     after = [r for r in monitor.history if r["step"] >= monitor.exit_step]
     assert len(after) == 2  # the exit check itself, then one more
@@ -330,6 +358,9 @@ def test_stop_after_exit_stops_measuring(tmp_path: Path) -> None:
         ({"n_probe": 1}, ValueError, "n_probe"),
         ({"batch_to_xy": 3}, TypeError, "batch_to_xy"),
         ({"probe": torch.tensor([[float("nan"), 1.0], [0.0, 1.0]])}, ValueError, "NaN"),
+        ({"data_kernel": "patches"}, ValueError, "patch_mean"),
+        ({"data_kernel": "flat", "features_fn": lambda x: x}, ValueError, "not both"),
+        ({"linearized": 1}, TypeError, "linearized"),
     ],
 )
 def test_constructor_validates(kwargs: dict, exc: type[Exception], match: str) -> None:

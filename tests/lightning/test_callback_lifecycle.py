@@ -34,7 +34,7 @@ def _monitor() -> LinearRegimeMonitor:
 def test_a_monitor_reused_for_a_second_fit_starts_clean(tmp_path: Path) -> None:
     reused = _monitor()
     _fit(tmp_path, reused, name="first", seed=0)
-    assert reused.exit_step is not None, "the first run must exit, or the test shows nothing"
+    assert reused.verdict.state != "inside", "the first run must reach a verdict, or the test shows nothing"
     first_kernel = reused.kernel
     _fit(tmp_path, reused, name="second", seed=1)
     fresh = _monitor()
@@ -42,7 +42,7 @@ def test_a_monitor_reused_for_a_second_fit_starts_clean(tmp_path: Path) -> None:
     # the reused monitor reports exactly what a fresh one reports for the second run
     assert [r["step"] for r in reused.history] == [r["step"] for r in fresh.history]
     assert reused.history[0]["step"] == 0 and reused.history[0]["in_linear_regime"] == 1.0
-    assert reused.exit_step == fresh.exit_step and reused.exit_step is not None
+    assert reused.verdict == fresh.verdict and reused.verdict.state != "inside"
     for got, want in zip(reused.history, fresh.history, strict=True):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
     assert reused.kernel != first_kernel
@@ -59,7 +59,7 @@ def test_state_is_versioned_and_an_unknown_version_restarts_instead_of_crashing(
     monitor = _monitor()
     _fit(tmp_path, monitor, name="saved", seed=0)
     state = monitor.state_dict()
-    assert state["version"] == 2 and state["core"]["version"] == 2
+    assert state["version"] == 3 and state["core"]["version"] == 3
     future = {**state, "core": {**state["core"], "version": 99}}
     resumed = _monitor()
     resumed.load_state_dict(future)

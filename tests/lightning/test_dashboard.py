@@ -68,16 +68,23 @@ def test_hparams_session_holds_model_hparams_lin_probe_settings_and_summary_metr
     # the first session of a run is the one TensorBoard shows: it must carry the model's own hparams
     assert start.hparams["width"].number_value == 8 and start.hparams["lr"].number_value == 3.0
     assert start.hparams["lin_probe/tolerance"].number_value == 0.05
-    assert start.hparams["lin_probe/data_kernel"].string_value == "flat"
+    assert start.hparams["lin_probe/data_kernel"].string_value == "auto"
     metrics = [m.name.tag for m in experiment.metric_infos]
-    # TensorBoard shows the first five metric columns: the exit step and the fit come first
-    assert metrics[:2] == ["lin_probe_summary/exit_step", "lin_probe_summary/fit_rel_error"]
+    # TensorBoard shows the first five metric columns: the verdict and the (centred) fit come first
+    assert metrics[:3] == [
+        "lin_probe_summary/exit_step",
+        "lin_probe_summary/outside_from_start",
+        "lin_probe_summary/fit_rel_error_centered",
+    ]
     assert {"hp_metric", "lin_probe_summary/fit_a"} <= set(metrics)
     # ... and the summary values are scalars of the same run, where HParams reads them
     dashboard = Dashboard(trainer.logger.log_dir)
     assert dashboard.series("fit_a") == {0: pytest.approx(monitor.kernel.a, rel=1e-6)}
-    assert monitor.exit_step is not None, "lr 3.0 on a width-8 net must leave within 12 steps"
-    assert list(dashboard.series("exit_step").values()) == [float(monitor.exit_step)]
+    # a width-8 net misfits the affine kernel (centred error > tolerance): never inside, no exit step
+    assert monitor.kernel.rel_error_centered > 0.05
+    assert monitor.verdict.state == "outside_from_start" and monitor.exit_step is None
+    assert list(dashboard.series("outside_from_start").values()) == [1.0]
+    assert not dashboard.has("exit_step")
     acc = read_events(trainer.logger.log_dir)
     (final,) = acc.Scalars("lin_probe_summary/final_in_linear_regime")
     assert final.value == 0.0
@@ -100,8 +107,9 @@ def test_figures_at_exit_epoch_ends_and_the_end(tmp_path: Path) -> None:
     trainer = _fit(tmp_path, monitor, max_steps=12, batch=N_TRAIN)  # one batch per epoch: 12 epoch ends
     acc = read_events(trainer.logger.log_dir)
     steps = [event.step for event in acc.Images("lin_probe/figure/2_distance")]
-    confirmed_at = next(int(r["step"]) for r in monitor.history if "exit_step" in r)
-    assert confirmed_at in steps, "the figure is redrawn when the exit is confirmed"
+    # (this width-8 net is not in the regime from the start: that verdict is the one drawn)
+    confirmed_at = next(int(r["step"]) for r in monitor.history if "outside_from_start" in r)
+    assert confirmed_at in steps, "the figure is redrawn when the verdict is confirmed"
     assert steps[0] <= 2, "the first epoch end draws it: the Images tab is not empty during training"
     assert steps[-1] == 12, "and the end of training draws the final one"
     event = acc.Images("lin_probe/figure/2_distance")[-1]

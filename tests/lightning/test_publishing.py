@@ -87,7 +87,7 @@ def test_epoch_end_figures_keep_drawing_within_one_percent(
     panels = _Panels()
     monkeypatch.setattr(publisher, "panels", lambda trainer: panels)
     regime = SimpleNamespace(exit_step=None)
-    probe = SimpleNamespace(history=[], paper=SimpleNamespace(regime=regime), config=MonitorConfig())
+    probe = SimpleNamespace(history=[], verdict_run=SimpleNamespace(regime=regime), config=MonitorConfig())
     for epoch in range(1, 11):
         clock[0] = epoch * epoch_s + 0.5 * len(panels.steps)  # training time plus drawing so far
         probe.history.append({"step": epoch})

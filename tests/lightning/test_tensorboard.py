@@ -15,6 +15,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from lin_probe import AffineKernel
+from lin_probe.kernel.data_kernels import DataKernelChoice
 from lin_probe.lightning.tensorboard import (
     PREFIX,
     TensorBoardPanels,
@@ -23,6 +24,7 @@ from lin_probe.lightning.tensorboard import (
     fit_card,
     tag,
 )
+from lin_probe.monitor.diagnosis import Verdict, diagnose
 
 LAYOUT_TAG = "custom_scalars__config__"
 
@@ -30,7 +32,7 @@ LAYOUT_TAG = "custom_scalars__config__"
 ALL_TAGS = [
     "lin_probe/" + name
     for name in ("loss", "accuracy", "agreement", "functional_distance", "functional_distance_rel", "ntk",
-                 "in_linear_regime")
+                 "in_linear_regime", "kernel_distance", "kernel_velocity", "kernel_alignment", "ntk_scale")
 ] + ["lin_probe_summary/fit_a", "lin_probe_summary/exit_step"]  # fmt: skip
 
 EXPECTED_CHARTS = {
@@ -39,6 +41,10 @@ EXPECTED_CHARTS = {
     "functional distance (relative) vs tolerance": {"lin_probe/functional_distance_rel"},
     "NTK: gap to affine kernel and drift": {"lin_probe/ntk"},
     "in linear regime": {"lin_probe/in_linear_regime"},
+    "kernel distance to init (1 − cos)": {"lin_probe/kernel_distance"},
+    "kernel velocity (distance per step)": {"lin_probe/kernel_velocity"},
+    "kernel-target alignment (centred)": {"lin_probe/kernel_alignment"},
+    "NTK scale ‖Θ_t‖/‖Θ_0‖": {"lin_probe/ntk_scale"},
 }
 CLASSIFICATION_CHART = {"accuracy and agreement": {"lin_probe/accuracy", "lin_probe/agreement"}}
 
@@ -173,7 +179,7 @@ def test_text_card_reads_back_with_numbers(tmp_path: Path) -> None:
     writer = SummaryWriter(log_dir=str(tmp_path))
     panels = TensorBoardPanels(writer)
     card = fit_card(
-        AffineKernel(0.4321, 0.0789, 0.2468, rel_error=0.0531),
+        AffineKernel(0.4321, 0.0789, 0.2468, rel_error=0.0531, rel_error_centered=0.1234),
         n_probe=64,
         probe_source="validation",
         n_parameters=12345,
@@ -187,25 +193,26 @@ def test_text_card_reads_back_with_numbers(tmp_path: Path) -> None:
     assert events[0].step == 0
     text = events[0].tensor_proto.string_val[0].decode("utf-8")
     _assert_fit_card(
-        text, (0.4321, 0.0789, 0.2468, 0.0531), n_probe=64, n_parameters=12345, source="validation"
+        text, (0.4321, 0.0789, 0.2468, 0.1234, 0.0531), n_probe=64, n_parameters=12345, source="validation"
     )
 
 
 def _assert_fit_card(
     card: str,
-    coefficients: tuple[float, float, float, float],
+    coefficients: tuple[float, float, float, float, float],
     *,
     n_probe: int,
     n_parameters: int,
     source: str,
 ) -> None:
-    """One row per coefficient (a, b, c, rel_error, in that order) holding exactly its value, one column."""
+    """One row per coefficient (a, b, c, centred and uncentred error, in that order) holding exactly its
+    value, one column."""
     table = _table(card)
-    assert len(table) == 4
+    assert len(table) == 5
     for (label, cells), expected in zip(table.items(), coefficients, strict=True):
         assert len(cells) == 1, label  # fitted values only: no second column
         assert _cell(cells[0]) == pytest.approx(expected, rel=CARD_REL), label
-    assert [label.split()[0].strip("`") for label in table] == ["a", "b", "c", "relative"]
+    assert [label.split()[0].strip("`") for label in table] == ["a", "b", "c", "centred", "relative"]
     prose = _prose_numbers(card)
     assert n_probe in prose and n_parameters in prose
     assert re.search(rf"\b{source}\b", card)
@@ -288,16 +295,17 @@ def test_series_runs_live_under_the_writers_run(tmp_path: Path) -> None:
         assert (event.step, event.value) == (3, value)
 
 
-@pytest.mark.parametrize(("rel_error", "verdict"), [(0.29, "good"), (0.3, "good"), (0.31, "poor")])
-def test_fit_card_numbers_and_verdict(rel_error: float, verdict: str) -> None:
+@pytest.mark.parametrize(("centred", "verdict"), [(0.29, "good"), (0.3, "good"), (0.31, "poor")])
+def test_fit_card_numbers_and_verdict(centred: float, verdict: str) -> None:
+    """The verdict reads the centred error: an uncentred 0.01 (the constant mode fits) does not make it good."""
     card = fit_card(
-        AffineKernel(0.5, 0.25, 0.125, rel_error=rel_error),
+        AffineKernel(0.5, 0.25, 0.125, rel_error=0.01, rel_error_centered=centred),
         n_probe=32,
         probe_source="train",
         n_parameters=999,
         center=False,
     )
-    _assert_fit_card(card, (0.5, 0.25, 0.125, rel_error), n_probe=32, n_parameters=999, source="train")
+    _assert_fit_card(card, (0.5, 0.25, 0.125, centred, 0.01), n_probe=32, n_parameters=999, source="train")
     other = {"good": "poor", "poor": "good"}[verdict]
     assert f"{verdict} proxy" in card and f"{other} proxy" not in card
     assert "closed form" not in card
@@ -314,13 +322,13 @@ def test_fit_card_rounds_to_four_significant_digits() -> None:
     table = _table(card)
     values = [cells[0] for cells in table.values()]
     assert [float(v) for v in values[:3]] == pytest.approx([0.2513, 1235.0, 3.142e-5], rel=1e-12)
-    assert values[3] == "n/a"  # no error measured
+    assert values[3] == values[4] == "n/a"  # no error measured
     assert "unknown" in card and "poor proxy" not in card
 
 
 def test_exit_card_states_step_and_numbers() -> None:
     record = {"step": 140, "functional_distance_rel": 0.2718, "functional_distance": 0.0314, "ntk_gap": 0.577}
-    card = exit_card(120, record, tolerance=0.15, patience=3)
+    card = exit_card(Verdict("left", 120), record, tolerance=0.15, patience=3)
     assert re.search(r"left the linear regime at step 120\b", card)
     table = {label.strip("`"): cells for label, cells in _table(card).items()}
     assert set(table) == {"functional_distance_rel", "functional_distance", "ntk_gap"}  # the step is in prose
@@ -332,3 +340,31 @@ def test_exit_card_states_step_and_numbers() -> None:
     for number in (120, 0.2718, 0.15, 3, 140):
         assert any(n == pytest.approx(number, rel=CARD_REL) for n in prose), (number, prose)
     assert re.search(r"\bpatience 3\b", card)
+
+
+def test_exit_card_for_a_network_never_inside_gives_no_exit_step_and_its_diagnosis() -> None:
+    record = {"step": 4, "functional_distance_rel": 0.34, "ntk_drift": 0.0}
+    diagnosis = diagnose(
+        {"ntk_drift": 0.0}, step=4, tolerance=0.1, fit_rel_error_centered=0.338, from_start=True
+    )
+    card = exit_card(Verdict("outside_from_start"), record, tolerance=0.1, patience=3, diagnosis=diagnosis)
+    assert card.startswith("### Not in the linear regime from the start")
+    assert "left the linear regime at step" not in card
+    assert "**Diagnosis: the kernel was never input-linear.**" in card
+    assert "centred fit error 0.338" in card
+
+
+def test_exit_card_of_the_linearised_verdict_names_its_shadow_and_an_indicative_one_says_so() -> None:
+    record = {"step": 9, "linearized/functional_distance_rel": 0.25, "functional_distance_rel": 0.9}
+    card = exit_card(Verdict("left", 8, "linearized/"), record, tolerance=0.1, patience=2)
+    assert "`linearized/functional_distance_rel` (network vs the linearised network) = 0.25" in card
+    indicative = exit_card(Verdict("left", 8, "", indicative=True), record, tolerance=0.1, patience=2)
+    assert "*Indicative only:*" in indicative and "linearized=True" in indicative
+
+
+def test_fit_card_names_the_chosen_data_kernel_and_every_candidates_scores() -> None:
+    kernel = AffineKernel(0.5, 0.1, 0.2, rel_error=0.016, rel_error_centered=0.062)
+    choice = DataKernelChoice("patch_mean", None, kernel, {"flat": (0.057, 0.76), "patch_mean": (0.016, 0.062)})
+    card = fit_card(kernel, n_probe=8, probe_source="validation", n_parameters=10, center=True, data_kernel=choice)
+    assert "Data kernel: **patch_mean**, the lowest centred fit error of the candidates" in card
+    assert "flat: centred 0.76, uncentred 0.057" in card
