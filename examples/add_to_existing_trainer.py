@@ -106,9 +106,12 @@ def main() -> None:
         f"accuracy network {last['accuracy_network']:.3f} vs linear model {last['accuracy_linear']:.3f}"
     )
     if monitor.exit_step is None:
-        print("exit step: none (the network stayed in the linear regime for the whole run)")
+        print("exit step: none (no exit: see the verdict)")
     else:
         print(f"exit step: {monitor.exit_step}")
+    print(f"verdict: {monitor.verdict.describe()}")
+    if monitor.diagnosis is not None:
+        print(f"diagnosis: {monitor.diagnosis.title}. {monitor.diagnosis.explanation()}")
     print(f"TensorBoard logs: {logger.log_dir}")
     print(f"View them with:   tensorboard --logdir {args.log_dir}")
 

@@ -103,10 +103,15 @@ def train_with_monitor(width: int, lr: float, max_steps: int, log_dir: Path) -> 
             f"   {int(record['step']):6d}{record['functional_distance_rel']:10.4f}"
             f"{record['loss_network']:10.4f}{record['loss_linear']:10.4f}{drift:10.4f}"
         )
-    if monitor.exit_step is None:
+    verdict = monitor.verdict
+    if verdict.state == "inside":
         print("   the network stayed in the linear regime for the whole run")
+    elif verdict.state == "outside_from_start":
+        print("   the network was not in the linear regime from the start")
     else:
         print(f"   exit step: the network left the linear regime at step {monitor.exit_step}")
+    if monitor.diagnosis is not None:
+        print(f"   diagnosis: {monitor.diagnosis.title}. {monitor.diagnosis.explanation()}")
     print(f"\nTensorBoard logs: {logger.log_dir}")
     print(f"View them with:   tensorboard --logdir {log_dir}")
 

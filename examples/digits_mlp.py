@@ -157,6 +157,9 @@ def main() -> None:
         f"agreement {last['agreement']:.3f}"
     )
     print(f"exit step: {monitor.exit_step if monitor.exit_step is not None else 'none'}")
+    print(f"verdict: {monitor.verdict.describe()}")
+    if monitor.diagnosis is not None:
+        print(f"diagnosis: {monitor.diagnosis.title}. {monitor.diagnosis.explanation()}")
     print(f"TensorBoard logs: {logger.log_dir}")
     print(f"View them with:   tensorboard --logdir {args.log_dir}")
 

@@ -151,6 +151,9 @@ def main() -> None:
                 f"{r['loss_linear']:9.4f} {r.get('ntk_drift', math.nan):9.4f}"
             )
     print(f"exit step: {monitor.exit_step if monitor.exit_step is not None else 'none'}")
+    print(f"verdict: {monitor.verdict.describe()}")
+    if monitor.diagnosis is not None:
+        print(f"diagnosis: {monitor.diagnosis.title}. {monitor.diagnosis.explanation()}")
     print(f"TensorBoard logs: {logger.log_dir}")
     print(f"View them with:   tensorboard --logdir {args.log_dir}")
 

@@ -73,8 +73,11 @@ def main() -> None:
         if schedule.functional(step):
             show(probe.check(model, step, ntk=schedule.ntk(step)))
     writer.close()
-    exit_step = probe.paper.regime.exit_step
+    exit_step = probe.exit_step()
     print(f"exit step: {'none' if exit_step is None else exit_step}")
+    print(f"verdict: {probe.verdict.describe()}")
+    if probe.diagnosis is not None:
+        print(f"diagnosis: {probe.diagnosis.title}. {probe.diagnosis.explanation()}")
     print(f"TensorBoard logs: {args.log_dir / 'plain_pytorch_loop'}")
 
 

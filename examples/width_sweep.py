@@ -115,7 +115,12 @@ def run(width: int, lr: float, max_steps: int, log_dir: Path | None, seed: int =
     return {
         "width": width,
         "lr": lr,
-        "exit_step": math.nan if monitor.exit_step is None else float(monitor.exit_step),
+        # 0: not in the linear regime from the start (the narrow net misfits the affine kernel at init)
+        "exit_step": 0.0
+        if monitor.verdict.state == "outside_from_start"
+        else math.nan
+        if monitor.exit_step is None
+        else float(monitor.exit_step),
         "rel_10": rel.get(10, math.nan),
         "rel_100": rel.get(100, math.nan),
         "steps_run": trainer.global_step,
@@ -148,7 +153,10 @@ def main() -> None:
                 f"{int(r['steps_run']):6d}",
                 flush=True,
             )
-    print(f"(exit step 'none': still in the linear regime after {args.steps} steps)")
+    print(
+        f"(exit step 'none': still in the linear regime after {args.steps} steps; 0: not in the linear "
+        "regime from the start, its affine kernel misfits the NTK at init)"
+    )
     print(f"View the runs with: tensorboard --logdir {args.log_dir}")
 
 

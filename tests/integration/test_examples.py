@@ -26,8 +26,21 @@ def printed_exit(stdout: str) -> int | None:
     return None if found[0] == "none" else int(found[0])
 
 
-def check_event_file(run_dir: Path, exit_step: int | None, *, ntk: bool = True) -> None:
-    """The lin_probe scalars exist with finite values, and the logged exit step is the printed one."""
+VERDICT = re.compile(r"^\s*verdict: (.*)$", re.MULTILINE)
+
+
+def printed_from_start(stdout: str) -> bool:
+    """Whether the example printed the verdict "not in the linear regime from the start"."""
+    return any("not in the linear regime from the start" in v for v in VERDICT.findall(stdout)) or (
+        "was not in the linear regime from the start" in stdout
+    )
+
+
+def check_event_file(
+    run_dir: Path, exit_step: int | None, *, ntk: bool = True, from_start: bool = False
+) -> None:
+    """The lin_probe scalars exist with finite values, and the logged verdict is the printed one: the exit
+    step, or (``from_start``) "not in the regime from the start", with the flag at 0 from the first check."""
     assert list(run_dir.glob("events.out.tfevents.*")), f"no event file in {run_dir}"
     dashboard = Dashboard(run_dir)
     for name in LIN_PROBE_TAGS:
@@ -40,7 +53,10 @@ def check_event_file(run_dir: Path, exit_step: int | None, *, ntk: bool = True) 
     logged_exit = dashboard.series("exit_step")
     regime = dashboard.series("in_linear_regime")
     assert sorted(regime) == sorted(rel), "every check's regime is written by the end of the run"
-    if exit_step is None:
+    if from_start:
+        assert not logged_exit and list(dashboard.series("outside_from_start").values()) == [1.0]
+        assert regime == {step: float(step == 0) for step in rel}
+    elif exit_step is None:
         assert not logged_exit
         assert all(v == 1.0 for v in regime.values())
     else:
@@ -72,7 +88,9 @@ def test_add_to_existing_trainer(tmp_path: Path) -> None:
     assert f"tensorboard --logdir {tmp_path}" in out
     match = re.search(r"accuracy network ([\d.]+) vs linear model ([\d.]+)", out)
     assert match and float(match[1]) > 0.8, out  # the ordinary classifier still learns
-    check_event_file(tmp_path / "existing_trainer" / "version_0", exit_step)
+    check_event_file(
+        tmp_path / "existing_trainer" / "version_0", exit_step, from_start=printed_from_start(out)
+    )
 
 
 @pytest.mark.slow
@@ -98,7 +116,9 @@ def test_paper_two_layer(tmp_path: Path) -> None:
     assert loss_last < loss_first  # training moved
     for r in rows:
         assert 0 < float(r[1]) < 1.0  # early agreement: the shadow explains most of the movement
-    check_event_file(tmp_path / "paper_two_layer_relu" / "version_0", printed_exit(out))
+    check_event_file(
+        tmp_path / "paper_two_layer_relu" / "version_0", printed_exit(out), from_start=printed_from_start(out)
+    )
 
 
 @pytest.mark.slow
@@ -110,7 +130,9 @@ def test_digits_mlp(tmp_path: Path) -> None:
     rows = table_rows(out, 6)
     assert [int(r[0]) for r in rows][:5] == [0, 1, 2, 4, 8]
     assert float(rows[0][1]) == 0.0 and float(rows[0][4]) == 1.0  # identical at init
-    check_event_file(tmp_path / "digits_mlp" / "version_0", printed_exit(out))
+    check_event_file(
+        tmp_path / "digits_mlp" / "version_0", printed_exit(out), from_start=printed_from_start(out)
+    )
 
 
 @pytest.mark.slow
@@ -121,7 +143,9 @@ def test_digits_cnn(tmp_path: Path) -> None:
     assert network > 0.3 and 0 < agreement <= 1
     rows = table_rows(out, 6)
     assert float(rows[0][1]) == 0.0 and float(rows[0][2]) == pytest.approx(float(rows[0][3]))
-    check_event_file(tmp_path / "digits_cnn" / "version_0", printed_exit(out))
+    check_event_file(
+        tmp_path / "digits_cnn" / "version_0", printed_exit(out), from_start=printed_from_start(out)
+    )
 
 
 @pytest.mark.slow
@@ -129,7 +153,7 @@ def test_width_sweep_wider_leaves_later(tmp_path: Path) -> None:
     out = run_example("width_sweep.py", tmp_path)
     rows = table_rows(out, 7)  # width lr exit_step lr*exit rel@10 rel@100 steps
     assert [int(r[0]) for r in rows] == [64, 2048], out
-    exits = {int(r[0]): (math.inf if r[2] == "none" else int(r[2])) for r in rows}
+    exits = {int(r[0]): (math.inf if r[2] == "none" else int(r[2])) for r in rows}  # 0: never inside
     rel_10 = {int(r[0]): float(r[4]) for r in rows}
     assert exits[64] < exits[2048], out  # the paper's claim: wider nets stay linear longer
     assert rel_10[2048] < rel_10[64]
@@ -142,8 +166,9 @@ def test_width_sweep_wider_leaves_later(tmp_path: Path) -> None:
     for width, exit_step in exits.items():
         check_event_file(
             tmp_path / "width_sweep" / f"width{width}_lr2",
-            None if math.isinf(exit_step) else exit_step,
+            None if math.isinf(exit_step) or exit_step == 0 else exit_step,
             ntk=False,
+            from_start=exit_step == 0,
         )
 
 
@@ -160,7 +185,7 @@ def test_plain_pytorch_loop(tmp_path: Path) -> None:
     rel = scalar_series(acc, "lin_probe/functional_distance_rel")
     assert sorted(rel) == steps and rel[0] == 0.0
     regime = scalar_series(acc, "lin_probe/in_linear_regime")
-    assert (exit_step is None) == all(v == 1.0 for v in regime.values())
+    assert (exit_step is None and not printed_from_start(out)) == all(v == 1.0 for v in regime.values())
 
 
 @pytest.mark.slow
@@ -172,5 +197,6 @@ def test_demo_runs_without_warnings(tmp_path: Path) -> None:
     assert not warned, "\n".join(warned)
     found = re.findall(r"exit step: the network left the linear regime at step (\d+)", proc.stdout)
     stayed = "stayed in the linear regime" in proc.stdout
-    assert len(found) + stayed == 1, proc.stdout
-    check_event_file(tmp_path / "demo" / "version_0", int(found[0]) if found else None)
+    from_start = printed_from_start(proc.stdout)
+    assert len(found) + stayed + from_start == 1, proc.stdout
+    check_event_file(tmp_path / "demo" / "version_0", int(found[0]) if found else None, from_start=from_start)
