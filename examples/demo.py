@@ -92,7 +92,8 @@ def train_with_monitor(width: int, lr: float, max_steps: int, log_dir: Path) -> 
     kernel = monitor.kernel
     assert kernel is not None
     print(
-        f"   fit at init: a={kernel.a:.4f} b={kernel.b:.4f} c={kernel.c:.4f} rel_error={kernel.rel_error:.4f}"
+        f"   fit at init: a={kernel.a:.4f} b={kernel.b:.4f} c={kernel.c:.4f} rel_error={kernel.rel_error:.4f} "
+        f"centred={kernel.rel_error_centered:.4f}"
     )
     print(f"   {'step':>6s}{'dist_rel':>10s}{'loss_net':>10s}{'loss_lin':>10s}{'ntk_drift':>10s}")
     for record in monitor.history:
