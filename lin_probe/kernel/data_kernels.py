@@ -11,8 +11,9 @@ explains the centred NTK best.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -314,6 +315,20 @@ class DataKernelChoice:
     kernel: AffineKernel
     scores: dict[str, tuple[float, float]]
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values for a checkpoint: the name, the patch geometry (``None`` otherwise), the scores.
+
+        A callable cannot be saved: :func:`features_from_state` takes it from the configuration again.
+        """
+        features = self.features_fn
+        geometry = dataclasses.asdict(features) if isinstance(features, PatchMeanFeatures) else None
+        return {"name": self.name, "features": geometry, "scores": dict(self.scores)}
+
+    @staticmethod
+    def flat_state() -> dict[str, Any]:
+        """:meth:`state_dict` of the flat kernel when no choice was recorded."""
+        return {"name": "flat", "features": None, "scores": {}}
+
     def summary(self) -> str:
         """One line for logs, e.g. ``data kernel: patch_mean (centred fit error 0.062; flat 0.76)``."""
         own = self.scores[self.name][1]
@@ -364,6 +379,22 @@ def choose_data_kernel(
     return DataKernelChoice(name=name, features_fn=features_fn, kernel=kernel, scores=scores)
 
 
+def features_from_state(saved: Mapping[str, Any], spec: Any) -> FeaturesFn | None:
+    """The feature map a saved :meth:`DataKernelChoice.state_dict` was built on; ``spec`` (the
+    configured ``data_kernel``) supplies a callable, which a checkpoint cannot hold."""
+    name = saved["name"]
+    if name == "flat":
+        return None
+    if name == "patch_mean":
+        return PatchMeanFeatures(**saved["features"])
+    if not callable(spec):
+        raise ValueError(
+            "the checkpoint's shadow was built on a callable data kernel (`data_kernel=`/`features_fn=`); "
+            "pass the same callable to resume"
+        )
+    return spec
+
+
 def _feature_rows(inputs: Any, features_fn: FeaturesFn | None) -> Tensor:
     """``lin_probe.shadows.linear.feature_rows`` without importing it (``lin_probe.shadows`` imports this package)."""
     if features_fn is not None:
@@ -386,5 +417,6 @@ __all__ = [
     "PatchMeanFeatures",
     "choose_data_kernel",
     "data_kernel_candidates",
+    "features_from_state",
     "first_convolution",
 ]

@@ -21,7 +21,6 @@ Plain PyTorch::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from lin_probe._model_state import floating_dtype, model_device
 from lin_probe.kernel import AffineKernel
-from lin_probe.kernel.data_kernels import DataKernelChoice, PatchMeanFeatures, data_kernel_candidates
+from lin_probe.kernel.data_kernels import DataKernelChoice, data_kernel_candidates, features_from_state
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
 from lin_probe.monitor.checks import (
     NTK_KEYS,
@@ -179,7 +178,7 @@ class RegimeProbe:
         ntk = NTKProbe(probe.inputs, config.output_fn, dict(state["param_weights"]), config.plan)
         kernel = AffineKernel(**state["kernel"])
         saved_kernel = state["data_kernel"]
-        features_fn = _restore_features(saved_kernel, config.data_kernel_spec)
+        features_fn = features_from_state(saved_kernel, config.data_kernel_spec)
         choice = DataKernelChoice(
             saved_kernel["name"], features_fn, kernel, dict(saved_kernel.get("scores", {}))
         )
@@ -425,7 +424,9 @@ class RegimeProbe:
             "probe_source": self.probe.source,
             "param_weights": dict(self.ntk.param_weights),
             "runs": {run.prefix: run.state_dict() for run in self.runs},
-            "data_kernel": _data_kernel_state(self.data_kernel),
+            "data_kernel": DataKernelChoice.flat_state()
+            if self.data_kernel is None
+            else self.data_kernel.state_dict(),
             "outside_from_start": self.outside_from_start,
             "diagnosis": None if self.diagnosis is None else self.diagnosis.state_dict(),
             "previous_ntk": None
@@ -544,31 +545,6 @@ def _alignment_targets(probe: ProbeSet, initial_outputs: Tensor) -> Tensor | Non
     if probe.targets is None:
         return None
     return target_matrix(probe.targets.cpu(), int(initial_outputs.shape[1]))
-
-
-def _data_kernel_state(choice: DataKernelChoice | None) -> dict[str, Any]:
-    """The chosen data kernel as plain values: its name, its geometry (patch-mean) and the fit scores."""
-    if choice is None:
-        return {"name": "flat", "features": None, "scores": {}}
-    features = choice.features_fn
-    geometry = dataclasses.asdict(features) if dataclasses.is_dataclass(features) else None
-    return {"name": choice.name, "features": geometry, "scores": dict(choice.scores)}
-
-
-def _restore_features(saved: Mapping[str, Any], spec: Any) -> Callable[[Tensor], Tensor] | None:
-    """The feature map a saved state's shadow was trained on; a callable cannot be saved, so the
-    configuration must hand the same one in again."""
-    name = saved["name"]
-    if name == "flat":
-        return None
-    if name == "patch_mean":
-        return PatchMeanFeatures(**saved["features"])
-    if not callable(spec):
-        raise ValueError(
-            "the checkpoint's shadow was built on a callable data kernel (`data_kernel=`/`features_fn=`); "
-            "pass the same callable to resume"
-        )
-    return spec
 
 
 def _frozen_products(ntk: NTKProbe, f0: nn.Module | None) -> SymmetricOperator | None:

@@ -9,6 +9,7 @@ average pooling the data kernel of mean patches).
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import random
@@ -29,6 +30,7 @@ from lin_probe.kernel import (
     fit_affine_kernel,
     fit_affine_kernel_matrix_free,
 )
+from lin_probe.kernel.data_kernels import DataKernelChoice, features_from_state
 from lin_probe.linalg import SymmetricOperator
 from lin_probe.ntk import empirical_ntk
 
@@ -423,3 +425,28 @@ def test_choose_data_kernel_errors() -> None:
         choose_data_kernel(op, [], x, fit=_scored_fit({}))
     choice = choose_data_kernel(op, [("flat", None)], x, fit=_scored_fit({3: math.nan}))
     assert choice.summary() == "data kernel: flat (centred fit error n/a)"
+
+
+def test_a_choice_survives_a_checkpoint_as_plain_values() -> None:
+    """Patch geometry comes back equal (and gives the same features); a callable must be handed in again."""
+    conv = torch.nn.Conv2d(3, 4, (3, 2), stride=2, padding=1, dilation=2)
+    features = PatchMeanFeatures.from_conv(conv)
+    kernel = AffineKernel(1.0, 0.5, 0.1)
+    choice = DataKernelChoice("patch_mean", features, kernel, {"flat": (0.1, 0.5), "patch_mean": (0.05, 0.1)})
+    state = torch.load(_saved(choice.state_dict()), weights_only=True)
+    restored = features_from_state(state, "auto")
+    assert restored == features
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(restored(x), features(x))
+    assert features_from_state(DataKernelChoice.flat_state(), "auto") is None
+    callable_state = DataKernelChoice("callable", torch.flatten, kernel, {}).state_dict()
+    assert features_from_state(callable_state, torch.flatten) is torch.flatten
+    with pytest.raises(ValueError, match="same callable"):
+        features_from_state(callable_state, "auto")
+
+
+def _saved(state: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

@@ -191,3 +191,31 @@ def test_a_failed_measurement_is_nan_with_one_warning() -> None:
         assert math.isnan(record["ntk_gap"]) and math.isnan(record["functional_distance_rel"])
     assert sum("Non-finite" in message for message in heard) == 1
     assert probe.paper.regime.exit_step is None, "NaN checks carry no evidence of an exit"
+
+
+def test_a_patch_mean_data_kernel_resumes_with_its_geometry() -> None:
+    """The shadow's ψ after resume is built from the same first-conv patches as before (not re-chosen)."""
+    torch.manual_seed(0)
+
+    def cnn() -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(2, 64, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, 1),
+        )
+
+    x = torch.randn(12, 2, 6, 6)
+    y = torch.randn(12, 1)
+    model = cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = RegimeProbe.start(model, (x, y), optimizer, MonitorConfig(data_kernel="patch_mean"))
+    probe.check(model, 0)
+    _train(probe, model, optimizer, x, y, range(1, 3))
+    resumed = RegimeProbe.from_state(
+        model, optimizer, probe.state_dict(), MonitorConfig(data_kernel="patch_mean")
+    )
+    assert resumed.data_kernel.name == "patch_mean"
+    assert resumed.paper.shadow.features_fn == probe.paper.shadow.features_fn
+    assert torch.equal(resumed.paper.shadow(x), probe.paper.shadow(x))
