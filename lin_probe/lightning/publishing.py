@@ -195,10 +195,11 @@ class Publisher:
         if self.verbose:
             rel = record[verdict_run.prefix + "functional_distance_rel"]
             diagnosis = "" if probe.diagnosis is None else f" Diagnosis: {probe.diagnosis.title}."
+            verb = "was" if verdict.state == "outside_from_start" else "has"
             rank_zero_info(
-                f"lin_probe: the network {verdict.describe()} "
-                f"(functional_distance_rel > {config.tolerance} for {config.patience} consecutive checks; "
-                f"now {rel:.3g} at step {step}).{diagnosis}"
+                f"lin_probe: the network {verb} {verdict.describe()}; functional_distance_rel > "
+                f"{config.tolerance} for {config.patience} consecutive checks, now {rel:.3g} at step {step}."
+                f"{diagnosis}"
             )
         if panels is not None:
             if verdict.state == "outside_from_start":

@@ -131,8 +131,8 @@ class Diagnosis:
                 else ", or pass linearized=True to follow the network's own kernel regime"
             )
             return (
-                f"The network's NTK is not an affine function of XXᵀ ({numbers}): {how}. Try another "
-                f"`data_kernel` (e.g. 'patch_mean' for convolutional nets){hint}."
+                f"The network's NTK is not an affine function of XXᵀ ({numbers}): {how}. Another "
+                f"`data_kernel` may fit better (the fit card lists those tried){hint}."
             )
         hint = ""
         if self.linearized_distance_rel is None and self.memo_distance_rel is None:

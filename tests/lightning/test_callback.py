@@ -9,6 +9,7 @@ in ``tests/integration/test_bit_identity.py``.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Mapping
@@ -34,7 +35,7 @@ from _robustness_helpers import assert_matches_replay
 from pytorch_lightning.callbacks import ModelCheckpoint
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lin_probe import LinearRegimeMonitor
 
@@ -453,3 +454,66 @@ def test_uncentered_shadow_starts_inside_the_regime(tmp_path: Path) -> None:
     assert not any("Non-finite" in str(w.message) for w in caught)
     # patience 1: had step 0 counted as outside the regime, the exit would be step 0
     assert first["in_linear_regime"] == 1.0 and monitor.exit_step != 0
+
+
+class _GapCNN(pl.LightningModule):
+    """A small CNN with global average pooling on 6×6×2 images: both data kernels apply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 32, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return torch.nn.functional.mse_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_auto_data_kernel_says_which_it_chose_with_every_score_in_one_line_and_on_the_card(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 2, 6, 6, generator=gen), torch.randn(24, 1, generator=gen)
+    monitor = LinearRegimeMonitor(n_probe=16)
+    with caplog.at_level(logging.INFO):
+        make_trainer(tmp_path, [monitor], max_steps=2).fit(
+            _GapCNN(), DataLoader(TensorDataset(x, y), batch_size=8)
+        )
+    (line,) = [r.getMessage() for r in caplog.records if "lin_probe: data kernel:" in r.getMessage()]
+    choice = monitor.core.data_kernel
+    assert set(choice.scores) == {"flat", "patch_mean"}
+    assert line.startswith(f"lin_probe: data kernel: {choice.name} (centred fit error")
+    other = ({"flat", "patch_mean"} - {choice.name}).pop()
+    assert f"; {other} " in line
+    chosen = min(choice.scores, key=lambda name: choice.scores[name][1])
+    assert choice.name == chosen, "the lowest centred error wins"
+    events = read_events(tmp_path / "run" / "version_0")
+    text = events.Tensors("lin_probe/1_fit/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "the lowest centred fit error of the candidates" in text
+
+
+def test_the_verdict_is_announced_in_one_line_with_its_diagnosis(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=4, tolerance=0.1, patience=2)
+    with caplog.at_level(logging.INFO):
+        _run(tmp_path, width=LEAVES_WIDTH, lr=LEAVES_LR, monitor=monitor, max_steps=8)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lin_probe: the network")]
+    assert lines == [
+        f"lin_probe: the network has left the linear regime at step {monitor.exit_step} (the paper's linear "
+        f"model); functional_distance_rel > 0.1 for 2 consecutive checks, now "
+        f"{next(r for r in monitor.history if 'exit_step' in r)['functional_distance_rel']:.3g} at step "
+        f"{next(int(r['step']) for r in monitor.history if 'exit_step' in r)}. "
+        f"Diagnosis: {monitor.diagnosis.title}."
+    ]

@@ -364,7 +364,11 @@ def test_exit_card_of_the_linearised_verdict_names_its_shadow_and_an_indicative_
 
 def test_fit_card_names_the_chosen_data_kernel_and_every_candidates_scores() -> None:
     kernel = AffineKernel(0.5, 0.1, 0.2, rel_error=0.016, rel_error_centered=0.062)
-    choice = DataKernelChoice("patch_mean", None, kernel, {"flat": (0.057, 0.76), "patch_mean": (0.016, 0.062)})
-    card = fit_card(kernel, n_probe=8, probe_source="validation", n_parameters=10, center=True, data_kernel=choice)
+    choice = DataKernelChoice(
+        "patch_mean", None, kernel, {"flat": (0.057, 0.76), "patch_mean": (0.016, 0.062)}
+    )
+    card = fit_card(
+        kernel, n_probe=8, probe_source="validation", n_parameters=10, center=True, data_kernel=choice
+    )
     assert "Data kernel: **patch_mean**, the lowest centred fit error of the candidates" in card
     assert "flat: centred 0.76, uncentred 0.057" in card
