@@ -321,7 +321,7 @@ class RegimeProbe:
             value = record.get(run.prefix + "functional_distance_rel", math.nan)
             if run.regime.update(step, value):
                 exited.append(run.prefix)
-                if run.prefix == PAPER and self._explained_by_init_fit(run):
+                if run.prefix == PAPER and self._explained_by_init_fit(run, record):
                     self.outside_from_start = True  # nothing was left: no exit step (module docstring)
                     record["outside_from_start"] = 1.0
                 else:
@@ -471,11 +471,20 @@ class RegimeProbe:
             return tuple(key for key in KERNEL_MEASURE_KEYS if key != "kernel_alignment")
         return KERNEL_MEASURE_KEYS
 
-    def _explained_by_init_fit(self, run: ShadowRun) -> bool:
+    def _explained_by_init_fit(self, run: ShadowRun, record: Mapping[str, float]) -> bool:
         """The paper's shadow was outside from the first check on, and the centred misfit at init is
-        larger than the tolerance: that misfit, not training, put it there."""
+        larger than the tolerance: that misfit, not training, put it there. Unless the linearised
+        shadow (when on) has departed too by the confirming check: then the network itself moved out
+        of its kernel regime (e.g. at a learning rate near divergence), an exit like any other."""
         error = self.kernel.rel_error_centered
-        return run.regime.outside_from_first_check and error is not None and error > self.config.tolerance
+        linearized = record.get(LINEARIZED + "functional_distance_rel", math.nan)
+        departed = self.run(LINEARIZED) is not None and linearized > self.config.tolerance
+        return (
+            run.regime.outside_from_first_check
+            and error is not None
+            and error > self.config.tolerance
+            and not departed
+        )
 
     def _evidence(self) -> dict[str, float]:
         """The latest finite value of each quantity the diagnosis reads (shadows: this check's)."""

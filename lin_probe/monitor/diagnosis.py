@@ -8,7 +8,10 @@ misfits the network's centred NTK by more than the tolerance, nothing was left: 
 was never close, whatever the learning rate (the first step's relative distance is the affine
 kernel's error in the gradient's direction, independent of the step size). The verdict is then
 *not in the linear regime from the start*, and the exit step is reserved for a network that was
-inside and left.
+inside and left — or that, by the confirming check, has departed from its own linearisation too
+(``linearized=True``): then the network itself moved, and it is an exit like any other.
+A verdict, like an exit, is final: a shadow that comes back within the tolerance later does not
+undo it.
 
 The diagnosis
 -------------

@@ -135,3 +135,14 @@ def test_under_adam_without_the_linearised_shadow_the_verdict_is_indicative_and_
     assert sum("linearized=True" in str(w.message) for w in caught) == 1
     assert monitor.verdict.run == "" and monitor.verdict.indicative
     assert "indicative only" in monitor.verdict.describe()
+
+
+def test_a_misfit_net_that_also_leaves_its_own_linearisation_has_left_not_never_been_inside() -> None:
+    """Near divergence a net whose affine kernel misfits (centred 0.15) departs from its Taylor model too
+    by the confirming check: the network moved, so this is an exit (at step 1), caused by the kernel."""
+    monitor = _run(16, 256, 8.0, steps=4, linearized=True)
+    assert monitor.kernel.rel_error_centered > 0.1
+    assert monitor.verdict.state == "left" and monitor.exit_step() == 1
+    assert monitor.diagnosis is not None and monitor.diagnosis.cause == "kernel_moved"
+    same_fit_small_lr = _run(16, 256, 1e-3, steps=4, linearized=True)
+    assert same_fit_small_lr.verdict.state == "outside_from_start"
