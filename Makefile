@@ -53,7 +53,7 @@ bench-peers: $(STAMP)
 	$(BIN)/python benchmarks/ntk_speed.py $(BENCH_ARGS)
 	benchmarks/peers/.venv/bin/python benchmarks/peers/nt_speed.py $(BENCH_ARGS)
 
-# Every number and figure of docs/reproduction.md (figures into docs/figures/); ~10-20 min on 2 cores.
+# Every number and figure of docs/reproduction.md (figures into docs/figures/); ~12-20 min on 2 cores.
 .PHONY: reproduce
 reproduce: $(STAMP)
 	$(BIN)/python reproduce/table1_coefficients.py
@@ -61,6 +61,7 @@ reproduce: $(STAMP)
 	$(BIN)/python reproduce/digits_runs.py
 	$(BIN)/python reproduce/figure2_exit_step.py
 	$(BIN)/python reproduce/memo_comparison.py
+	$(BIN)/python reproduce/paper_setting.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache lightning_logs runs

@@ -9,7 +9,8 @@ the same run, one per probe set (each keeps its own shadow, trained on the same 
 Table 3 — early-time agreement: ``functional_distance_rel`` on held-out digits at steps 10, 100,
 1000, the exit step and the NTK drift at step 1000, for the two-layer net (wide and narrow), the
 deep MLP of ``examples/digits_mlp.py`` and the CNN of ``examples/digits_cnn.py`` (their default
-settings: cross-entropy, SGD with momentum 0.9).
+settings: cross-entropy, SGD with momentum 0.9), with each monitor's verdict and diagnosis (the cause
+it names, the centred fit error and NTK drift it read it from, and the step it was decided at).
 
 Run: ``python reproduce/digits_runs.py`` (``--fast``: 120 steps, narrow nets; figure not written).
 """
@@ -172,7 +173,26 @@ def row(name: str, mon: LinearRegimeMonitor, steps: int) -> str:
     exit_step = "none" if mon.exit_step is None else str(mon.exit_step)
     return (
         f"| {name} | {kernel.rel_error:.3f} | {rel(10)} | {rel(100)} | {rel(1000)} | {exit_step} | "
-        f"{drift:.3f} | {by_step[steps]['loss_network']:.3f} / {by_step[steps]['loss_linear']:.3f} |"
+        f"{drift:.3f} | {by_step[steps]['loss_network']:.3f} / {by_step[steps]['loss_linear']:.3f} | "
+        f"{verdict_cell(mon)} |"
+    )
+
+
+def verdict_cell(mon: LinearRegimeMonitor) -> str:
+    """The monitor's verdict and, once it has one, the diagnosis with the numbers it was read from."""
+    verdict = mon.verdict
+    assert verdict is not None
+    state = {
+        "inside": "inside",
+        "left": f"left at {verdict.exit_step}",
+        "outside_from_start": "outside from start",
+    }
+    diagnosis = mon.diagnosis
+    if diagnosis is None:
+        return state[verdict.state]
+    return (
+        f"{state[verdict.state]}: {diagnosis.title} (centred fit {diagnosis.fit_rel_error_centered:.2f}, "
+        f"drift {diagnosis.ntk_drift:.3f} at step {diagnosis.step})"
     )
 
 
@@ -223,9 +243,9 @@ def main() -> None:
     print()
     print(
         "| model | loss, optimizer | fit error at init | rel @ 10 | rel @ 100 | rel @ 1000 | exit step | "
-        f"NTK drift @ {args.steps} | probe loss @ {args.steps}: network / linear |"
+        f"NTK drift @ {args.steps} | probe loss @ {args.steps}: network / linear | verdict: diagnosis |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (mons, setting) in runs.items():
         line = row(name, mons["held_out"], args.steps)
         print(line.replace(f"| {name} |", f"| {name} | {setting} |", 1))
