@@ -167,6 +167,21 @@ def ntk_reference(
     return NTKReference(theta0, kernel.operator(kernel_inputs, dense=dense), norm0, targets)
 
 
+FROBENIUS_KEYS = ("kernel_distance", "kernel_velocity", "kernel_alignment")
+"""The kernel measures that need Frobenius products of ``n × n`` kernels: NaN by design when matrix-free."""
+
+
+def ntk_check_keys(reference: NTKReference, has_previous: bool) -> tuple[str, ...]:
+    """The keys one NTK check reports: without probe targets there is no ``kernel_alignment``, and
+    the first dense check has no ``kernel_velocity`` (nothing to move from; matrix-free: NaN)."""
+    skip = set()
+    if reference.targets is None:
+        skip.add("kernel_alignment")
+    if reference.dense and not has_previous:
+        skip.add("kernel_velocity")
+    return tuple(key for key in (*NTK_KEYS, *KERNEL_MEASURE_KEYS) if key not in skip)
+
+
 def ntk_check(
     theta: SymmetricOperator,
     reference: NTKReference,
@@ -177,32 +192,27 @@ def ntk_check(
 
     ``ntk_gap = ‖Θ_t − Θ_lin‖₂/‖Θ_0‖₂``, ``ntk_drift = ‖Θ_t − Θ_0‖₂/‖Θ_0‖₂``; ``kernel_distance`` to
     ``Θ_0``, ``kernel_velocity`` from ``previous`` (the last check's ``(step, Θ)``), ``kernel_alignment``
-    with the probe's targets and ``ntk_scale`` (:mod:`lin_probe.monitor.kernel_measures`). Values
-    needing Frobenius products are NaN in matrix-free mode; everything is NaN, not an error, when
-    Θ_t is not finite (a diverged network).
+    with the probe's targets and ``ntk_scale`` (:mod:`lin_probe.monitor.kernel_measures`); the keys
+    are :func:`ntk_check_keys`'. The :data:`FROBENIUS_KEYS` are NaN in matrix-free mode; everything
+    is NaN, not an error, when Θ_t is not finite (a diverged network).
     """
-    nan = dict.fromkeys((*NTK_KEYS, *KERNEL_MEASURE_KEYS), math.nan)
+    values = dict.fromkeys(ntk_check_keys(reference, previous is not None), math.nan)
     try:
         gap = (theta - reference.theta_lin).norm() / reference.norm0
         drift = math.nan if reference.theta0 is None else (theta - reference.theta0).norm() / reference.norm0
         eigenvalues = theta.eigenvalues() if theta.is_dense else None
         norm = float(eigenvalues.abs().max()) if eigenvalues is not None else theta.norm()
     except NonFiniteOperator:
-        return nan, None
-    values = {**nan, "ntk_gap": gap, "ntk_drift": drift, "ntk_scale": ntk_scale(norm, reference.norm0)}
+        return values, None
+    values.update(ntk_gap=gap, ntk_drift=drift, ntk_scale=ntk_scale(norm, reference.norm0))
     matrix = theta.matrix
     if matrix is not None:
-        theta0 = reference.theta0.matrix if reference.theta0 is not None else None
-        if theta0 is not None:
-            values["kernel_distance"] = kernel_distance(theta0, matrix)
+        if reference.theta0 is not None and reference.theta0.matrix is not None:
+            values["kernel_distance"] = kernel_distance(reference.theta0.matrix, matrix)
         if previous is not None:
             values["kernel_velocity"] = kernel_velocity(previous[1], matrix, step - previous[0])
         if reference.targets is not None:
             values["kernel_alignment"] = kernel_alignment(matrix, reference.targets)
-    if reference.targets is None:
-        del values["kernel_alignment"]  # not NaN: without probe targets it does not exist
-    if previous is None and matrix is not None:
-        del values["kernel_velocity"]  # the first dense check has nothing to move from (matrix-free: NaN)
     return values, eigenvalues
 
 
@@ -246,6 +256,7 @@ def _match_dtype(targets: Tensor, predictions: Tensor) -> Tensor:
 
 
 __all__ = [
+    "FROBENIUS_KEYS",
     "NTK_KEYS",
     "POOR_FIT_THRESHOLD",
     "InitFit",
@@ -254,5 +265,6 @@ __all__ = [
     "compare",
     "fit_at_init",
     "ntk_check",
+    "ntk_check_keys",
     "ntk_reference",
 ]

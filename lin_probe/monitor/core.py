@@ -34,18 +34,19 @@ from lin_probe.kernel import AffineKernel
 from lin_probe.kernel.data_kernels import DataKernelChoice, data_kernel_candidates, features_from_state
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
 from lin_probe.monitor.checks import (
-    NTK_KEYS,
+    FROBENIUS_KEYS,
     POOR_FIT_THRESHOLD,
     NTKProbe,
     NTKReference,
     compare,
     fit_at_init,
     ntk_check,
+    ntk_check_keys,
     ntk_reference,
 )
 from lin_probe.monitor.config import Host, MonitorConfig
 from lin_probe.monitor.diagnosis import Diagnosis, Verdict, diagnose
-from lin_probe.monitor.kernel_measures import KERNEL_MEASURE_KEYS, target_matrix
+from lin_probe.monitor.kernel_measures import target_matrix
 from lin_probe.monitor.probe import ProbeSet, probe_from_argument
 from lin_probe.monitor.runs import LINEARIZED, MEMO, PAPER, ShadowRun, build_runs
 from lin_probe.ntk import predict
@@ -277,9 +278,7 @@ class RegimeProbe:
 
     def _ntk_values(self, model: nn.Module, step: int) -> tuple[dict[str, float], Tensor | None]:
         """The NTK check's values at ``step`` (NaN with one warning when it cannot be computed)."""
-        failed = dict.fromkeys((*NTK_KEYS, *self._kernel_measure_keys), math.nan)
-        if self._previous_ntk is None and self.reference.dense:
-            del failed["kernel_velocity"]
+        failed = dict.fromkeys(ntk_check_keys(self.reference, self._previous_ntk is not None), math.nan)
         try:
             theta = self.ntk.operator(model)
             values, eigenvalues = ntk_check(theta, self.reference, self._previous_ntk, step)
@@ -309,7 +308,7 @@ class RegimeProbe:
         step = int(record["step"])
         expected_nan = () if self.reference.drift_available else ("ntk_drift",)
         if not self.reference.dense:  # Frobenius measures are NaN by design (said once in measure)
-            expected_nan += ("kernel_distance", "kernel_velocity", "kernel_alignment")
+            expected_nan += FROBENIUS_KEYS
         if not all(math.isfinite(v) for k, v in record.items() if k not in expected_nan):
             self.warn_once(
                 "nonfinite",
@@ -464,12 +463,6 @@ class RegimeProbe:
             keys = run.reported or tuple(compared)
             record.update({run.prefix + key: compared[key] for key in keys if key in compared})
         return record
-
-    @property
-    def _kernel_measure_keys(self) -> tuple[str, ...]:
-        if self.reference.targets is None:
-            return tuple(key for key in KERNEL_MEASURE_KEYS if key != "kernel_alignment")
-        return KERNEL_MEASURE_KEYS
 
     def _explained_by_init_fit(self, run: ShadowRun, record: Mapping[str, float]) -> bool:
         """The paper's shadow was outside from the first check on, and the centred misfit at init is
