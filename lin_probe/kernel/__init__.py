@@ -3,6 +3,7 @@ kernels (:mod:`~lin_probe.kernel.data_kernels`), and two-layer closed forms."""
 
 from lin_probe.kernel.affine import (
     AffineKernel,
+    centered_norm,
     centered_rel_error,
     data_kernel,
     fit_affine_kernel,
@@ -24,6 +25,7 @@ __all__ = [
     "DataKernelChoice",
     "GaussianMoments",
     "PatchMeanFeatures",
+    "centered_norm",
     "centered_rel_error",
     "choose_data_kernel",
     "data_kernel",

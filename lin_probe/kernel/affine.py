@@ -106,7 +106,12 @@ _CONSTANT_KERNEL_EPS = 16.0
 
 
 def fit_affine_kernel(
-    ntk: Tensor | SymmetricOperator, inputs: Tensor, *, centered_fit: bool = False
+    ntk: Tensor | SymmetricOperator,
+    inputs: Tensor,
+    *,
+    centered_fit: bool = False,
+    ntk_norm: float | None = None,
+    centered_ntk_norm: float | None = None,
 ) -> AffineKernel:
     """Least-squares fit of ``Θ ≈ a·K + b·11ᵀ + c·I`` over all ``n²`` entries, with ``a, b, c ≥ 0``.
 
@@ -117,6 +122,10 @@ def fit_affine_kernel(
     of any network on these points. Everything is computed in float64. ``rel_error`` is
     ``‖Θ − Θ_lin‖₂ / ‖Θ‖₂`` and ``rel_error_centered`` is :func:`centered_rel_error`, both with exact
     spectral norms of the symmetrised ``Θ``.
+
+    ``ntk_norm`` (``‖Θ‖₂``) and ``centered_ntk_norm`` (``‖HΘH‖₂``, :func:`centered_norm`), when the
+    caller already has them, save their eigendecompositions (e.g. fitting one ``Θ`` with several
+    data kernels).
 
     ``centered_fit=True`` fits the centred kernel instead: ``a, c ≥ 0`` minimise
     ``‖H(Θ − a·K − c·I)H‖_F`` (``H = I − 11ᵀ/n``; ``b·11ᵀ`` is invisible there), then
@@ -155,8 +164,11 @@ def fit_affine_kernel(
 
         coef = _best_feasible(gram, rhs, residual)
     fitted = torch.einsum("k,kij->ij", coef, basis)
-    rel_error = SymmetricOperator._exact(theta - fitted, "ntk − fit").norm() / op.norm()
-    centered = centered_rel_error(op, SymmetricOperator._exact(fitted, "affine fit"))
+    norm = op.norm() if ntk_norm is None else float(ntk_norm)
+    rel_error = SymmetricOperator._exact(theta - fitted, "ntk − fit").norm() / norm
+    centered = centered_rel_error(
+        op, SymmetricOperator._exact(fitted, "affine fit"), theta_norm=centered_ntk_norm
+    )
     a, b, c = (float(v) for v in coef)
     return AffineKernel(a=a, b=b, c=c, rel_error=rel_error, rel_error_centered=centered)
 
@@ -169,6 +181,7 @@ def fit_affine_kernel_matrix_free(
     ntk_norm: float | None = None,
     rtol: float = 1e-5,
     centered_fit: bool = False,
+    centered_ntk_norm: float | None = None,
 ) -> AffineKernel:
     """:func:`fit_affine_kernel` from products ``u ↦ Θu`` only, for probe sets too large for ``n × n``.
 
@@ -181,7 +194,8 @@ def fit_affine_kernel_matrix_free(
     gradients give it at about the cost of one product. The constrained solve (``a, b, c ≥ 0``) is
     the dense fit's. ``rel_error`` = ``‖Θ − Θ_lin‖₂ / ‖Θ‖₂`` by Lanczos to relative accuracy
     ``rtol``; pass ``ntk_norm`` (``‖Θ‖₂``) when already known to save one Lanczos run.
-    ``rel_error_centered`` (:func:`centered_rel_error`) costs two more Lanczos runs.
+    ``rel_error_centered`` (:func:`centered_rel_error`) costs two more Lanczos runs, one when
+    ``centered_ntk_norm`` (``‖HΘH‖₂``) is passed.
 
     ``centered_fit=True`` is the dense fit's centred variant by the same trick: with ``X_c = HX``,
     ``⟨HΘH, HKH⟩_F = tr(Θ X_c X_cᵀ)/d`` takes ``rank(X_c)`` products along ``X_c``'s singular
@@ -219,18 +233,32 @@ def fit_affine_kernel_matrix_free(
     if not norm > 0.0:
         raise ValueError("`ntk` is identically zero: there is no kernel to fit (are all parameters frozen?).")
     rel_error = (op - fitted).norm(rtol) / norm
-    centered = centered_rel_error(op, fitted, rtol)
+    centered = centered_rel_error(op, fitted, rtol, theta_norm=centered_ntk_norm)
     return AffineKernel(a=a, b=b, c=c, rel_error=rel_error, rel_error_centered=centered)
 
 
-def centered_rel_error(theta: SymmetricOperator, fitted: SymmetricOperator, rtol: float = 1e-5) -> float:
+def centered_norm(theta: SymmetricOperator, rtol: float = 1e-5) -> float:
+    """``‖HΘH‖₂`` with ``H = I − 11ᵀ/n``: exact (``eigvalsh``) when dense, else Lanczos to ``rtol``
+    on the products ``u ↦ H·Θ(Hu)`` (``Hu = u − mean(u)``)."""
+    if theta.matrix is not None:
+        return SymmetricOperator._exact(_center(theta.matrix), f"H({theta.name})H").norm()
+    return _centered_products(theta).norm(rtol)
+
+
+def centered_rel_error(
+    theta: SymmetricOperator,
+    fitted: SymmetricOperator,
+    rtol: float = 1e-5,
+    *,
+    theta_norm: float | None = None,
+) -> float:
     """``‖H(Θ − Θ_lin)H‖₂ / ‖HΘH‖₂`` with ``H = I − 11ᵀ/n``: the fit error once the constant mode is gone.
 
     A large constant mode ``b·11ᵀ`` (ReLU nets on non-negative inputs) makes ``‖Θ‖₂ ≈ b·n`` and the
     uncentred ratio small whatever ``a·K + c·I`` does; centring removes that mode from both kernels,
-    so this ratio says how much of the rest the fit explains. Exact (``eigvalsh``) when both
-    operators are dense, else Lanczos on the products ``u ↦ H A Hu`` (``Hu = u − mean(u)``), each
-    norm to relative accuracy ``rtol`` (the ratio to about ``2·rtol``).
+    so this ratio says how much of the rest the fit explains. Both norms are :func:`centered_norm`'s:
+    exact when the operators are dense, else Lanczos to relative accuracy ``rtol`` each (the ratio
+    to about ``2·rtol``). ``theta_norm`` is ``‖HΘH‖₂`` when the caller already has it.
 
     NaN when ``HΘH`` vanishes (a constant kernel ``Θ = β·11ᵀ``: there is nothing left to explain,
     and no ratio): ``‖HΘH‖₂ ≤ 16·n·eps·|1ᵀΘ1|/n``, the round-off of centring a constant matrix.
@@ -246,17 +274,10 @@ def centered_rel_error(theta: SymmetricOperator, fitted: SymmetricOperator, rtol
     n = theta.n
     ones = torch.ones(n, dtype=torch.float64)
     constant_scale = abs(float(ones @ theta(ones))) / n
-    if theta.matrix is not None and fitted.matrix is not None:
-        difference = (theta - fitted).matrix
-        assert difference is not None
-        denominator = SymmetricOperator._exact(_center(theta.matrix), "HΘH").norm()
-        if _is_constant(denominator, constant_scale, n):
-            return math.nan
-        return SymmetricOperator._exact(_center(difference), "H(Θ − fit)H").norm() / denominator
-    denominator = _centered_products(theta).norm(rtol)
+    denominator = centered_norm(theta, rtol) if theta_norm is None else float(theta_norm)
     if _is_constant(denominator, constant_scale, n):
         return math.nan
-    return _centered_products(theta - fitted).norm(rtol) / denominator
+    return centered_norm(theta - fitted, rtol) / denominator
 
 
 def _is_constant(centered_norm: float, constant_scale: float, n: int) -> bool:

@@ -482,3 +482,32 @@ def test_centered_fit_refuses_unidentifiable_designs() -> None:
         fit_affine_kernel_matrix_free(
             lambda u: theta @ u, torch.eye(6, dtype=torch.float64), trace=1.0, centered_fit=True
         )
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "matrix-free"])
+def test_norms_handed_in_give_the_same_fit_as_norms_computed_inside(dense: bool) -> None:
+    """Fitting one Θ with several data kernels passes ‖Θ‖₂ and ‖HΘH‖₂ once; the result must not change."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    a = torch.randn(20, 30, generator=gen, dtype=torch.float64)
+    theta = SymmetricOperator.dense(a @ a.T / 30 + 0.5, "ntk")
+    # the reference norms from numpy, not from the code under test
+    h = np.eye(20) - 1.0 / 20
+    norms = {
+        "ntk_norm": float(np.linalg.norm(theta.matrix.numpy(), 2)),
+        "centered_ntk_norm": float(np.linalg.norm(h @ theta.matrix.numpy() @ h, 2)),
+    }
+    if dense:
+        plain, handed = (
+            fit_affine_kernel(theta, x, centered_fit=True),
+            fit_affine_kernel(theta, x, centered_fit=True, **norms),
+        )
+    else:
+        trace = float(torch.trace(theta.matrix))
+        products = SymmetricOperator.from_products(lambda u: theta.matrix @ u, 20, "ntk")
+        plain = fit_affine_kernel_matrix_free(products, x, trace=trace, centered_fit=True)
+        handed = fit_affine_kernel_matrix_free(products, x, trace=trace, centered_fit=True, **norms)
+    assert (handed.a, handed.b, handed.c) == (plain.a, plain.b, plain.c)
+    rtol = 1e-12 if dense else 3e-5  # Lanczos norms are certified to 1e-5 each
+    assert handed.rel_error == pytest.approx(plain.rel_error, rel=rtol)
+    assert handed.rel_error_centered == pytest.approx(plain.rel_error_centered, rel=rtol)
