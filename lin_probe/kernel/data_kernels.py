@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lin_probe._model_state import eval_semantics, preserved_rng_state
+from lin_probe._model_state import eval_semantics
 from lin_probe._validation import as_feature_matrix
 from lin_probe.kernel.affine import AffineKernel
 from lin_probe.linalg.operator import SymmetricOperator
@@ -233,7 +233,7 @@ def first_convolution(model: nn.Module, example_inputs: Any) -> nn.Conv1d | nn.C
 
     handles = [conv.register_forward_pre_hook(hook) for conv in convs]
     try:
-        with torch.no_grad(), eval_semantics(model), preserved_rng_state():
+        with torch.no_grad(), eval_semantics(model):  # eval_semantics also restores every RNG stream
             try:
                 model(x)
             except _Found:
@@ -262,6 +262,23 @@ def _same_tensor(received: Any, x: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_data_kernel(data_kernel: Any) -> None:
+    """``data_kernel`` is one of :data:`DATA_KERNELS` or a callable mapping inputs to feature rows:
+    a ``TypeError`` for anything else that is not a string, a ``ValueError`` for an unknown name."""
+    if callable(data_kernel):
+        return
+    if not isinstance(data_kernel, str):
+        raise TypeError(
+            f"`data_kernel` must be one of {DATA_KERNELS} or a callable mapping inputs to feature "
+            f"vectors, got {type(data_kernel).__name__}."
+        )
+    if data_kernel not in DATA_KERNELS:
+        raise ValueError(
+            f"unknown data_kernel {data_kernel!r}; choose one of {DATA_KERNELS} or pass a callable mapping "
+            "inputs to feature vectors."
+        )
+
+
 def data_kernel_candidates(
     spec: Any, model: nn.Module, example_inputs: Any
 ) -> list[tuple[str, FeaturesFn | None]]:
@@ -273,15 +290,11 @@ def data_kernel_candidates(
     :class:`PatchMeanFeatures` is named ``"patch_mean"``). ``"auto"``: flat, plus patch_mean where
     it applies, for :func:`choose_data_kernel` to pick from.
     """
+    check_data_kernel(spec)
     if isinstance(spec, PatchMeanFeatures):
         return [("patch_mean", spec)]
     if callable(spec):
         return [("callable", spec)]
-    if not isinstance(spec, str):
-        raise TypeError(
-            f"`data_kernel` must be one of {DATA_KERNELS} or a callable mapping inputs to feature "
-            f"vectors, got {type(spec).__name__}."
-        )
     if spec == "flat":
         return [("flat", None)]
     if spec in ("patch_mean", "auto"):
@@ -296,10 +309,7 @@ def data_kernel_candidates(
                 "callable that maps inputs to feature vectors."
             )
         return patch
-    raise ValueError(
-        f"unknown data_kernel {spec!r}; choose one of {DATA_KERNELS} or pass a callable mapping inputs "
-        "to feature vectors."
-    )
+    raise AssertionError(f"check_data_kernel let {spec!r} through")  # DATA_KERNELS are all handled above
 
 
 @dataclass(frozen=True)
@@ -415,6 +425,7 @@ __all__ = [
     "DATA_KERNELS",
     "DataKernelChoice",
     "PatchMeanFeatures",
+    "check_data_kernel",
     "choose_data_kernel",
     "data_kernel_candidates",
     "features_from_state",

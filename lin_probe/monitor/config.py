@@ -11,22 +11,12 @@ from torch import Tensor, nn
 
 from lin_probe._model_state import frozen_copy
 from lin_probe._validation import check_callable
-from lin_probe.kernel.data_kernels import DATA_KERNELS
+from lin_probe.kernel.data_kernels import check_data_kernel
 from lin_probe.losses import LossFn, is_classification, resolve_loss
 from lin_probe.monitor.regime import validate_patience, validate_tolerance
 from lin_probe.plan import ComputePlan
 
 Warn = Callable[[str], None]
-
-
-def check_data_kernel(data_kernel: Any) -> None:
-    """``data_kernel`` is one of :data:`DATA_KERNELS` or a callable mapping inputs to feature rows."""
-    if callable(data_kernel) or data_kernel in DATA_KERNELS:
-        return
-    raise ValueError(
-        f"`data_kernel` must be one of {', '.join(map(repr, DATA_KERNELS))} or a callable mapping inputs "
-        f"to feature vectors, got {data_kernel!r}."
-    )
 
 
 def _python_warning(message: str) -> None:
