@@ -30,7 +30,7 @@ from lin_probe.kernel import AffineKernel
 from lin_probe.kernel.data_kernels import DataKernelChoice
 from lin_probe.lightning.series import SeriesWriters
 from lin_probe.monitor.checks import POOR_FIT_THRESHOLD
-from lin_probe.monitor.diagnosis import Diagnosis, Verdict
+from lin_probe.monitor.diagnosis import INDICATIVE_NOTE, Diagnosis, Verdict
 
 PREFIX = "lin_probe/"
 SUMMARY_PREFIX = "lin_probe_summary/"  # its own group: single-value charts stay out of lin_probe/'s
@@ -148,13 +148,13 @@ def _fit_verdict(kernel: AffineKernel) -> str:
 def _fit_rows(kernel: AffineKernel) -> list[str]:
     """Table rows a, b, c, the centred and the uncentred error."""
     labels = (
-        ("a", "`a` (data kernel XXᵀ/d)"),
+        ("a", "`a` (data kernel K)"),
         ("b", "`b` (constant 11ᵀ)"),
         ("c", "`c` (identity I)"),
         ("rel_error_centered", "centred relative spectral error ‖H(Θ₀ − Θ_lin)H‖₂/‖HΘ₀H‖₂"),
         ("rel_error", "relative spectral error ‖Θ₀ − Θ_lin‖₂/‖Θ₀‖₂"),
     )
-    return [f"| {label} | {_fmt(getattr(kernel, field, None))} |" for field, label in labels]
+    return [f"| {label} | {_fmt(getattr(kernel, field))} |" for field, label in labels]
 
 
 def _data_kernel_line(choice: DataKernelChoice | None) -> str:
@@ -237,7 +237,7 @@ def exit_card(
         )
     lines = [title, "", rule]
     if verdict.indicative:
-        lines += ["", f"*Indicative only:* {verdict.describe().split('; ', 1)[1]}."]
+        lines += ["", f"*Indicative only:* {INDICATIVE_NOTE}."]
     if diagnosis is not None:
         lines += ["", f"**Diagnosis: {diagnosis.title}.** {diagnosis.explanation()}"]
     if "step" in record:

@@ -52,6 +52,9 @@ KERNEL_MOVED_DISTANCE = 0.05
 Cause = Literal["kernel_moved", "memorisation", "never_input_linear", "undetermined"]
 State = Literal["inside", "left", "outside_from_start"]
 
+INDICATIVE_NOTE = "the paper's shadow is exact for SGD, pass linearized=True for this optimizer"
+"""Why a verdict taken from the paper's shadow under another optimizer is only indicative."""
+
 CAUSE_TITLES: dict[str, str] = {
     "kernel_moved": "the kernel moved",
     "memorisation": "memorisation",
@@ -80,7 +83,7 @@ class Verdict:
         else:
             text = "not in the linear regime from the start (the affine data kernel misfits the NTK at init)"
         if self.indicative:
-            text += "; indicative only: the paper's shadow is exact for SGD, pass linearized=True for this optimizer"
+            text += f"; indicative only: {INDICATIVE_NOTE}"
         return text
 
 
@@ -215,6 +218,7 @@ def _fmt(value: float) -> str:
 
 __all__ = [
     "CAUSE_TITLES",
+    "INDICATIVE_NOTE",
     "KERNEL_MOVED_DISTANCE",
     "KERNEL_MOVED_DRIFT",
     "Cause",

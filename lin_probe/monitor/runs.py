@@ -32,7 +32,7 @@ MEMO = "memo/"
 """Prefix of the memorizing shadow's record keys."""
 LINEARIZED = "linearized/"
 """Prefix of the linearised network's record keys."""
-MEMO_KEYS = ("functional_distance", "functional_distance_rel", "loss_linear")
+SIDE_SHADOW_KEYS = ("functional_distance", "functional_distance_rel", "loss_linear")
 """What is reported for the memorizing and linearised shadows (the network's own values are not repeated)."""
 
 HASHED_EXAMPLES_LIMIT = 1 << 22
@@ -120,7 +120,7 @@ def build_runs(
     runs = [run(PAPER, None, None, None)]
     if config.memorization:
         limit = train_size if train_size is not None else HASHED_EXAMPLES_LIMIT
-        runs.append(run(MEMO, train_size or 0, ExampleIds(max_examples=limit), MEMO_KEYS))
+        runs.append(run(MEMO, train_size or 0, ExampleIds(max_examples=limit), SIDE_SHADOW_KEYS))
     if config.linearized:
         assert f0 is not None
         # f_0's state is checkpointed by the paper's shadow when centred; otherwise by this one.
@@ -128,8 +128,16 @@ def build_runs(
             model, f0, output_fn=config.output_fn, own_initial=not config.center
         )
         mirror = LinearizedMirror(taylor, optimizer, loss_fn, model=model)
-        runs.append(ShadowRun(LINEARIZED, taylor, mirror, tracker(), None, MEMO_KEYS))
+        runs.append(ShadowRun(LINEARIZED, taylor, mirror, tracker(), None, SIDE_SHADOW_KEYS))
     return runs, f0
 
 
-__all__ = ["HASHED_EXAMPLES_LIMIT", "LINEARIZED", "MEMO", "MEMO_KEYS", "PAPER", "ShadowRun", "build_runs"]
+__all__ = [
+    "HASHED_EXAMPLES_LIMIT",
+    "LINEARIZED",
+    "MEMO",
+    "PAPER",
+    "SIDE_SHADOW_KEYS",
+    "ShadowRun",
+    "build_runs",
+]
