@@ -25,7 +25,14 @@ from lin_probe._validation import check_callable
 from lin_probe.losses import LossFn
 from lin_probe.ntk._plumbing import Forward, OutputFn, constants, forward_fn
 from lin_probe.shadows.linear import _freeze, _move
-from lin_probe.shadows.mirror import _build_grouped_mirror, _check_lr, _group_hyperparameters, _reduced
+from lin_probe.shadows.mirror import (
+    _add_grads,
+    _build_grouped_mirror,
+    _check_lr,
+    _group_hyperparameters,
+    _mirrored_step,
+    _scalar,
+)
 
 _KEY_SEPARATOR = "__"
 """Stands in for ``.`` in parameter names: ``nn.ParameterDict`` keys cannot contain dots."""
@@ -357,17 +364,12 @@ class LinearizedMirror:
         with torch.inference_mode(False), torch.enable_grad():
             leaf = prediction.detach().clone().requires_grad_(True)
             loss = self.loss_fn(leaf, target)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(
-                    "`loss_fn` must return a scalar tensor (reduce over the batch, e.g. a mean)."
-                )
-            (g,) = torch.autograd.grad(loss.reshape(()) * scale, leaf, allow_unused=True)
+            (g,) = torch.autograd.grad(_scalar(loss) * scale, leaf, allow_unused=True)
         g = torch.zeros_like(leaf) if g is None else g
         trained = {id(p) for p in self._trained}
         grads = self.shadow.transposed_jacobian_product(x, g)
-        for param, grad in zip(params, grads, strict=True):
-            if id(param) in trained:
-                param.grad = grad if param.grad is None else param.grad.add_(grad)
+        kept = [(param, grad) for param, grad in zip(params, grads, strict=True) if id(param) in trained]
+        _add_grads([param for param, _ in kept], [grad for _, grad in kept])
         return loss.detach()
 
     def step(self, lr: float, reduce_grad: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -377,18 +379,9 @@ class LinearizedMirror:
         network steps with the gradient averaged over processes, and so must the shadow.
         """
         lr = _check_lr(lr)
-        if all(p.grad is None for p in self._trained):
-            raise RuntimeError(
-                f"{type(self).__name__}.step() called with no accumulated gradient; call accumulate(...) "
-                "for each micro-batch of the optimizer step first."
-            )
-        if reduce_grad is not None:
-            for param in self._trained:
-                param.grad = _reduced(reduce_grad, param)
-        for group, ratio in zip(self._optimizer.param_groups, self._ratios, strict=True):
-            group["lr"] = lr * ratio
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        _mirrored_step(
+            self, self._optimizer, self._trained, [lr * ratio for ratio in self._ratios], reduce_grad
+        )
 
     def discard(self) -> None:
         """Drop a partly accumulated gradient (a failed micro-batch must not leak into a later step)."""

@@ -192,14 +192,8 @@ class OptimizerMirror:
             target = target.to(params[0].dtype)
         with torch.inference_mode(False), torch.enable_grad():
             loss = self.loss_fn(self.shadow(x, ids), target)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(
-                    "`loss_fn` must return a scalar tensor (reduce over the batch, e.g. a mean)."
-                )
-            grads = torch.autograd.grad(loss.reshape(()) * scale, params, allow_unused=True)
-        for param, grad in zip(params, grads, strict=True):
-            grad = torch.zeros_like(param) if grad is None else grad.detach()
-            param.grad = grad if param.grad is None else param.grad.add_(grad)
+            grads = torch.autograd.grad(_scalar(loss) * scale, params, allow_unused=True)
+        _add_grads(params, grads)
         return loss.detach()
 
     def step(self, lr: float, reduce_grad: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -209,19 +203,8 @@ class OptimizerMirror:
         network steps with the gradient averaged over processes, and so must the shadow.
         """
         lr = _check_lr(lr)
-        params = self.shadow.trained_parameters()
-        if params[0].grad is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.step() called with no accumulated gradient; call accumulate(...) "
-                "for each micro-batch of the optimizer step first."
-            )
-        if reduce_grad is not None:
-            for param in params:
-                param.grad = _reduced(reduce_grad, param)
-        for group in self._optimizer.param_groups:
-            group["lr"] = lr
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        group_lrs = [lr] * len(self._optimizer.param_groups)
+        _mirrored_step(self, self._optimizer, self.shadow.trained_parameters(), group_lrs, reduce_grad)
 
     def discard(self) -> None:
         """Drop a partly accumulated gradient (a failed micro-batch must not leak into a later step)."""
@@ -271,6 +254,43 @@ class OptimizerMirror:
         if old != offsets.rows:
             _pad_optimizer_state(self._optimizer, offsets.V, old)
         return ids
+
+
+def _scalar(loss: Any) -> Tensor:
+    """The loss as a 0-d tensor, or a ValueError that says to reduce it."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError("`loss_fn` must return a scalar tensor (reduce over the batch, e.g. a mean).")
+    return loss.reshape(())
+
+
+def _add_grads(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
+    """Accumulate ``grads`` into each parameter's ``.grad`` (``None``: a zero gradient, so every trained
+    parameter has one once a micro-batch was accumulated)."""
+    for param, grad in zip(params, grads, strict=True):
+        grad = torch.zeros_like(param) if grad is None else grad.detach()
+        param.grad = grad if param.grad is None else param.grad.add_(grad)
+
+
+def _mirrored_step(
+    owner: object,
+    optimizer: Optimizer,
+    params: Sequence[nn.Parameter],
+    group_lrs: Sequence[float],
+    reduce_grad: Callable[[Tensor], Tensor] | None,
+) -> None:
+    """Reduce the accumulated gradients, set each group's lr, step and clear: the tail of every mirror's step."""
+    if all(param.grad is None for param in params):
+        raise RuntimeError(
+            f"{type(owner).__name__}.step() called with no accumulated gradient; call accumulate(...) "
+            "for each micro-batch of the optimizer step first."
+        )
+    if reduce_grad is not None:
+        for param in params:
+            param.grad = _reduced(reduce_grad, param)
+    for group, lr in zip(optimizer.param_groups, group_lrs, strict=True):
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _pad_optimizer_state(optimizer: Optimizer, param: nn.Parameter, old_rows: int) -> None:
