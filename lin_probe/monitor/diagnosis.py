@@ -29,7 +29,7 @@ these rules (in order; thresholds below):
    because it cannot fit individual training points;
 3. **the kernel was never input-linear** — the centred fit error exceeds the tolerance while the
    kernel stayed put (drift below the threshold) and the linearised shadow is still close: the network is in its kernel regime, but that kernel is
-   not an affine function of ``XXᵀ``;
+   not an affine function of the data kernel ``K``;
 4. **undetermined** — none of these holds, or the evidence to tell them apart is off (e.g. the
    kernel stayed put but neither the linearised nor the memorizing shadow is on, so "never
    input-linear" and "memorisation" cannot be separated: the explanation says which to turn on).
@@ -137,7 +137,7 @@ class Diagnosis:
                 else ", or pass linearized=True to follow the network's own kernel regime"
             )
             return (
-                f"The network's NTK is not an affine function of XXᵀ ({numbers}): {how}. Another "
+                f"The network's NTK is not an affine function of the data kernel K ({numbers}): {how}. Another "
                 f"`data_kernel` may fit better (the fit card lists those tried){hint}."
             )
         hint = ""
