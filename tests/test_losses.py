@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from lin_probe.losses import is_classification, resolve_loss
+from lin_probe.losses import infer_loss, is_classification, resolve_loss
 
 
 def _data(n: int = 7, k: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,7 +79,7 @@ def test_cross_entropy_refuses_soft_targets_of_another_shape() -> None:
 
 
 def test_unknown_name_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match=r"'hinge'.*\['cross_entropy', 'mse'\]"):
+    with pytest.raises(ValueError, match=r"'hinge'.*\['auto', 'cross_entropy', 'mse'\]"):
         resolve_loss("hinge")
 
 
@@ -123,3 +123,47 @@ def test_is_classification_of_resolved_names() -> None:
 def test_a_loss_class_instead_of_an_instance_is_refused_with_the_fix() -> None:
     with pytest.raises(TypeError, match=r"MSELoss\(\)"):
         resolve_loss(torch.nn.MSELoss)
+
+
+# ------------------------------------------------------------------ loss="auto"
+
+
+@pytest.mark.parametrize(
+    ("targets", "outputs", "expected"),
+    [
+        (torch.tensor([0, 3, 1]), 4, "cross_entropy"),  # class ids, several logits
+        (torch.tensor([[0], [3], [1]], dtype=torch.int32), 4, "cross_entropy"),  # (n, 1) int ids
+        (torch.randn(3, 4), 4, "mse"),  # a float target per output
+        (torch.randn(3), 1, "mse"),  # scalar regression, (n,) targets
+        (torch.randn(3, 2, 5), 10, "mse"),  # multi-dimensional outputs, same count
+    ],
+)
+def test_infer_loss_reads_the_targets_and_the_output_width(
+    targets: Tensor, outputs: int, expected: str
+) -> None:
+    name, why = infer_loss(targets, outputs)
+    assert name == expected
+    assert str(outputs) in why
+
+
+@pytest.mark.parametrize(
+    ("targets", "outputs"),
+    [
+        (torch.tensor([0, 1, 1]), 1),  # integer labels, one logit: BCE-style, not ours to guess
+        (torch.randn(3, 3), 4),  # floats of another size
+        (torch.tensor([True, False, True]), 2),  # bool masks
+    ],
+)
+def test_infer_loss_refuses_the_ambiguous_cases_and_names_loss(targets: Tensor, outputs: int) -> None:
+    with pytest.raises(ValueError, match="`loss=`"):
+        infer_loss(targets, outputs)
+
+
+def test_infer_loss_without_targets_says_how_to_give_them() -> None:
+    with pytest.raises(ValueError, match=r"probe=\(inputs, targets\)"):
+        infer_loss(None, 3)
+
+
+def test_auto_is_not_a_loss_function_until_resolved() -> None:
+    with pytest.raises(ValueError, match="resolved at train start"):
+        resolve_loss("auto")

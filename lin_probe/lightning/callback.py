@@ -15,15 +15,16 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lin_probe._model_state import floating_dtype
 from lin_probe._validation import check_callable, check_int
 from lin_probe.kernel import AffineKernel
 from lin_probe.lightning import _bridge
 from lin_probe.lightning.publishing import Publisher
-from lin_probe.losses import LossFn
+from lin_probe.losses import AUTO, LossFn
 from lin_probe.monitor.core import (
     MEMO,
     PAPER,
@@ -36,6 +37,7 @@ from lin_probe.monitor.core import (
 from lin_probe.monitor.diagnosis import Diagnosis, Verdict
 from lin_probe.monitor.probe import BatchToXY, default_batch_to_xy, probe_from_argument
 from lin_probe.monitor.schedule import CheckSchedule
+from lin_probe.ntk import predict
 from lin_probe.plan import ComputePlan
 
 _CLIPPING_NOT_MIRRORED = (
@@ -57,7 +59,10 @@ class LinearRegimeMonitor(Callback):
         probe: ``None`` (the first ``n_probe`` validation examples, else training ones), a tensor of
             inputs, or an ``(inputs, targets)`` pair.
         n_probe: how many probe examples to use (the NTK is ``n_probe × n_probe``).
-        loss: ``"mse"``, ``"cross_entropy"`` or a callable ``(pred, target) -> scalar``: the loss your
+        loss: ``"auto"`` (inferred at train start from the probe's targets and the model's output:
+            integer class targets with several outputs → ``"cross_entropy"``, floating targets of the
+            output's size → ``"mse"``; the choice is announced in one line), ``"mse"``,
+            ``"cross_entropy"`` or a callable ``(pred, target) -> scalar``: the loss your
             ``training_step`` minimises, with mean reduction.
         batch_to_xy: ``(x, y)`` from a training batch; default: its first two items, or keys "x"/"y".
         every_n_steps: a functional check every this many optimizer steps (and at step 0).
@@ -95,7 +100,7 @@ class LinearRegimeMonitor(Callback):
         self,
         probe: Tensor | tuple[Tensor, Tensor] | None = None,
         n_probe: int = 256,
-        loss: str | LossFn = "mse",
+        loss: str | LossFn = "auto",
         batch_to_xy: BatchToXY | None = None,
         every_n_steps: int = 10,
         ntk_every_n_steps: int | None = None,
@@ -199,12 +204,16 @@ class LinearRegimeMonitor(Callback):
         warn = lambda message: rank_zero_warn(message, category=UserWarning)  # noqa: E731
         host = Host(copy_model=_bridge.initial_copy, warn=warn, require_indices=trainer.world_size > 1)
         state, self._pending_state = self._pending_state, None
-        if state is not None and self._resume(pl_module, optimizer, state, host):
-            return
+        if state is not None:
+            saved = state["core"]
+            self._use_config(pl_module, saved["probe_inputs"], saved.get("probe_targets"), announce=False)
+            if self._resume(pl_module, optimizer, state, host):
+                return
+        probe = _bridge.gather_probe(trainer, self.probe, self.n_probe, self.batch_to_xy)
+        config = self._use_config(pl_module, probe.inputs, probe.targets, announce=True)
         self.core = RegimeProbe.start(
-            pl_module, _bridge.gather_probe(trainer, self.probe, self.n_probe, self.batch_to_xy), optimizer, self.config,
-            train_size=_bridge.train_set_length(trainer), host=host,
-        )  # fmt: skip
+            pl_module, probe, optimizer, config, train_size=_bridge.train_set_length(trainer), host=host
+        )
         self._active = True
         self.publisher.fit(trainer, self.core, pl_module)
         self._run_check(trainer, pl_module, step=0)
@@ -282,7 +291,9 @@ class LinearRegimeMonitor(Callback):
     ) -> bool:
         """Rebuild the core from a checkpoint (Θ_0 is the kernel at *init*); False: start afresh."""
         try:
-            self.core = RegimeProbe.from_state(pl_module, optimizer, state["core"], self.config, host=host)
+            self.core = RegimeProbe.from_state(
+                pl_module, optimizer, state["core"], self.publisher.config, host=host
+            )
         except ValueError as err:
             self.publisher.warnings.warn(
                 f"lin_probe cannot resume from this checkpoint ({err}); starting afresh."
@@ -292,6 +303,35 @@ class LinearRegimeMonitor(Callback):
         self._checks_since_exit = int(state.get("checks_since_exit", 0))
         self._active = bool(state.get("active", True))
         return True
+
+    def _use_config(
+        self, pl_module: pl.LightningModule, inputs: Tensor, targets: Tensor | None, *, announce: bool
+    ) -> MonitorConfig:
+        """The configuration this fit runs with: ``loss="auto"`` resolved from the probe (one example's
+        output gives ``C``); the publisher reports with the same one.
+
+        The one-example forward is also the start-up's configuration check: a probe the model rejects
+        is a clear error naming the arguments to change, before any costly work (not a raw error from
+        deep inside the NTK)."""
+        config = self.config
+        try:
+            example, dtype = inputs[:1], floating_dtype(pl_module)
+            if dtype is not None and example.is_floating_point():
+                example = example.to(dtype)  # as the probe set is cast for the measurements
+            outputs = predict(pl_module, example, output_fn=config.output_fn).shape[1]
+        except Exception as err:
+            raise ValueError(
+                f"LinearRegimeMonitor cannot run the model on one probe example of shape "
+                f"{tuple(inputs.shape[1:])} ({type(err).__name__}: {err}). The probe's inputs must be what "
+                "`pl_module(x)` accepts: check `probe`, or `batch_to_xy` (which picks x from a batch), and "
+                "`output_fn` (which picks the prediction from the output)."
+            ) from err
+        if config.loss == AUTO:
+            config, line = config.with_inferred_loss(targets, outputs)
+            if announce and line is not None:
+                rank_zero_info(line)
+        self.publisher.config = config
+        return config
 
     def _reset(self) -> None:
         self.core: RegimeProbe | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lin_probe._model_state import frozen_copy
 from lin_probe._validation import check_callable
 from lin_probe.kernel.data_kernels import check_data_kernel
-from lin_probe.losses import LossFn, is_classification, resolve_loss
+from lin_probe.losses import AUTO, LossFn, infer_loss, is_classification, resolve_loss
 from lin_probe.monitor.regime import validate_patience, validate_tolerance
 from lin_probe.plan import ComputePlan
 
@@ -27,7 +27,8 @@ def _python_warning(message: str) -> None:
 class MonitorConfig:
     """What to measure and how to judge it; validated here so every entry point gets the same errors.
 
-    ``loss`` is the user's training loss (a name or a callable ``(pred, target) -> scalar``);
+    ``loss`` is the user's training loss (a name or a callable ``(pred, target) -> scalar``;
+    ``"auto"`` until :meth:`with_inferred_loss` resolves it from the probe);
     ``tolerance``/``patience`` define the exit; ``center`` keeps ``f_0`` in the shadow;
     ``output_fn`` picks the prediction tensor from the model's output; ``features_fn`` maps inputs to
     the vectors the data kernel is built from (the same as ``data_kernel=features_fn``);
@@ -37,7 +38,7 @@ class MonitorConfig:
     Taylor model as a shadow (:mod:`lin_probe.shadows.linearized`).
     """
 
-    loss: str | LossFn = "mse"
+    loss: str | LossFn = AUTO
     tolerance: float = 0.1
     patience: int = 3
     center: bool = True
@@ -49,7 +50,8 @@ class MonitorConfig:
     linearized: bool = False
 
     def __post_init__(self) -> None:
-        resolve_loss(self.loss)
+        if self.loss != AUTO:
+            resolve_loss(self.loss)
         validate_tolerance(self.tolerance)
         validate_patience(self.patience)
         check_callable("output_fn", self.output_fn)
@@ -68,6 +70,17 @@ class MonitorConfig:
     def data_kernel_spec(self) -> str | Callable[[Tensor], Tensor]:
         """What the data kernel is built from: ``features_fn`` when given, else ``data_kernel``."""
         return self.features_fn if self.features_fn is not None else self.data_kernel
+
+    def with_inferred_loss(
+        self, targets: Tensor | None, outputs_per_example: int
+    ) -> tuple[MonitorConfig, str | None]:
+        """This config with ``loss="auto"`` resolved (:func:`lin_probe.losses.infer_loss`), and the one
+        line that announces the choice (``None`` when the loss was given)."""
+        if self.loss != AUTO:
+            return self, None
+        name, why = infer_loss(targets, outputs_per_example)
+        line = f'lin_probe: loss="auto" chose "{name}" ({why}); pass `loss=` to override.'
+        return replace(self, loss=name), line
 
     @property
     def loss_fn(self) -> LossFn:

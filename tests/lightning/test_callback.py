@@ -517,3 +517,44 @@ def test_the_verdict_is_announced_in_one_line_with_its_diagnosis(
         f"{next(int(r['step']) for r in monitor.history if 'exit_step' in r)}. "
         f"Diagnosis: {monitor.diagnosis.title}."
     ]
+
+
+def test_default_loss_is_inferred_for_a_classifier_and_announced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LinearRegimeMonitor() on an integer-label classifier: cross-entropy is chosen (one line), so the
+    shadow trains on the user's loss and the accuracies are logged (under "mse" it failed at step 0)."""
+    x, _ = sphere_data(N_TRAIN + N_VAL, D)
+    labels = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    train, val = loaders(x[:N_TRAIN], labels[:N_TRAIN], x[N_TRAIN:], labels[N_TRAIN:], 16)
+    module = Regressor(TwoLayerNet(D, 16, outputs=3), 0.5, loss="cross_entropy")
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=2, log_spaced=False)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [monitor], max_steps=4).fit(module, train, val)
+    assert not any("could not" in str(w.message) for w in caught)  # no check failed and switched off
+    assert monitor.core is not None and monitor.core.config.loss == "cross_entropy"
+    assert monitor.config.loss == "auto"  # the user's setting is kept (checkpoint key, re-fits)
+    assert all({"agreement", "accuracy_network", "accuracy_linear"} <= set(r) for r in monitor.history)
+    assert all(math.isfinite(r["functional_distance_rel"]) for r in monitor.history)
+    lines = [r.getMessage() for r in caplog.records if 'loss="auto" chose' in r.getMessage()]
+    assert lines == ['lin_probe: loss="auto" chose "cross_entropy" (integer class targets and 3 outputs per '
+                     'example); pass `loss=` to override.']  # fmt: skip
+
+
+def test_default_loss_for_float_targets_is_mse(tmp_path: Path) -> None:
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=2, log_spaced=False)
+    _run(tmp_path, monitor=monitor, max_steps=2)
+    assert monitor.core is not None and monitor.core.config.loss == "mse"
+
+
+def test_a_probe_the_model_rejects_is_a_clear_error_naming_probe(tmp_path: Path) -> None:
+    monitor = LinearRegimeMonitor(probe=torch.randn(N_VAL, D + 3), loss="mse")
+    with pytest.raises(ValueError, match=rf"one probe example of shape \({D + 3},\).*`probe`"):
+        _run(tmp_path, monitor=monitor, max_steps=2)
+
+
+def test_auto_loss_with_a_tensor_probe_asks_for_targets_or_a_loss(tmp_path: Path) -> None:
+    monitor = LinearRegimeMonitor(probe=torch.randn(N_VAL, D))
+    with pytest.raises(ValueError, match=r"probe=\(inputs, targets\)"):
+        _run(tmp_path, monitor=monitor, max_steps=2)
