@@ -211,9 +211,19 @@ class LinearRegimeMonitor(Callback):
                 return
         probe = _bridge.gather_probe(trainer, self.probe, self.n_probe, self.batch_to_xy)
         config = self._use_config(pl_module, probe.inputs, probe.targets, announce=True)
-        self.core = RegimeProbe.start(
-            pl_module, probe, optimizer, config, train_size=_bridge.train_set_length(trainer), host=host
-        )
+        try:
+            self.core = RegimeProbe.start(
+                pl_module, probe, optimizer, config, train_size=_bridge.train_set_length(trainer), host=host
+            )
+        except (ValueError, TypeError):
+            raise  # lin_probe's configuration errors: they name the argument to change
+        except Exception as err:  # a measurement that cannot be made must not take the run down
+            self.core = None
+            self.publisher.warnings.warn(
+                f"LinearRegimeMonitor is switched off: it could not measure the model at train start "
+                f"({type(err).__name__}: {err}). Training continues without it."
+            )
+            return
         self._active = True
         self.publisher.fit(trainer, self.core, pl_module)
         self._run_check(trainer, pl_module, step=0)

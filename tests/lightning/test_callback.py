@@ -558,3 +558,26 @@ def test_auto_loss_with_a_tensor_probe_asks_for_targets_or_a_loss(tmp_path: Path
     monitor = LinearRegimeMonitor(probe=torch.randn(N_VAL, D))
     with pytest.raises(ValueError, match=r"probe=\(inputs, targets\)"):
         _run(tmp_path, monitor=monitor, max_steps=2)
+
+
+def test_a_start_up_measurement_failure_switches_the_monitor_off_not_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An NTK that cannot be computed at train start (not a configuration error) warns once; training
+    goes on exactly as without the monitor."""
+    import lin_probe.monitor.core as core
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no batching rule for this op")
+
+    monkeypatch.setattr(core, "fit_at_init", fails)
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, module, _, _ = _run(tmp_path, monitor=monitor, max_steps=3)
+    messages = [str(w.message) for w in caught if "switched off" in str(w.message)]
+    assert len(messages) == 1 and "RuntimeError: no batching rule" in messages[0]
+    assert monitor.core is None and monitor.history == []
+    _, reference, _, _ = _run(tmp_path / "plain", monitor=None, max_steps=3)
+    for (name, p), (_, q) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
