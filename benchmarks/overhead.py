@@ -1,0 +1,137 @@
+"""What ``LinearRegimeMonitor()`` at its defaults costs a real training run: wall time with vs without it.
+
+Models: :mod:`zoo` (a BatchNorm ResNet on 32×32×3, a token Transformer, a token LSTM, the digits MLP),
+each an ordinary cross-entropy ``LightningModule`` trained by SGD (lr 0.05, momentum 0.9, batch 32)
+in a ``Trainer`` with a TensorBoard logger, a 256-example validation set checked once per epoch, no
+progress bar or checkpointing. Two runs per model:
+
+* ``short`` — 200 optimizer steps in one pass over 6,400 fresh examples (no example is seen twice);
+* ``long`` — 5 epochs over 1,024 examples (32 steps per epoch, 160 steps).
+
+Both variants run in this one process and alternate (without, with; then with, without; …), each on
+a freshly seeded module; a figure is the best of ``--repeats`` (≥ 2) whole ``trainer.fit`` wall times,
+the least disturbed by other load. *overhead* is the monitor's share of the monitored run's wall
+time, ``(with − without) / with``: the quantity ``max_overhead`` would bound. The monitor runs with
+no argument (``loss="auto"`` picks cross-entropy from the integer labels).
+
+Run: ``python benchmarks/overhead.py`` (``--models resnet_bn lstm``, ``--runs short``,
+``--repeats 2``, ``--threads N``). Timings on a shared 2-core machine are noisy: compare the ratios
+of one run, and say whether the machine was quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import zoo
+
+from lin_probe import LinearRegimeMonitor
+
+BATCH, LR, MOMENTUM, N_VAL = 32, 0.05, 0.9, 256
+RUNS = {"short": {"train": 200 * BATCH, "epochs": 1}, "long": {"train": 32 * BATCH, "epochs": 5}}
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy on class ids, SGD with momentum: what a user writes."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+
+
+def fit_seconds(
+    model: str, run: str, monitored: bool, root: Path
+) -> tuple[float, LinearRegimeMonitor | None]:
+    """One whole ``trainer.fit`` (fresh seeded module and loaders), its wall time and the monitor."""
+    spec = RUNS[run]
+    net, x, y = zoo.build(model, spec["train"] + N_VAL, seed=0)
+    train = DataLoader(TensorDataset(x[N_VAL:], y[N_VAL:]), batch_size=BATCH, shuffle=True,
+                       generator=torch.Generator().manual_seed(1))  # fmt: skip
+    val = DataLoader(TensorDataset(x[:N_VAL], y[:N_VAL]), batch_size=N_VAL)
+    monitor = LinearRegimeMonitor(verbose=False) if monitored else None
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=spec["epochs"], logger=TensorBoardLogger(str(root), name=model),
+        callbacks=[monitor] if monitor else [], enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(Classifier(net), train, val)
+    return time.perf_counter() - start, monitor
+
+
+def measure(model: str, run: str, repeats: int, root: Path) -> dict[str, Any]:
+    times: dict[bool, list[float]] = {False: [], True: []}
+    monitor = None
+    for rep in range(repeats):
+        for monitored in (False, True) if rep % 2 == 0 else (True, False):
+            seconds, m = fit_seconds(model, run, monitored, root)
+            times[monitored].append(seconds)
+            monitor = m or monitor
+    without, with_ = min(times[False]), min(times[True])
+    verdict = None if monitor is None or monitor.verdict is None else monitor.verdict.describe()
+    checks = 0 if monitor is None else len(monitor.history)
+    return {"without": without, "with": with_, "ratio": with_ / without, "overhead": (with_ - without) / with_,
+            "checks": checks, "verdict": verdict, "all": times}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(zoo.MODELS), choices=list(zoo.MODELS))
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats}")  # fmt: skip
+    print(
+        f"{'model':<12} {'run':<6} {'without s':>10} {'with s':>9} {'ratio':>7} {'overhead':>9} {'checks':>7}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            for run in args.runs:
+                r = measure(model, run, args.repeats, Path(tmp))
+                print(f"{model:<12} {run:<6} {r['without']:>10.2f} {r['with']:>9.2f} {r['ratio']:>6.2f}× "
+                      f"{100 * r['overhead']:>8.1f}% {r['checks']:>7}   {r['verdict']}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
