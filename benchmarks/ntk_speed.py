@@ -5,14 +5,18 @@ Configurations (float32, inputs ~ N(0, 1)):
 * ``mlp``   784→1024→1024→10, ReLU, biases (1,863,690 parameters);
 * ``cnn8``  8×8×1 input: Conv(16, 3×3, same) → ReLU → Conv(32, 3×3, stride 2, pad 1) → ReLU →
   Flatten → Linear(10) (9,930 parameters);
-* ``cnn32`` the same CNN on 32×32×3 inputs (87,018 parameters).
+* ``cnn32`` the same CNN on 32×32×3 inputs (87,018 parameters);
+* ``resnet_bn``, ``transformer``, ``lstm``: the networks of ``benchmarks/zoo.py`` (a BatchNorm
+  ResNet with global average pooling on 32×32×3, a token Transformer encoder and a token LSTM
+  classifier, 10 outputs each), on their own synthetic inputs, in eval mode (as the monitor measures).
 
 (torch refuses ``padding="same"`` with stride 2; ``padding=1`` gives TF's "SAME" output size and
 the same cost, shifted by one pixel.)
 
 Methods: ``baseline`` the torch.func Jacobian contraction (``vmap(jacrev)`` over all examples, then
-``einsum`` of the full Jacobians, as in the torch.func NTK tutorial); ``generic`` and
-``structured``: ``empirical_ntk(method=...)``; ``spectral``: the matrix-free
+``einsum`` of the full Jacobians, as in the torch.func NTK tutorial); ``ntvp`` the tutorial's other
+method, NTK-vector products (``vjp`` then ``jvp`` per output basis vector, vmapped over pairs of
+examples); ``auto``, ``generic`` and ``structured``: ``empirical_ntk(method=...)``; ``spectral``: the matrix-free
 ``spectral_norm(ntk_matvec(...), n)`` (Lanczos, no kernel formed).
 
 Each cell runs in a fresh subprocess: one warm-up call, then the median of 3 timed calls (1 if the
@@ -38,17 +42,30 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-CONFIGS = ("mlp", "cnn8", "cnn32")
-METHODS = ("baseline", "generic", "structured", "spectral")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import zoo
+
+ZOO = ("resnet_bn", "transformer", "lstm")
+CONFIGS = ("mlp", "cnn8", "cnn32", *ZOO)
+METHODS = ("baseline", "ntvp", "auto", "generic", "structured", "spectral")
 INPUT_SHAPES = {"mlp": (784,), "cnn8": (1, 8, 8), "cnn32": (3, 32, 32)}
+
+
+def inputs(config: str, n: int) -> Tensor:
+    """``n`` seeded inputs of the config (token ids for the sequence models)."""
+    if config in ZOO:
+        return zoo.MODELS[config][1](n)[0]
+    return torch.randn(n, *INPUT_SHAPES[config], generator=torch.Generator().manual_seed(1))
 
 
 def build(config: str) -> nn.Module:
     """The benchmark network (seeded locally, float32)."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
-    if config == "mlp":
-        model: nn.Module = nn.Sequential(
+    if config in ZOO:
+        model: nn.Module = zoo.MODELS[config][0]().eval()
+    elif config == "mlp":
+        model = nn.Sequential(
             nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
         )
     else:
@@ -80,13 +97,33 @@ def baseline_ntk(model: nn.Module, x: Tensor) -> Tensor:
     return theta / flat[0].shape[1]
 
 
+def ntvp_ntk(model: nn.Module, x: Tensor) -> Tensor:
+    """torch.func tutorial NTK by NTK-vector products: for each pair, ``J_j (J_iᵀ e_c)`` for every output ``c``."""
+    from torch.func import functional_call, jvp, vjp, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
+
+    def pair(x1: Tensor, x2: Tensor) -> Tensor:
+        out, pull = vjp(lambda p: f(p, x1), params)
+        basis = torch.eye(out.numel(), dtype=out.dtype)
+        trace = vmap(lambda v: jvp(lambda p: f(p, x2), (params,), pull(v))[1])(basis).diagonal().sum()
+        return trace / out.numel()
+
+    return vmap(vmap(pair, (None, 0)), (0, None))(x, x)
+
+
 def runner(method: str, model: nn.Module, x: Tensor) -> Callable[[], object]:
     from lin_probe.linalg.spectral import spectral_norm
     from lin_probe.ntk import empirical_ntk, ntk_matvec
 
     if method == "baseline":
         return lambda: baseline_ntk(model, x)
-    if method in ("generic", "structured"):
+    if method == "ntvp":
+        return lambda: ntvp_ntk(model, x)
+    if method in ("auto", "generic", "structured"):
         return lambda: empirical_ntk(model, x, method=method)
     return lambda: spectral_norm(ntk_matvec(model, x), x.shape[0], op_dtype=torch.float32)
 
@@ -102,7 +139,7 @@ def worker(config: str, n: int, method: str, slow_after: float, threads: int | N
     if threads:
         torch.set_num_threads(threads)
     model = build(config)
-    x = torch.randn(n, *INPUT_SHAPES[config], generator=torch.Generator().manual_seed(1))
+    x = inputs(config, n)
     call = runner(method, model, x)
     before = rss_bytes()
     start = time.perf_counter()
