@@ -35,6 +35,7 @@ from lin_probe.monitor.core import (
     saved_exit_step,
 )
 from lin_probe.monitor.diagnosis import Diagnosis, Verdict
+from lin_probe.monitor.overhead import OverheadClock
 from lin_probe.monitor.probe import BatchToXY, default_batch_to_xy, probe_from_argument
 from lin_probe.monitor.schedule import CheckSchedule
 from lin_probe.ntk import predict
@@ -200,6 +201,11 @@ class LinearRegimeMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.clock.start()
+        with self.clock.measuring():
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = _bridge.single_optimizer(trainer)
         warn = lambda message: rank_zero_warn(message, category=UserWarning)  # noqa: E731
         host = Host(copy_model=_bridge.initial_copy, warn=warn, require_indices=trainer.world_size > 1)
@@ -246,7 +252,8 @@ class LinearRegimeMonitor(Callback):
         if not self._active or self.core is None:
             return
         batches, self._pending = self._pending, []
-        self._shadow_step(trainer, batches, lr=float(optimizer.param_groups[0]["lr"]))
+        with self.clock.measuring():
+            self._shadow_step(trainer, batches, lr=float(optimizer.param_groups[0]["lr"]))
         if trainer.gradient_clip_val:
             self.publisher.warnings.warn(_CLIPPING_NOT_MIRRORED)
 
@@ -264,7 +271,8 @@ class LinearRegimeMonitor(Callback):
             return
         self._last_step = step
         if self.schedule.functional(step):
-            self._run_check(trainer, pl_module, step)
+            with self.clock.measuring():
+                self._run_check(trainer, pl_module, step)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -351,6 +359,7 @@ class LinearRegimeMonitor(Callback):
         self._last_step = 0
         self._checks_since_exit = 0
         self._active = False
+        self.clock = OverheadClock()
 
     def _shadow_step(self, trainer: pl.Trainer, batches: list[tuple[Tensor, Tensor, Any]], lr: float) -> None:
         """One mirrored step of the shadows, in lock-step across ranks: ranks first agree that every
@@ -384,6 +393,7 @@ class LinearRegimeMonitor(Callback):
         exited = self.core.observe(record)
         self.core.conclude(pl_module, record)  # the exit's cause, with the kernel at the exit
         self.publisher.record(trainer, record, measured.eigenvalues, self.core)
+        self.publisher.overhead(trainer, self.clock.share(), step)
         self.publisher.exits(trainer, exited, record, self.core)
         if self.core.verdict.state != "inside" and self.stop_after_exit is not None:
             if self._checks_since_exit >= self.stop_after_exit:

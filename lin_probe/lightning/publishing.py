@@ -141,6 +141,16 @@ class Publisher:
         self._panels = None
 
     # ------------------------------------------------------------------ each check
+    def overhead(self, trainer: pl.Trainer, share: float, step: int) -> None:
+        """``lin_probe/overhead``: the monitor's measured share of the run's wall time so far
+        (:mod:`lin_probe.monitor.overhead`), so the user sees what the monitor costs."""
+        key = tag("overhead")
+        trainer.callback_metrics[key] = torch.tensor(share)
+        self.scalars(trainer, {key: share}, step)
+        panels = self.panels(trainer)
+        if panels is not None:
+            panels.scalar("overhead", share, step)
+
     def record(
         self,
         trainer: pl.Trainer,

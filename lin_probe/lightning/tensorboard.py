@@ -282,6 +282,10 @@ class TensorBoardPanels:
         for name, value in values.items():
             self.writer.add_scalar(summary_tag(name), float(value), global_step=step)
 
+    def scalar(self, name: str, value: float, step: int) -> None:
+        """One main-run value with no series of its own (``lin_probe/overhead``)."""
+        self.writer.add_scalar(tag(name), float(value), global_step=step)
+
     def text(self, name: str, markdown: str, step: int) -> None:
         """A markdown card under ``lin_probe/<name>``."""
         self.writer.add_text(tag(name), markdown, global_step=step)

@@ -145,8 +145,9 @@ def test_every_tag_and_layout_present(tmp_path: Path) -> None:
     assert gap0 == pytest.approx(dashboard.series("fit_rel_error")[0], rel=1e-6)
     assert dashboard.series("ntk_drift")[0] == pytest.approx(0.0, abs=1e-9)
     assert dashboard.series("functional_distance_rel")[0] == 0.0
-    # TensorBoard gets the per-series dashboard, not a second copy of the flat tags in the main run
-    assert not [t for t in acc.Tags()["scalars"] if t.startswith("lin_probe/")]
+    # TensorBoard gets the per-series dashboard, not a second copy of the flat tags in the main run;
+    # the monitor's own cost is the one main-run chart (it belongs to no series)
+    assert [t for t in acc.Tags()["scalars"] if t.startswith("lin_probe/")] == ["lin_probe/overhead"]
     layouts = acc.Tensors("custom_scalars__config__")
     assert len(layouts) == 1
     layout = layout_pb2.Layout()
@@ -581,3 +582,15 @@ def test_a_start_up_measurement_failure_switches_the_monitor_off_not_the_run(
     _, reference, _, _ = _run(tmp_path / "plain", monitor=None, max_steps=3)
     for (name, p), (_, q) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_overhead_share_is_logged_at_every_check(tmp_path: Path) -> None:
+    """lin_probe/overhead: the monitor's measured share of the fit's wall time, in (0, 1), in TensorBoard's
+    main run and in callback_metrics; and it counts the start-up (the first check's share is large)."""
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=2, log_spaced=False)
+    trainer, _, _, _ = _run(tmp_path, monitor=monitor, max_steps=6)
+    series = scalar_series(read_events(trainer.logger.log_dir), "lin_probe/overhead")
+    assert sorted(series) == [0, 2, 4, 6]
+    assert all(0.0 < v <= 1.0 for v in series.values())
+    assert series[0] > 0.5  # at step 0 almost all wall time so far was the monitor's start-up
+    assert 0.0 < float(trainer.callback_metrics["lin_probe/overhead"]) <= series[0]  # diluted by training
