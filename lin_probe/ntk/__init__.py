@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lin_probe._validation import check_int
 from lin_probe.linalg.operator import SymmetricOperator
 from lin_probe.ntk._plumbing import OutputFn, prepare_inputs
-from lin_probe.ntk.dense import METHODS, NTKMethod, empirical_ntk, predict
+from lin_probe.ntk.dense import METHODS, GenericLoopWarning, NTKMethod, empirical_ntk, predict
 from lin_probe.ntk.products import ntk_matvec
 from lin_probe.plan import ComputePlan
 
@@ -78,6 +78,7 @@ def ntk_diagonal(
 
 __all__ = [
     "METHODS",
+    "GenericLoopWarning",
     "NTKMethod",
     "empirical_ntk",
     "ntk_diagonal",

@@ -32,6 +32,20 @@ so a roomier budget is faster. ``chunk_size`` forces ``b``.
 (:mod:`lin_probe.ntk.structured`, which documents its own memory estimate under the same budget);
 every other differentiated parameter goes through the dense path above and the two parts add.
 
+*Models vmap cannot batch* (RNNs, some custom ops). ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` fail under
+``vmap``, so models containing an ``nn.RNNBase`` skip it; for any other model the first
+``RuntimeError`` / ``NotImplementedError`` raised by the vmapped path switches the rest of the call
+to an exact per-example loop (one forward per example, one ``autograd.grad`` per output, same
+blocks, same budget, same weights and dtype). Either way a :class:`GenericLoopWarning` is issued
+once per process, naming the reason: the kernel is exact, only slower. Backend settings
+(:func:`measurement_backends`, restored on exit) make the measurement differentiable and
+batchable: oneDNN and cuDNN are disabled for models containing an ``nn.RNNBase`` only (their RNN
+kernels have no backward in eval mode; other models keep them for convolutions), and inside the
+torch.func paths ``scaled_dot_product_attention`` runs on the math backend (the fused kernels have
+no batching rule; math decomposes into batchable ops) with the fused ``nn.TransformerEncoderLayer``
+fast path off (it has no forward AD). The matrix-free product tries vmap on RNNs too (with oneDNN
+off it batches them) and has its own loop forms.
+
 *Predictions* (:func:`predict`). ``no_grad`` forwards over chunks with ``b·(a + C·itemsize) ≤ budget``.
 
 The matrix-free product ``u ↦ Θu`` is :mod:`lin_probe.ntk.products`.
@@ -39,13 +53,16 @@ The matrix-free product ``u ↦ Θu`` is :mod:`lin_probe.ntk.products`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lin_probe._model_state import eval_semantics, model_buffers
 from lin_probe.ntk import _plumbing as plumbing
@@ -68,7 +85,9 @@ class NTKMethod(str, Enum):
     GENERIC = "generic"
     """torch.func ``vmap(jacrev)`` over every parameter: per-example Jacobians, chunked under the
     budget. Works for any differentiable model (parameters read outside their module's call,
-    examples that interact in a batch), at the cost of materialising ``b·k·P`` Jacobian entries."""
+    examples that interact in a batch), at the cost of materialising ``b·k·P`` Jacobian entries.
+    Where vmap cannot batch the model (RNNs, ops without a batching rule) the same blocks come
+    from an exact per-example autograd loop instead, with one :class:`GenericLoopWarning`."""
 
     STRUCTURED = "structured"
     """:attr:`AUTO` that raises instead of silently going fully generic (no structurable parameter,
@@ -77,6 +96,85 @@ class NTKMethod(str, Enum):
 
 METHODS: tuple[str, ...] = tuple(method.value for method in NTKMethod)
 """Accepted ``method`` values of :func:`empirical_ntk` (the :class:`NTKMethod` values)."""
+
+
+class GenericLoopWarning(UserWarning):
+    """The torch.func path could not vmap the model and used the exact (slower) per-example loop."""
+
+
+_T = TypeVar("_T")
+_LOOP_WARNED = False
+_VMAP_FAILURES = (RuntimeError, NotImplementedError)
+
+
+def _warn_loop(reason: str) -> None:
+    """Warn once per process: a monitor that repeats the warning every epoch would only add noise."""
+    global _LOOP_WARNED
+    if _LOOP_WARNED:
+        return
+    _LOOP_WARNED = True
+    warnings.warn(
+        GenericLoopWarning(
+            f"lin_probe: torch.func.vmap cannot batch this model ({reason}); the NTK is computed with an "
+            "exact per-example autograd loop instead (same result, slower)."
+        ),
+        stacklevel=4,
+    )
+
+
+def _has_rnn(model: nn.Module) -> bool:
+    return any(isinstance(module, nn.RNNBase) for module in model.modules())
+
+
+class VmapOrLoop:
+    """Run the vmapped form of a computation until it first fails, then its exact loop form.
+
+    One instance per measurement (or per product closure), so a model vmap cannot batch pays for
+    the failed attempt once, not once per block. With ``skip_rnn``, models containing an
+    ``nn.RNNBase`` (``vmap(jacrev)`` fails on them) go straight to the loop.
+    """
+
+    def __init__(self, model: nn.Module, *, skip_rnn: bool = True) -> None:
+        self.batched = not (skip_rnn and _has_rnn(model))
+        if not self.batched:
+            _warn_loop("it contains an nn.LSTM / nn.GRU / nn.RNN, which vmap does not support")
+
+    def __call__(self, batched: Callable[..., _T], looped: Callable[..., _T], *args: Any) -> _T:
+        """``batched(*args)`` while vmap works, else ``looped(*args)`` (same arguments, same result)."""
+        if self.batched:
+            try:
+                return batched(*args)
+            except _VMAP_FAILURES as error:
+                self.batched = False
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                _warn_loop(f"{type(error).__name__}: {first}")
+        return looped(*args)
+
+
+@contextlib.contextmanager
+def measurement_backends(model: nn.Module, *, math_attention: bool) -> Iterator[None]:
+    """Backend settings under which the model is differentiable (and batchable) in eval mode.
+
+    oneDNN (and cuDNN) off only for models with an ``nn.RNNBase``: their RNN kernels have no
+    eval-mode backward, and disabling them for every model would slow convolutions.
+    ``math_attention`` puts ``scaled_dot_product_attention`` on the math backend, which decomposes
+    into ops vmap batches (the fused kernels have no batching rule and fall back to a slow loop),
+    and turns off the fused ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` fast path
+    (no forward AD, used under ``no_grad``). Flags are restored on exit.
+    """
+    with contextlib.ExitStack() as stack:
+        if _has_rnn(model):
+            previous = torch.backends.mkldnn.set_flags(False, None, None, None)[0]
+            stack.callback(torch.backends.mkldnn.set_flags, previous, None, None, None)
+            if torch.backends.cudnn.is_available():  # cuDNN RNN backward refuses eval mode too
+                previous_cudnn = torch.backends.cudnn.set_flags(False, _fp32_precision=None)[0]
+                stack.callback(torch.backends.cudnn.set_flags, previous_cudnn, _fp32_precision=None)
+        if math_attention:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)  # fused encoder kernels have no forward AD
+            stack.callback(torch.backends.mha.set_fastpath_enabled, fastpath)
+        yield
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -134,6 +232,21 @@ def empirical_ntk(
     inputs, budget, params, weights = plumbing.prepare_call(
         model, inputs, chunk_size=chunk_size, memory_budget=memory_budget, param_weights=param_weights
     )
+    with measurement_backends(model, math_attention=False):
+        return _empirical_ntk(model, inputs, method, budget, params, weights, output_fn, chunk_size)
+
+
+def _empirical_ntk(
+    model: nn.Module,
+    inputs: Tensor,
+    method: NTKMethod,
+    budget: int,
+    params: dict[str, Tensor],
+    weights: dict[str, float],
+    output_fn: OutputFn | None,
+    chunk_size: int | None,
+) -> Tensor:
+    """:func:`empirical_ntk` on checked arguments: structured part (unless generic) plus generic rest."""
     active = {name: p for name, p in params.items() if weights[name] > 0.0}
     options: dict[str, Any] = {"weights": weights, "memory_budget": budget, "chunk_size": chunk_size}
     dtype = plumbing.kernel_dtype(params)
@@ -215,15 +328,16 @@ def _generic_ntk(
     dtype = dtype or plumbing.kernel_dtype(params, fallback=torch.get_default_dtype())
     weights = weights or {}
     budget = plumbing.resolve_budget(memory_budget)
-    with eval_semantics(model), torch.no_grad():
+    with measurement_backends(model, math_attention=True), eval_semantics(model), torch.no_grad():
         forward = plumbing.forward_fn(model, plumbing.constants(model, params), output_fn)
         width, act_bytes = plumbing.measure_one_example(forward, params, inputs[:1])
         theta = torch.zeros(n, n, dtype=dtype, device=inputs.device)
         if not params:
             return theta
         b, k = _plan_dense(n, width, plumbing.row_bytes(params), act_bytes, budget, chunk_size)
+        strategy = VmapOrLoop(model)
         for outputs in plumbing.slices(width, k):
-            _accumulate_gram(theta, forward, params, inputs, outputs, b, weights)
+            _accumulate_gram(theta, forward, params, inputs, outputs, b, weights, strategy)
     return (theta + theta.T) / (2 * width)
 
 
@@ -235,12 +349,14 @@ def _accumulate_gram(
     outputs: slice,
     b: int,
     weights: Mapping[str, float],
+    strategy: VmapOrLoop,
 ) -> None:
     """Add ``Σ_{c ∈ outputs} Σ_p w_p J_{c,p} J_{c,p}ᵀ`` block pair by block pair, two Jacobian blocks alive at most."""
     chunks = list(plumbing.slices(inputs.shape[0], b))
 
     def jacobian(index: int) -> dict[str, Tensor]:
-        return _jacobian_block(forward, params, inputs[chunks[index]], outputs)
+        rows = inputs[chunks[index]]
+        return strategy(_jacobian_block, _loop_jacobian_block, forward, params, rows, outputs)
 
     def add(i: int, j: int, jac_i: dict[str, Tensor], jac_j: dict[str, Tensor]) -> None:
         gram = _weighted_gram(jac_i, jac_j, weights, theta.dtype)
@@ -260,6 +376,33 @@ def _jacobian_block(
         return forward(p, x.unsqueeze(0))[0, outputs]
 
     return vmap(jacrev(one_example), in_dims=(None, 0))(params, rows)
+
+
+def _loop_jacobian_block(
+    forward: Forward, params: dict[str, Tensor], rows: Tensor, outputs: slice
+) -> dict[str, Tensor]:
+    """:func:`_jacobian_block` without vmap: per example one forward, one ``autograd.grad`` per output.
+
+    Exact and batch-free (each example runs alone, as under vmap), for models vmap cannot batch.
+    """
+    k = plumbing.span(outputs)
+    names = list(params)
+    jac = {
+        name: torch.zeros((rows.shape[0], k, *p.shape), dtype=p.dtype, device=p.device)
+        for name, p in params.items()
+    }
+    for i in range(rows.shape[0]):
+        tracked = [params[name].detach().requires_grad_(True) for name in names]
+        with torch.enable_grad():
+            out = forward(dict(zip(names, tracked, strict=True)), rows[i : i + 1])[0, outputs]
+            if not out.requires_grad:
+                continue  # outputs constant in these parameters: zero Jacobian
+            for c in range(k):
+                grads = torch.autograd.grad(out[c], tracked, retain_graph=c < k - 1, allow_unused=True)
+                for name, g in zip(names, grads, strict=True):
+                    if g is not None:
+                        jac[name][i, c] = g
+    return jac
 
 
 def _weighted_gram(
@@ -291,4 +434,4 @@ def _plan_dense(
     return plumbing.clamp(budget // max(1, k * unit), 1, n), k
 
 
-__all__ = ["METHODS", "NTKMethod", "empirical_ntk", "predict"]
+__all__ = ["METHODS", "GenericLoopWarning", "NTKMethod", "empirical_ntk", "predict"]
