@@ -1,4 +1,4 @@
-"""The empirical NTK of any model: dense kernels, structured Linear/Conv Grams and matrix-free products.
+"""The empirical NTK of any model: dense kernels, structured per-layer Grams and matrix-free products.
 
 * :func:`empirical_ntk` — the dense ``n × n`` kernel (:mod:`~lin_probe.ntk.dense`, with the exact
   per-layer shortcut of :mod:`~lin_probe.ntk.structured`; :class:`NTKMethod` says which path);

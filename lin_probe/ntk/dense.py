@@ -28,7 +28,8 @@ over output slices. Cost: ``n_b(n_b + 1)/2`` block Jacobians per output slice (`
 so a roomier budget is faster. ``chunk_size`` forces ``b``.
 
 *Structured layers* (:attr:`NTKMethod.AUTO`, the default). ``nn.Linear`` / ``nn.Conv1d`` /
-``nn.Conv2d`` layers get their exact Gram block from layer inputs and output cotangents
+``nn.Conv2d`` layers, the affine parameters of BatchNorm1d/2d (running statistics), LayerNorm and
+GroupNorm, and ``nn.Embedding`` get their exact Gram block from layer inputs and output cotangents
 (:mod:`lin_probe.ntk.structured`, which documents its own memory estimate under the same budget);
 every other differentiated parameter goes through the dense path above and the two parts add.
 
@@ -77,7 +78,8 @@ class NTKMethod(str, Enum):
     """
 
     AUTO = "auto"
-    """Structured Gram for the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers where it is exact,
+    """Structured Gram for the ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers, the affine parameters
+    of BatchNorm1d/2d (running statistics), LayerNorm and GroupNorm, and ``nn.Embedding``, where exact;
     torch.func for every other parameter, the parts added. Fast for the common layers (no
     per-example Jacobian of their weights), and silently fully generic when no layer qualifies,
     one example exceeds the budget, or a batch contradicts the one-example checks. The default."""
@@ -299,8 +301,8 @@ def _structured_part(
         return None
     if part is None and strict:
         raise ValueError(
-            'method="structured" found no trainable nn.Linear / nn.Conv1d / nn.Conv2d parameter it can '
-            "handle exactly within the memory budget (see lin_probe.ntk.structured); use "
+            'method="structured" found no trainable Linear / Conv / BatchNorm / LayerNorm / GroupNorm / '
+            "Embedding parameter it can handle exactly within the memory budget (see lin_probe.ntk.structured); use "
             'method="auto" or "generic".'
         )
     return part

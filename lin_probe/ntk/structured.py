@@ -1,4 +1,10 @@
-"""Exact NTK blocks of ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers without per-example Jacobians.
+"""Exact NTK blocks of Linear / Conv / normalisation / Embedding layers without per-example Jacobians.
+
+Covered: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (weight and bias), the affine parameters of
+``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` / ``nn.GroupNorm``, and ``nn.Embedding``.
+Everything else (and anything failing a guard below) goes to the generic torch.func path.
+
+**Linear / Conv.**
 
 A layer ``y_l = W P_l + bias`` applied at ``L`` positions ``l`` (one for a plain Linear, the tokens of
 a sequence Linear, the output pixels of a convolution; ``P_l`` is the input patch) has, for model
@@ -14,23 +20,43 @@ output ``k`` and example ``i``, the gradients ``∂f_k/∂W = Σ_l Δ_{k,i,l} P_
   positions and few weights.
 
 Each layer gets the cheaper one (grouped convolutions: per group, ``D = C_in/groups · Πkernel``).
-``Δ`` for every output comes from one recorded forward per example chunk and one batched backward
+
+**Normalisation affine parameters.** ``y = γ ⊙ x̂ + β`` per channel (BatchNorm, GroupNorm: dimension 1)
+or per ``normalized_shape`` entry (LayerNorm), so ``∂f_k/∂γ = Σ_positions Δ_k ⊙ x̂`` and
+``∂f_k/∂β = Σ_positions Δ_k``: ``C·|γ|`` numbers per example and the block is one matmul
+(``n²C|γ|`` flops). ``x̂`` is recomputed from the layer's input as its eval-mode forward does
+(BatchNorm: running statistics), not read off the output, where ``γ = 0`` would lose it. A BatchNorm
+without running statistics normalises with batch statistics even in eval mode, so it mixes a
+chunk's examples: such a model raises :class:`NotStructurable` and goes wholly generic.
+
+**Embedding** (``max_norm`` unset, ``scale_grad_by_freq`` and ``sparse`` off; else generic). Row ``v``
+gets ``∂f_k/∂W_v = Σ_{l: tok_l = v} Δ_{k,l}``; positions holding ``padding_idx`` contribute nothing, as
+in torch's embedding backward. Two strategies: *dense rows* (``C·V·d`` numbers per example,
+``n²C·V·d`` flops) or the *token Gram* ``Σ_{l,l'} (Δ_{i,l}·Δ_{j,l'}) [tok_{i,l} = tok_{j,l'}]``
+(``n²L²(C·d + 1)`` flops, ``L(C·d + 1)`` numbers per example); the cheaper by flops, and the token
+Gram whenever one example's dense rows exceed a quarter of the memory budget.
+
+For every layer kind, ``Δ`` for every output comes from one recorded forward per example chunk and one batched backward
 over the ``C`` outputs (``is_grads_batched``): a zero tensor is added to each layer's output by a
 forward hook and the gradient with respect to it is ``Δ``.
 
 Exactness guards (any failure sends the layer's parameters back to the generic torch.func path):
-exact module types only (a subclass may override ``forward``), no parametrizations, the module
-called exactly once per forward (weight sharing by repeated calls), batched inputs whose leading
-dimension indexes the examples; a tensor tied to another module goes generic on its own. Like
-:func:`lin_probe.ntk.predict`, the recorded forward is batched, so examples must not interact in
-eval mode (the generic path evaluates each example alone). A parameter read outside its module's
+the module's class keeps its supported base class's ``forward`` (and ``_conv_forward`` /
+``_check_input_dim``), so e.g. ``NonDynamicallyQuantizableLinear`` qualifies; it must actually be
+called (``MultiheadAttention.out_proj`` is read by the functional attention, never called, so it
+stays generic); no parametrizations; called exactly once per forward (weight sharing by repeated
+calls); batched inputs whose leading dimension indexes the examples (and is not normalised over);
+a tensor tied to another module (e.g. an embedding tied to the output layer) goes generic on its
+own. Like :func:`lin_probe.ntk.predict`, the recorded forward is batched, so examples must not
+interact in eval mode (the generic path evaluates each example alone). A parameter read outside its module's
 own call (``x @ self.fc.weight`` elsewhere in a custom ``forward``) cannot be seen by hooks and is
 not supported on this path: use ``method="generic"`` for such models.
 
 Memory: with ``a`` the bytes autograd saves for one example's forward and ``isz`` the item size,
 one example costs ``t = (C + 1)·a + Σ_layers (C·|y| + L·G·D)·isz`` while being recorded (graph,
 batched backward, cotangents, patches) and ``r = Σ_layers rep·isz`` once reduced (weight
-gradients: ``C·C_out·(D + 1)``; patch Gram: ``L·G·(C·O + D)``; bias only: ``C·C_out``). Chunks of
+gradients: ``C·C_out·(D + 1)``; patch Gram: ``L·G·(C·O + D)``; bias only: ``C·C_out``; normalisation:
+``C·(|γ| + |β|)`` with ``2(C + 1)|y|`` transient; embedding as above). Chunks of
 ``b`` examples satisfy ``b·(t + 2r) ≤ budget``; if every chunk's reduction fits in half the budget
 (``n·r ≤ budget/2``) each chunk is recorded once, otherwise two chunks are kept at a time and the
 others recomputed, as in the generic path. Patch Gram products are sub-blocked so their two
@@ -57,8 +83,40 @@ from lin_probe.ntk._plumbing import clamp, dtype_itemsize, saved_bytes, slices, 
 ToMatrix = Callable[[Any, int], Tensor]
 """``(raw model output, batch) → (batch, C)``: the caller's output selection and checks."""
 
-STRUCTURED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-"""Module types with a structured Gram (exact types: a subclass may change ``forward``)."""
+AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+STRUCTURED_TYPES: tuple[type[nn.Module], ...] = (*AFFINE_TYPES, *NORM_TYPES, nn.Embedding)
+"""Module types with a structured Gram; a subclass qualifies only if it keeps the base class's ``forward``."""
+
+_FORWARD_METHODS = ("forward", "_conv_forward", "_check_input_dim")
+"""Methods a subclass must not override (the layer math below assumes the base implementation)."""
+
+
+def _structured_base(module: nn.Module) -> type[nn.Module] | None:
+    """The supported base class whose computation ``module`` runs unchanged, else ``None``."""
+    cls = type(module)
+    for base in STRUCTURED_TYPES:
+        if isinstance(module, base):
+            same = all(getattr(cls, m, None) is getattr(base, m, None) for m in _FORWARD_METHODS)
+            return base if same else None
+    return None
+
+
+def _kind(module: nn.Module) -> str:
+    """``"affine"`` (Linear/Conv), ``"norm"`` (normalisation affine) or ``"embedding"``."""
+    if isinstance(module, AFFINE_TYPES):
+        return "affine"
+    return "embedding" if isinstance(module, nn.Embedding) else "norm"
+
+
+def _supported_config(module: nn.Module) -> bool:
+    """Configurations whose gradient the rules reproduce exactly (others go generic)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        # without running statistics eval mode normalises with batch statistics: examples interact
+        return module.running_mean is not None and module.running_var is not None
+    if isinstance(module, nn.Embedding):
+        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+    return True
 
 
 class NotStructurable(RuntimeError):
@@ -78,6 +136,10 @@ class _Layer:
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
     strategy: str = ""
+
+    @property
+    def kind(self) -> str:
+        return _kind(self.module)
 
     @property
     def groups(self) -> int:
@@ -108,6 +170,7 @@ class _Features:
     bias: Tensor | None = None  # (b, C·C_out) bias gradients
     delta: Tensor | None = None  # (b, L, G, C·O) cotangents, patch Gram strategy
     patches: Tensor | None = None  # (b, L, G, D)
+    tokens: Tensor | None = None  # (b, L) embedding indices, token Gram strategy
 
 
 @dataclass
@@ -143,6 +206,7 @@ def structured_ntk(
     layers = candidate_layers(model, params, weights)
     if not layers:
         return None
+    _check_examples_independent(model)
     n = inputs.shape[0]
     with eval_semantics(model):
         constants = {name: p.detach() for name, p in model.named_parameters()}
@@ -153,6 +217,8 @@ def structured_ntk(
         itemsize = dtype_itemsize(dtype)
         for layer in layers:
             layer.strategy = _choose_strategy(layer, n, width)
+            if layer.kind == "embedding" and _reduced_numel(layer, width) * itemsize > memory_budget // 4:
+                layer.strategy = "tokens"  # dense per-example rows (C·V·d) would not fit: token Gram
         transient = (width + 1) * act_bytes + itemsize * sum(_transient_numel(ly, width) for ly in layers)
         reduced = itemsize * sum(_reduced_numel(ly, width) for ly in layers)
         if chunk_size is None and transient + 2 * reduced > memory_budget:
@@ -178,22 +244,46 @@ def structured_ntk(
     return (theta + theta.T) / (2 * width), covered
 
 
+def _check_examples_independent(model: nn.Module) -> None:
+    """Raise :class:`NotStructurable` if the batched recorded forward would mix examples.
+
+    A BatchNorm without running statistics normalises with batch statistics even in eval mode, so
+    every layer's ``Δ`` and inputs on a chunk would differ from the one-example values the NTK uses.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not _supported_config(module):
+            raise NotStructurable(
+                f"{name or 'model'!r} is a BatchNorm without running statistics (track_running_stats=False): "
+                "it mixes the examples of a batch, so the structured path cannot record chunks; "
+                'use method="generic" (method="auto" falls back on its own).'
+            )
+
+
 def candidate_layers(
     model: nn.Module, params: Mapping[str, Tensor], weights: Mapping[str, float]
 ) -> list[_Layer]:
-    """Modules of an exact structured type with a differentiated, untied weight or bias; not parametrized."""
+    """Modules of a structured type (base ``forward``) with a differentiated, untied weight or bias.
+
+    Parametrized modules and unsupported configurations (:func:`_supported_config`) are left out.
+    """
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
     layers = []
     for name, module in model.named_modules():
-        if type(module) not in STRUCTURED_TYPES or parametrize.is_parametrized(module):
+        if _structured_base(module) is None or parametrize.is_parametrized(module):
             continue
+        if not _supported_config(module):
+            continue
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            continue  # shapes unknown until the first call; a materialised lazy layer is its base class
         own = dict(module.named_parameters(recurse=False))
         prefix = f"{name}." if name else ""
         # a tensor tied to another module has gradient terms from both: leave it to the generic path
         picked = {
-            key: prefix + key if prefix + key in params and owners[id(own[key])] == 1 else None
+            key: prefix + key
+            if own.get(key) is not None and prefix + key in params and owners[id(own[key])] == 1
+            else None
             for key in ("weight", "bias")
         }
         if picked["weight"] is None and picked["bias"] is None:
@@ -267,10 +357,29 @@ def _probe(
 
 def _batched_shapes(module: nn.Module, a: Tensor, y: Tensor) -> bool:
     """The one-example call has a leading example dimension of 1 and the rank the layer math assumes."""
-    rank = {nn.Conv1d: 3, nn.Conv2d: 4}.get(type(module))
-    if a.dim() < 2 or a.shape[0] != 1 or y.shape[0] != 1:
+    if isinstance(module, nn.Embedding):
+        # integer indices (b, *) → (b, *, d)
+        return (
+            a.dim() >= 1
+            and a.shape[0] == 1
+            and not a.is_floating_point()
+            and y.dim() == a.dim() + 1
+            and y.shape[0] == 1
+        )
+    if a.dim() < 2 or a.shape[0] != 1 or y.shape[0] != 1 or (a.shape != y.shape and _kind(module) == "norm"):
         return False
-    return rank is None or a.dim() == rank
+    if isinstance(module, nn.Conv1d):
+        return a.dim() == 3
+    if isinstance(module, nn.Conv2d):
+        return a.dim() == 4
+    if isinstance(module, nn.BatchNorm1d):
+        return a.dim() in (2, 3)
+    if isinstance(module, nn.BatchNorm2d):
+        return a.dim() == 4
+    if isinstance(module, nn.LayerNorm):
+        # the example dimension must not be normalised over
+        return a.dim() > len(module.normalized_shape)
+    return True
 
 
 def _cotangents(out: Tensor, taps: list[Tensor]) -> list[Tensor]:
@@ -313,6 +422,12 @@ def _chunk_features(
     deltas = _cotangents(out, [rec.taps[ly.name] for ly in layers])
     feats = []
     for ly, delta in zip(layers, deltas, strict=True):
+        if ly.kind == "norm":
+            feats.append(_norm_features(ly, delta.to(dtype), rec.inputs[ly.name].to(dtype)))
+            continue
+        if ly.kind == "embedding":
+            feats.append(_embedding_features(ly, delta.to(dtype), rec.inputs[ly.name]))
+            continue
         std = _standard_delta(ly, delta.to(dtype))
         patches = _patches(ly, rec.inputs[ly.name].to(dtype)) if ly.weight is not None else None
         feats.append(_reduce(ly, std, patches))
@@ -365,7 +480,20 @@ def _padding(module: nn.Conv1d | nn.Conv2d) -> list[tuple[int, int]]:
 
 
 def _choose_strategy(ly: _Layer, n: int, width: int) -> str:
-    """The cheaper contraction by flop count (module docstring); ``"bias"`` when only the bias trains."""
+    """The cheaper contraction by flop count (module docstring); ``"bias"`` when only the bias trains.
+
+    Normalisation layers always reduce to their small per-example gradients (``"norm"``). An
+    embedding's dense per-example gradients (``C·V·d`` numbers) are also dropped for the token Gram
+    by the caller when one example's exceed a quarter of the memory budget.
+    """
+    if ly.kind == "norm":
+        return "norm"
+    if ly.kind == "embedding":
+        positions, vocab, dim = _embedding_sizes(ly)
+        dense = width * vocab * dim
+        grads = n * positions * width * dim + n * n * dense
+        tokens = n * n * positions * positions * (width * dim + 1)
+        return "grads" if grads < tokens else "tokens"
     if ly.weight is None:
         return "bias"
     positions, groups, d = ly.positions, ly.groups, ly.patch_size
@@ -375,14 +503,30 @@ def _choose_strategy(ly: _Layer, n: int, width: int) -> str:
     return "grads" if grads < patch else "patch"
 
 
+def _embedding_sizes(ly: _Layer) -> tuple[int, int, int]:
+    """``(L, V, d)``: looked-up positions per example, vocabulary size, embedding width."""
+    module = ly.module
+    assert isinstance(module, nn.Embedding)
+    return math.prod(ly.in_shape), module.num_embeddings, module.embedding_dim
+
+
 def _transient_numel(ly: _Layer, width: int) -> int:
-    """Per-example numbers alive while a chunk is recorded: cotangents and patches."""
+    """Per-example numbers alive while a chunk is recorded: cotangents and patches (or ``x̂`` and ``Δ ⊙ x̂``)."""
+    if ly.kind == "norm":
+        return 2 * (width + 1) * math.prod(ly.out_shape)
+    if ly.kind == "embedding":
+        return width * math.prod(ly.out_shape) + math.prod(ly.in_shape)
     patch = ly.positions * ly.groups * ly.patch_size if ly.weight is not None else 0
     return width * math.prod(ly.out_shape) + patch
 
 
 def _reduced_numel(ly: _Layer, width: int) -> int:
     """Per-example numbers a layer keeps for Gram products (module docstring)."""
+    if ly.kind == "norm":
+        return width * sum(p.numel() for p in ly.module.parameters(recurse=False))
+    if ly.kind == "embedding":
+        positions, vocab, dim = _embedding_sizes(ly)
+        return width * vocab * dim if ly.strategy == "grads" else positions * (width * dim + 1)
     bias = width * ly.out_channels
     if ly.strategy == "grads":
         return width * ly.out_channels * ly.patch_size + bias
@@ -408,6 +552,8 @@ def _layer_gram(ly: _Layer, fi: _Features, fj: _Features, budget: int, itemsize:
     """``Σ_k w_W ⟨∂_W f_k(x_i), ∂_W f_k(x_j)⟩ + w_b ⟨∂_b f_k(x_i), ∂_b f_k(x_j)⟩`` for a chunk pair."""
     if ly.strategy == "patch":
         return _patch_gram(ly, fi, fj, budget, itemsize)
+    if ly.strategy == "tokens":
+        return _token_gram(ly, fi, fj, budget, itemsize)
     total = torch.zeros(())
     if fi.grads is not None and fj.grads is not None:
         total = total + ly.w_weight * (fi.grads @ fj.grads.T)
@@ -432,6 +578,83 @@ def _patch_gram(ly: _Layer, fi: _Features, fj: _Features, budget: int, itemsize:
                 prod = (di @ dj.T) * (ly.w_weight * (pi @ pj.T) + w_b)
                 out[ri, rj] += prod.reshape(span(ri), positions, span(rj), positions).sum(dim=(1, 3))
     return out
+
+
+def _token_gram(ly: _Layer, fi: _Features, fj: _Features, budget: int, itemsize: int) -> Tensor:
+    """``w Σ_{l,l'} (Δ_{i,l}·Δ_{j,l'}) [tok_{i,l} = tok_{j,l'}]``, sub-blocked to ``(sL)²`` products."""
+    assert fi.delta is not None and fj.delta is not None and fi.tokens is not None and fj.tokens is not None
+    bi, positions = fi.delta.shape[:2]
+    bj = fj.delta.shape[0]
+    s = clamp(math.isqrt(max(1, budget // (2 * itemsize))) // max(1, positions), 1, max(bi, bj))
+    out = torch.zeros(bi, bj, dtype=fi.delta.dtype, device=fi.delta.device)
+    for ri in slices(bi, s):
+        di, ti = fi.delta[ri].flatten(0, 1), fi.tokens[ri].reshape(-1)
+        for rj in slices(bj, s):
+            dj, tj = fj.delta[rj].flatten(0, 1), fj.tokens[rj].reshape(-1)
+            prod = (di @ dj.T) * (ti[:, None] == tj[None, :])
+            out[ri, rj] += prod.reshape(span(ri), positions, span(rj), positions).sum(dim=(1, 3))
+    return ly.w_weight * out
+
+
+def _normalised(module: nn.Module, a: Tensor) -> Tensor:
+    """``x̂``: the layer's input normalised as its eval-mode forward does, before the affine map.
+
+    Recomputed from the input rather than read off the output, which loses ``x̂`` where ``γ = 0``.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        assert module.running_mean is not None and module.running_var is not None
+        mean, var = module.running_mean.to(a.dtype), module.running_var.to(a.dtype)
+        return F.batch_norm(a, mean, var, None, None, False, 0.0, module.eps)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+    assert isinstance(module, nn.GroupNorm)
+    return F.group_norm(a, module.num_groups, None, None, module.eps)
+
+
+def _norm_features(ly: _Layer, delta: Tensor, a: Tensor) -> _Features:
+    """``∂f_k/∂γ = Σ_positions Δ_k ⊙ x̂`` and ``∂f_k/∂β = Σ_positions Δ_k`` per example, flattened over ``k``.
+
+    ``delta`` is ``(C, b, *y)``; the affine parameters live on dimension 1 of ``y`` (BatchNorm,
+    GroupNorm) or on its trailing ``normalized_shape`` (LayerNorm).
+    """
+    width, b = delta.shape[:2]
+    module = ly.module
+    if isinstance(module, nn.LayerNorm):
+        size = math.prod(module.normalized_shape)
+
+        def per_param(t: Tensor) -> Tensor:
+            return t.reshape(width, b, -1, size).sum(dim=2).transpose(0, 1).reshape(b, -1)
+    else:
+        channels = delta.shape[2]
+
+        def per_param(t: Tensor) -> Tensor:
+            return t.reshape(width, b, channels, -1).sum(dim=3).transpose(0, 1).reshape(b, -1)
+
+    grads = per_param(delta * _normalised(module, a)) if ly.weight is not None else None
+    bias = per_param(delta) if ly.bias is not None else None
+    return _Features(grads=grads, bias=bias)
+
+
+def _embedding_features(ly: _Layer, delta: Tensor, tokens: Tensor) -> _Features:
+    """Cotangents ``(C, b, *idx, d)`` → dense row gradients ``Σ_{l: tok_l = v} Δ_l`` or the token Gram's inputs.
+
+    Positions holding ``padding_idx`` get zero cotangent: torch's embedding backward never updates
+    that row.
+    """
+    module = ly.module
+    assert isinstance(module, nn.Embedding)
+    width, b = delta.shape[:2]
+    dim = module.embedding_dim
+    tok = tokens.reshape(b, -1).long()
+    d = delta.reshape(width, b, -1, dim).permute(1, 2, 0, 3).reshape(b, tok.shape[1], width * dim)
+    if module.padding_idx is not None:
+        d = d * (tok != module.padding_idx)[..., None].to(d.dtype)
+    if ly.strategy == "tokens":
+        return _Features(delta=d, tokens=tok)
+    rows = torch.zeros(b, module.num_embeddings, width * dim, dtype=d.dtype, device=d.device)
+    rows.scatter_add_(1, tok[..., None].expand_as(d), d)
+    # (b, V, C, d) → (b, C·V·d): any fixed order works for the inner product
+    return _Features(grads=rows.reshape(b, -1))
 
 
 # ------------------------------------------------------------------------------------ chunk pairs
