@@ -131,7 +131,12 @@ class InitFit:
 def fit_at_init(
     model: nn.Module, ntk: NTKProbe, candidates: Sequence[tuple[str, FeaturesFn | None]], inputs: Tensor
 ) -> InitFit:
-    """``Θ_0``, computed once, and the centred affine fit of every candidate data kernel; the best is kept."""
+    """``Θ_0``, computed once, and the centred affine fit of every candidate data kernel; the best is kept.
+
+    The caller runs it under :func:`lin_probe.monitor.batch_statistics.probe_batch_statistics`, so
+    ``Θ_0`` is the kernel of the network train mode runs (BatchNorm on the probe's statistics); the
+    step-0 check reuses this ``Θ_0`` when dense (:meth:`lin_probe.monitor.core.RegimeProbe.measure`).
+    """
     theta0 = ntk.operator(model)
     norm0 = theta0.norm()
     if not norm0 > 0:

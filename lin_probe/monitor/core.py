@@ -21,8 +21,10 @@ Plain PyTorch::
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,8 @@ from lin_probe._model_state import floating_dtype, model_device
 from lin_probe.kernel import AffineKernel
 from lin_probe.kernel.data_kernels import DataKernelChoice, data_kernel_candidates, features_from_state
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
+from lin_probe.losses import AUTO
+from lin_probe.monitor.batch_statistics import probe_batch_statistics
 from lin_probe.monitor.checks import (
     FROBENIUS_KEYS,
     POOR_FIT_THRESHOLD,
@@ -99,6 +103,7 @@ class RegimeProbe:
         self.diagnosis: Diagnosis | None = None
         self._diagnosis_due = False
         self._previous_ntk: tuple[int, Tensor] | None = None
+        self._theta0_at: tuple[SymmetricOperator, dict[str, int]] | None = None
         self._warned: set[str] = set()
         for run in runs:
             message = run.mirror.mirror_warning()
@@ -127,18 +132,22 @@ class RegimeProbe:
         if not isinstance(probe, ProbeSet):
             probe = probe_from_argument(probe, n_probe=_rows(probe))
         probe = _on_model(probe, model)
+        config = _with_loss(config, model, probe)
         ntk = NTKProbe(probe.inputs, config.output_fn, learning_rate_weights(model, optimizer), config.plan)
         candidates = data_kernel_candidates(config.data_kernel_spec, model, probe.inputs)
-        init = fit_at_init(model, ntk, candidates, probe.inputs)
-        kernel, theta0, features_fn = init.kernel, init.theta0, init.choice.features_fn
-        kernel_inputs = _kernel_inputs(probe.inputs, features_fn)
-        initial_outputs = predict(
-            model, probe.inputs, output_fn=config.output_fn, memory_budget=config.plan.memory_budget
-        ).detach()
         host = host or Host()
-        runs, f0 = build_runs(
-            model, kernel, probe, optimizer, config, host.copy_model, train_size, features_fn
-        )
+        # Everything measured at init sees the network train mode runs (BatchNorm on the probe's
+        # statistics): lin_probe.monitor.batch_statistics.
+        with probe_batch_statistics(model, probe.inputs):
+            init = fit_at_init(model, ntk, candidates, probe.inputs)
+            kernel, theta0, features_fn = init.kernel, init.theta0, init.choice.features_fn
+            initial_outputs = predict(
+                model, probe.inputs, output_fn=config.output_fn, memory_budget=config.plan.memory_budget
+            ).detach()
+            runs, f0 = build_runs(
+                model, kernel, probe, optimizer, config, host.copy_model, train_size, features_fn
+            )
+        kernel_inputs = _kernel_inputs(probe.inputs, features_fn)
         dense = theta0.is_dense
         reference = ntk_reference(
             kernel,
@@ -149,6 +158,8 @@ class RegimeProbe:
             targets=_alignment_targets(probe, initial_outputs),
         )
         monitor = cls(config, probe, kernel, ntk, reference, initial_outputs, runs, host, init.choice)
+        if dense:  # the step-0 check reuses Θ_0 while no parameter has been written since
+            monitor._theta0_at = (theta0, _parameter_versions(model))
         monitor._warn_about_fit()
         return monitor
 
@@ -167,6 +178,9 @@ class RegimeProbe:
         Raises ``ValueError`` for a state of another layout version (the owner then starts afresh).
         """
         config = config or MonitorConfig()
+        if config.loss == AUTO:
+            saved_probe = ProbeSet(state["probe_inputs"], state.get("probe_targets"), "checkpoint")
+            config = _with_loss(config, model, _on_model(saved_probe, model), announce=False)
         version = state.get("version")
         if version != STATE_VERSION:
             raise ValueError(
@@ -259,8 +273,17 @@ class RegimeProbe:
 
     # ------------------------------------------------------------------ measuring
     def measure(self, model: nn.Module, step: int, *, ntk: bool = True) -> Measurement:
-        """One check's values; a part that fails is NaN with one warning, never an exception."""
+        """One check's values; a part that fails is NaN with one warning, never an exception.
+
+        Measured on the network train mode runs: training BatchNorms on the probe's own statistics
+        at the current weights (:mod:`lin_probe.monitor.batch_statistics`), dropout off. A dense
+        step-0 check reuses ``Θ_0`` from the start while no parameter has been written since.
+        """
         record: dict[str, float] = {"step": step}
+        with self._measured(model, step):
+            return self._measure(model, step, record, ntk=ntk)
+
+    def _measure(self, model: nn.Module, step: int, record: dict[str, float], *, ntk: bool) -> Measurement:
         try:
             record.update(self._functional(model))
         except Exception as err:  # never crash the user's run over a measurement
@@ -280,7 +303,7 @@ class RegimeProbe:
         """The NTK check's values at ``step`` (NaN with one warning when it cannot be computed)."""
         failed = dict.fromkeys(ntk_check_keys(self.reference, self._previous_ntk is not None), math.nan)
         try:
-            theta = self.ntk.operator(model)
+            theta = self._reused_theta0(model, step) or self.ntk.operator(model)
             values, eigenvalues = ntk_check(theta, self.reference, self._previous_ntk, step)
         except NonFiniteOperator:
             return failed, None
@@ -346,7 +369,8 @@ class RegimeProbe:
         self._diagnosis_due = False
         step = int(record["step"])
         if "ntk_drift" not in record:
-            record.update(self._ntk_values(model, step)[0])
+            with self._measured(model, step):
+                record.update(self._ntk_values(model, step)[0])
         self.diagnosis = diagnose(
             self._evidence(),
             step=step,
@@ -438,6 +462,30 @@ class RegimeProbe:
         if key not in self._warned:
             self._warned.add(key)
             self.host.warn(message)
+
+    @contextlib.contextmanager
+    def _measured(self, model: nn.Module, step: int) -> Iterator[None]:
+        """Measure the network train mode runs (BatchNorm on the probe's statistics); if the statistics
+        forward fails, warn once and measure without them (each part then fails to NaN on its own)."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(probe_batch_statistics(model, self.probe.inputs))
+            except Exception as err:  # never crash the user's run over a measurement
+                self.warn_once(
+                    "batch_statistics",
+                    f"lin_probe could not take the probe's BatchNorm statistics at step {step} "
+                    f"({type(err).__name__}: {err}); measuring with the running statistics.",
+                )
+            yield
+
+    def _reused_theta0(self, model: nn.Module, step: int) -> SymmetricOperator | None:
+        """Θ_0 from the start for the step-0 check, when dense and no parameter has been written since
+        (it is then the same kernel: computing it again would double the start-up's cost)."""
+        saved, self._theta0_at = self._theta0_at, None  # once: any later check measures afresh
+        if step != 0 or saved is None or self._previous_ntk is not None:
+            return None
+        theta0, versions = saved
+        return theta0 if _parameter_versions(model) == versions else None
 
     def _functional(self, model: nn.Module) -> dict[str, float]:
         """Network vs every shadow on the probe; ``f_t`` computed once, ``f_0`` from the cache."""
@@ -542,6 +590,11 @@ def learning_rate_weights(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return weights
 
 
+def _parameter_versions(model: nn.Module) -> dict[str, int]:
+    """Each parameter's in-place write counter: equal counters mean no optimizer step (or copy) since."""
+    return {name: param._version for name, param in model.named_parameters()}
+
+
 def _alignment_targets(probe: ProbeSet, initial_outputs: Tensor) -> Tensor | None:
     """``Y`` of the kernel–target alignment (CPU float64), or ``None`` without probe targets."""
     if probe.targets is None:
@@ -562,6 +615,19 @@ def _kernel_inputs(inputs: Tensor, features_fn: Callable[[Tensor], Tensor] | Non
 def _on_model(probe: ProbeSet, model: nn.Module) -> ProbeSet:
     """The probe on the model's device, floating inputs in its dtype (a float32 probe can measure float64)."""
     return probe.to(model_device(model) or torch.device("cpu"), floating_dtype(model))
+
+
+def _with_loss(
+    config: MonitorConfig, model: nn.Module, probe: ProbeSet, *, announce: bool = True
+) -> MonitorConfig:
+    """``loss="auto"`` resolved from the probe's targets and one example's output width (logged in one line)."""
+    if config.loss != AUTO:
+        return config
+    width = predict(model, probe.inputs[:1], output_fn=config.output_fn).shape[1]
+    config, line = config.with_inferred_loss(probe.targets, width)
+    if announce and line is not None:
+        logging.getLogger("lin_probe").info(line)
+    return config
 
 
 def _rows(probe: Tensor | tuple[Tensor, Tensor]) -> int:

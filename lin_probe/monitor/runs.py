@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lin_probe._model_state import cpu_state_copy
 from lin_probe.data import indices_from_batch
 from lin_probe.kernel import AffineKernel
+from lin_probe.monitor.batch_statistics import probe_batch_statistics
 from lin_probe.monitor.config import MonitorConfig
 from lin_probe.monitor.probe import ProbeSet
 from lin_probe.monitor.regime import RegimeTracker
@@ -96,7 +97,12 @@ def build_runs(
     ``features_fn`` is the chosen data kernel's feature map (``None``: the flattened inputs). Returns
     the runs and ``f_0`` (``None`` only when nothing needs it: ``center=False`` without ``linearized``).
     """
-    f0 = copy_model(model) if config.center or config.linearized else None
+    f0 = None
+    if config.center or config.linearized:
+        # Calibrated once, permanently: f_0's BatchNorms keep the probe's statistics at init
+        # (lin_probe.monitor.batch_statistics), so f_0 is per-example and equals the measured network.
+        with probe_batch_statistics(model, probe.inputs):
+            f0 = copy_model(model)
     loss_fn = config.loss_fn
 
     def tracker() -> RegimeTracker:
