@@ -27,7 +27,7 @@ from lin_probe.kernel.affine import AffineKernel
 from lin_probe.linalg.operator import SymmetricOperator
 
 FeaturesFn = Callable[[Any], Tensor]
-DATA_KERNELS = ("auto", "flat", "patch_mean")
+DATA_KERNELS = ("auto", "flat", "patch_mean", "token_counts", "token_one_hot")
 
 _PATCH_CHUNK_NUMEL = 1 << 24  # unfold at most ~16M numbers at a time (128 MiB in float64)
 
@@ -201,6 +201,78 @@ def _positions(
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# token inputs
+# ---------------------------------------------------------------------------------------------
+
+_ONE_HOT_MAX_FEATURES = 1 << 16
+"""Largest ``T·V`` for position-wise one-hot features (above it only the token counts are tried)."""
+
+
+@dataclass(frozen=True)
+class TokenFeatures:
+    """Integer token inputs ``(N, T)`` as float vectors for the data kernel, over the vocabulary ``V`` of
+    the model's first ``nn.Embedding``.
+
+    ``"counts"``: the bag of tokens, ``(N, V)``: ``⟨x, x'⟩ = Σ_{l,l'} [t_l = t'_{l'}]``, the token-overlap
+    kernel an embedding followed by pooling has at init. ``"one_hot"``: position-wise one-hot, ``(N, T·V)``:
+    ``⟨x, x'⟩ = Σ_l [t_l = t'_l]``, the overlap an embedding plus position-dependent layers sees. Like
+    the patch mean for convolutions, the data kernel follows the architecture. A frozen dataclass:
+    it pickles with a checkpoint.
+    """
+
+    vocab: int
+    mode: str = "counts"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.vocab, int) and self.vocab >= 1):
+            raise ValueError(f"`vocab` must be a positive int, got {self.vocab!r}.")
+        if self.mode not in ("counts", "one_hot"):
+            raise ValueError(f"`mode` must be 'counts' or 'one_hot', got {self.mode!r}.")
+
+    @property
+    def name(self) -> str:
+        return f"token_{self.mode}"
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        if tokens.is_floating_point() or tokens.is_complex():
+            raise TypeError(f"token features need integer token ids, got dtype {tokens.dtype}.")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab):
+            raise ValueError(
+                f"token ids must lie in [0, {self.vocab}) (the first nn.Embedding's vocabulary), got "
+                f"[{int(tokens.min())}, {int(tokens.max())}]."
+            )
+        one_hot = F.one_hot(tokens.reshape(tokens.shape[0], -1).long(), self.vocab).to(
+            torch.get_default_dtype()
+        )
+        return one_hot.sum(dim=1) if self.mode == "counts" else one_hot.flatten(1)
+
+
+def first_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's first ``nn.Embedding`` (registration order): whose vocabulary token features use."""
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def _token_candidates(
+    model: nn.Module, example_inputs: Any, wanted: str
+) -> list[tuple[str, FeaturesFn | None]]:
+    embedding = first_embedding(model)
+    if embedding is None:
+        raise TypeError(
+            f"`inputs` has dtype {example_inputs.dtype}: token ids, but the model has no nn.Embedding to take "
+            "the vocabulary from. Pass `data_kernel` (or `features_fn`), a function mapping inputs to float "
+            "feature vectors."
+        )
+    positions = max(1, example_inputs[0].numel())
+    modes = ["counts"] + (
+        ["one_hot"] if positions * embedding.num_embeddings <= _ONE_HOT_MAX_FEATURES else []
+    )
+    if wanted != "auto":
+        modes = [wanted.removeprefix("token_")]
+    features = [TokenFeatures(embedding.num_embeddings, mode) for mode in modes]
+    return [(f.name, f) for f in features]
+
+
 class _Found(Exception):
     """Raised from the pre-hook to stop the forward pass once the first convolution has run."""
 
@@ -288,11 +360,20 @@ def data_kernel_candidates(
     reads it). ``"patch_mean"``: the mean patch of the first convolution applied to the inputs
     (:func:`first_convolution`), an error if there is none. A callable: itself (``"callable"``; a
     :class:`PatchMeanFeatures` is named ``"patch_mean"``). ``"auto"``: flat, plus patch_mean where
-    it applies, for :func:`choose_data_kernel` to pick from.
+    it applies, for :func:`choose_data_kernel` to pick from; for integer (token) inputs,
+    ``"token_counts"`` and ``"token_one_hot"`` (:class:`TokenFeatures` over the first embedding's
+    vocabulary) instead.
     """
     check_data_kernel(spec)
     if isinstance(spec, PatchMeanFeatures):
         return [("patch_mean", spec)]
+    if isinstance(spec, TokenFeatures):
+        return [(spec.name, spec)]
+    tokens = isinstance(example_inputs, Tensor) and not (
+        example_inputs.is_floating_point() or example_inputs.is_complex()
+    )
+    if spec in ("token_counts", "token_one_hot") or (spec == "auto" and tokens):
+        return _token_candidates(model, example_inputs, spec)
     if callable(spec):
         return [("callable", spec)]
     if spec == "flat":
@@ -331,7 +412,8 @@ class DataKernelChoice:
         A callable cannot be saved: :func:`features_from_state` takes it from the configuration again.
         """
         features = self.features_fn
-        geometry = dataclasses.asdict(features) if isinstance(features, PatchMeanFeatures) else None
+        saved = isinstance(features, PatchMeanFeatures | TokenFeatures)
+        geometry = dataclasses.asdict(features) if saved else None
         return {"name": self.name, "features": geometry, "scores": dict(self.scores)}
 
     @staticmethod
@@ -397,6 +479,8 @@ def features_from_state(saved: Mapping[str, Any], spec: Any) -> FeaturesFn | Non
         return None
     if name == "patch_mean":
         return PatchMeanFeatures(**saved["features"])
+    if name in ("token_counts", "token_one_hot"):
+        return TokenFeatures(**saved["features"])
     if not callable(spec):
         raise ValueError(
             "the checkpoint's shadow was built on a callable data kernel (`data_kernel=`/`features_fn=`); "

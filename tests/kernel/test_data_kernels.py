@@ -352,7 +352,7 @@ def test_data_kernel_candidates() -> None:
     x = torch.randn(3, 1, 6, 6)
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(36, 2))
-    assert DATA_KERNELS == ("auto", "flat", "patch_mean")
+    assert DATA_KERNELS == ("auto", "flat", "patch_mean", "token_counts", "token_one_hot")
     assert data_kernel_candidates("flat", cnn, x) == [("flat", None)]
     assert data_kernel_candidates("patch_mean", cnn, x) == [
         ("patch_mean", PatchMeanFeatures.from_conv(cnn[0]))
@@ -450,3 +450,39 @@ def _saved(state: dict) -> io.BytesIO:
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+# ------------------------------------------------------------------------------------ token inputs
+
+
+def _token_model(vocab: int = 7) -> nn.Module:
+    return nn.Sequential(nn.Embedding(vocab, 4), nn.Flatten(), nn.Linear(12, 2))
+
+
+def test_token_features_give_the_token_overlap_kernels() -> None:
+    """⟨counts(x), counts(x')⟩ = Σ_{l,l'} [t_l = t'_l'] and ⟨one_hot(x), one_hot(x')⟩ = Σ_l [t_l = t'_l],
+    counted by brute force."""
+    from lin_probe.kernel.data_kernels import TokenFeatures
+
+    tokens = torch.tensor([[1, 2, 2], [2, 5, 1], [0, 0, 6]])
+    counts, one_hot = TokenFeatures(7, "counts")(tokens), TokenFeatures(7, "one_hot")(tokens)
+    for i in range(3):
+        for j in range(3):
+            overlap = sum(int(a == b) for a in tokens[i] for b in tokens[j])
+            aligned = sum(int(a == b) for a, b in zip(tokens[i], tokens[j], strict=True))
+            assert float(counts[i] @ counts[j]) == overlap
+            assert float(one_hot[i] @ one_hot[j]) == aligned
+    with pytest.raises(ValueError, match=r"\[0, 7\)"):
+        TokenFeatures(7)(torch.tensor([[7]]))
+
+
+def test_auto_on_token_inputs_offers_both_token_kernels_over_the_embedding_vocabulary() -> None:
+    from lin_probe.kernel.data_kernels import TokenFeatures
+
+    tokens = torch.randint(0, 7, (5, 3))
+    names = [name for name, _ in data_kernel_candidates("auto", _token_model(), tokens)]
+    assert names == ["token_counts", "token_one_hot"]
+    (only,) = data_kernel_candidates("token_counts", _token_model(), tokens)
+    assert only[1] == TokenFeatures(7, "counts")
+    with pytest.raises(TypeError, match=r"no nn\.Embedding"):
+        data_kernel_candidates("auto", nn.Linear(3, 1), tokens)
