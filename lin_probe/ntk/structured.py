@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from lin_probe._model_state import eval_semantics
 from lin_probe.ntk._plumbing import clamp, dtype_itemsize, saved_bytes, slices, span, stream_block_pairs
@@ -352,7 +353,56 @@ def _probe(
             continue
         ly.in_shape, ly.out_shape = tuple(a.shape[1:]), tuple(y.shape[1:])
         kept.append(ly)
-    return kept, out.shape[1], saved[0]
+    outside = _read_outside_own_call(model, constants, kept, first)
+    return [ly for ly in kept if ly.name not in outside], out.shape[1], saved[0]
+
+
+class _ParameterReads(TorchFunctionMode):
+    """Sees every torch function's arguments during one forward and notes the structured layers whose
+    parameter is read while that layer's own module is not running (a tied decoder ``h @ emb.weight.T``,
+    a custom ``forward`` using ``self.fc.weight``): hooks cannot see those reads, so such a layer's
+    gradient would be incomplete on this path."""
+
+    def __init__(self, owners: dict[int, str]) -> None:
+        super().__init__()
+        self.owners = owners
+        self.running: list[str] = []
+        self.outside: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            for item in value if isinstance(value, list | tuple) else (value,):
+                name = self.owners.get(id(item)) if isinstance(item, Tensor) else None
+                if name is not None and name not in self.running:
+                    self.outside.add(name)
+        return func(*args, **kwargs)
+
+
+def _read_outside_own_call(
+    model: nn.Module, constants: dict[str, Tensor], layers: list[_Layer], first: Tensor
+) -> set[str]:
+    """Names of ``layers`` whose parameters the one-example forward reads outside their module's call."""
+    owners = {id(constants[p]): ly.name for ly in layers for p in (ly.weight, ly.bias) if p is not None}
+    if not owners:
+        return set()
+    mode = _ParameterReads(owners)
+
+    def enter(name: str) -> Callable[..., None]:
+        return lambda _module, _args: mode.running.append(name)
+
+    def leave(_module: nn.Module, _args: Any, _out: Any) -> None:
+        mode.running.pop()
+
+    handles = [h for ly in layers for h in (ly.module.register_forward_pre_hook(enter(ly.name)),
+                                             ly.module.register_forward_hook(leave))]  # fmt: skip
+    try:
+        with torch.no_grad(), mode:
+            functional_call(model, constants, (first,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return mode.outside
 
 
 def _batched_shapes(module: nn.Module, a: Tensor, y: Tensor) -> bool:

@@ -325,7 +325,9 @@ def test_generic_and_auto_agree_and_method_is_checked() -> None:
 
 def test_structured_raises_without_structurable_layers() -> None:
     # scale_grad_by_freq changes the gradient torch trains with: no structured rule for it
-    model = nn.Sequential(nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 2)).to(DTYPE)
+    model = nn.Sequential(nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 2)).to(
+        DTYPE
+    )
     model[2].requires_grad_(False)
     tokens = torch.randint(0, 10, (5, 3))
     with pytest.raises(ValueError, match="no trainable"):
@@ -372,3 +374,22 @@ def test_no_trace_left_on_the_model() -> None:
     assert all(module.training for module in model.modules())
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
     assert all(p.requires_grad for p in model.parameters())
+
+
+class _TiedHead(nn.Module):
+    """A language-model-style head that reuses the embedding matrix (``logits = h Eᵀ``) outside its call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(self.embed(tokens).mean(dim=1)))
+        return h @ self.embed.weight.T
+
+
+def test_a_parameter_read_outside_its_module_goes_generic_and_stays_exact() -> None:
+    """Hooks see only the module's own call: a tied head's read of ``embed.weight`` must not be lost."""
+    model, tokens = _TiedHead().to(DTYPE), torch.randint(0, 10, (6, 3))
+    assert_close(empirical_ntk(model, tokens), brute_force_ntk(model, tokens))
