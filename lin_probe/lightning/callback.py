@@ -92,6 +92,12 @@ class LinearRegimeMonitor(Callback):
             than SGD. Costs one forward-mode and one backward pass of the network per step (a CPU
             training step measured 4–4.5× as long: benchmarks/README.md) and a copy of the parameters.
 
+        outputs: what the NTK is taken over: ``"exact"`` (every output, ``C`` backward passes per probe
+            example), ``"sketch"`` (an unbiased random projection of the outputs; the fit card gives the
+            number of projections and the error measured against the exact kernel on 16 probe
+            examples), or ``"auto"``: the sketch for models with more than 64 outputs per example
+            (language models), exact otherwise.
+
     Example::
 
         trainer = Trainer(callbacks=[LinearRegimeMonitor()])
@@ -119,6 +125,7 @@ class LinearRegimeMonitor(Callback):
         compute_plan: ComputePlan | None = None,
         data_kernel: str | Callable[[Tensor], Tensor] = "auto",
         linearized: bool = False,
+        outputs: str = "auto",
     ) -> None:
         super().__init__()
         check_int("n_probe", n_probe, minimum=2)
@@ -139,6 +146,7 @@ class LinearRegimeMonitor(Callback):
             plan,
             data_kernel,
             linearized,
+            outputs,
         )
         if probe is not None:
             probe_from_argument(probe, n_probe)  # validate now, not after the first epoch's setup

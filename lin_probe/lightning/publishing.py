@@ -111,6 +111,9 @@ class Publisher:
         choice = probe.data_kernel
         if self.verbose and choice is not None and len(choice.scores) > 1:
             rank_zero_info(f"lin_probe: {choice.summary()}.")
+        sketched = probe.kernel_outputs is not None and probe.kernel_outputs.sketch is not None
+        if self.verbose and sketched:
+            rank_zero_info(f"lin_probe: {probe.kernel_outputs.describe()}")
         panels = self.panels(trainer)
         if panels is not None:
             panels.summary(fit, 0)
@@ -121,6 +124,7 @@ class Publisher:
                 n_parameters=n_parameters,
                 center=probe.config.center,
                 data_kernel=choice,
+                outputs_line=None if probe.kernel_outputs is None else probe.kernel_outputs.describe(),
             )
             panels.text(FIT_CARD, card, 0)
             panels.flush()

@@ -181,6 +181,7 @@ def fit_card(
     n_parameters: int,
     center: bool,
     data_kernel: DataKernelChoice | None = None,
+    outputs_line: str | None = None,
 ) -> str:
     """Markdown card for the init fit ``Θ_0 ≈ a·K + b·11ᵀ + c·I``, read once at the start of a run."""
     header = ["| coefficient | fitted |", "|---|---:|"]
@@ -198,6 +199,7 @@ def fit_card(
         *_fit_rows(kernel),
         "",
         context,
+        *([] if outputs_line is None else ["", outputs_line]),
         "",
         _fit_verdict(kernel),
     ]

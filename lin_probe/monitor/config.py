@@ -13,6 +13,7 @@ from lin_probe._model_state import frozen_copy
 from lin_probe._validation import check_callable
 from lin_probe.kernel.data_kernels import check_data_kernel
 from lin_probe.losses import AUTO, LossFn, infer_loss, is_classification, resolve_loss
+from lin_probe.monitor.outputs import check_outputs
 from lin_probe.monitor.regime import validate_patience, validate_tolerance
 from lin_probe.plan import ComputePlan
 
@@ -35,7 +36,8 @@ class MonitorConfig:
     ``memorization`` adds the shadow with the ``c·I`` term; ``plan`` bounds the cost;
     ``data_kernel`` chooses the data kernel (:mod:`lin_probe.kernel.data_kernels`: ``"auto"``,
     ``"flat"``, ``"patch_mean"`` or a callable); ``linearized`` adds the network's own first-order
-    Taylor model as a shadow (:mod:`lin_probe.shadows.linearized`).
+    Taylor model as a shadow (:mod:`lin_probe.shadows.linearized`); ``outputs`` takes the NTK over
+    every output exactly or over an unbiased sketch of them (:mod:`lin_probe.monitor.outputs`).
     """
 
     loss: str | LossFn = AUTO
@@ -48,6 +50,7 @@ class MonitorConfig:
     plan: ComputePlan = field(default_factory=ComputePlan)
     data_kernel: str | Callable[[Tensor], Tensor] = "auto"
     linearized: bool = False
+    outputs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.loss != AUTO:
@@ -63,6 +66,7 @@ class MonitorConfig:
             raise ValueError(
                 "Pass `features_fn` or `data_kernel`, not both: `features_fn=f` is `data_kernel=f`."
             )
+        check_outputs(self.outputs)
         if not isinstance(self.linearized, bool):
             raise TypeError(f"`linearized` must be True or False, got {self.linearized!r}.")
 

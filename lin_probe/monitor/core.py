@@ -51,6 +51,7 @@ from lin_probe.monitor.checks import (
 from lin_probe.monitor.config import Host, MonitorConfig
 from lin_probe.monitor.diagnosis import Diagnosis, Verdict, diagnose
 from lin_probe.monitor.kernel_measures import target_matrix
+from lin_probe.monitor.outputs import KernelOutputs, choose_kernel_outputs
 from lin_probe.monitor.probe import ProbeSet, probe_from_argument
 from lin_probe.monitor.runs import LINEARIZED, MEMO, PAPER, ShadowRun, build_runs
 from lin_probe.ntk import predict
@@ -97,6 +98,7 @@ class RegimeProbe:
         self.initial_outputs = initial_outputs
         self.runs = runs
         self.data_kernel = data_kernel
+        self.kernel_outputs: KernelOutputs | None = None  # exact or sketched: set by start / from_state
         self.history: list[dict[str, float]] = []
         self.host = host or Host()
         self.outside_from_start = False
@@ -133,12 +135,18 @@ class RegimeProbe:
             probe = probe_from_argument(probe, n_probe=_rows(probe))
         probe = _on_model(probe, model)
         config = _with_loss(config, model, probe)
-        ntk = NTKProbe(probe.inputs, config.output_fn, learning_rate_weights(model, optimizer), config.plan)
         candidates = data_kernel_candidates(config.data_kernel_spec, model, probe.inputs)
         host = host or Host()
         # Everything measured at init sees the network train mode runs (BatchNorm on the probe's
         # statistics): lin_probe.monitor.batch_statistics.
         with probe_batch_statistics(model, probe.inputs):
+            outputs = choose_kernel_outputs(
+                config.outputs, model, probe.inputs, config.output_fn, memory_budget=config.plan.memory_budget
+            )
+            kernel_output_fn = outputs.output_fn(config.output_fn, model, probe.inputs)
+            ntk = NTKProbe(
+                probe.inputs, kernel_output_fn, learning_rate_weights(model, optimizer), config.plan
+            )
             init = fit_at_init(model, ntk, candidates, probe.inputs)
             kernel, theta0, features_fn = init.kernel, init.theta0, init.choice.features_fn
             initial_outputs = predict(
@@ -158,6 +166,7 @@ class RegimeProbe:
             targets=_alignment_targets(probe, initial_outputs),
         )
         monitor = cls(config, probe, kernel, ntk, reference, initial_outputs, runs, host, init.choice)
+        monitor.kernel_outputs = outputs
         if dense:  # the step-0 check reuses Θ_0 while no parameter has been written since
             monitor._theta0_at = (theta0, _parameter_versions(model))
         monitor._warn_about_fit()
@@ -190,7 +199,10 @@ class RegimeProbe:
             state["probe_inputs"], state.get("probe_targets"), state.get("probe_source", "checkpoint")
         )
         probe = _on_model(probe, model)
-        ntk = NTKProbe(probe.inputs, config.output_fn, dict(state["param_weights"]), config.plan)
+        width = int(state["initial_outputs"].reshape(state["initial_outputs"].shape[0], -1).shape[1])
+        outputs = KernelOutputs.from_state(state.get("kernel_outputs"), width)
+        kernel_output_fn = outputs.output_fn(config.output_fn, model, probe.inputs)
+        ntk = NTKProbe(probe.inputs, kernel_output_fn, dict(state["param_weights"]), config.plan)
         kernel = AffineKernel(**state["kernel"])
         saved_kernel = state["data_kernel"]
         features_fn = features_from_state(saved_kernel, config.data_kernel_spec)
@@ -217,6 +229,7 @@ class RegimeProbe:
             targets=_alignment_targets(probe, initial_outputs),
         )
         monitor = cls(config, probe, kernel, ntk, reference, initial_outputs, runs, host, choice)
+        monitor.kernel_outputs = outputs
         monitor.history = [dict(record) for record in state.get("history", [])]
         monitor.outside_from_start = bool(state.get("outside_from_start", False))
         monitor.diagnosis = Diagnosis.from_state(state.get("diagnosis"))
@@ -450,6 +463,7 @@ class RegimeProbe:
             "data_kernel": DataKernelChoice.flat_state()
             if self.data_kernel is None
             else self.data_kernel.state_dict(),
+            "kernel_outputs": None if self.kernel_outputs is None else self.kernel_outputs.state_dict(),
             "outside_from_start": self.outside_from_start,
             "diagnosis": None if self.diagnosis is None else self.diagnosis.state_dict(),
             "previous_ntk": None

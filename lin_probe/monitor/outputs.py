@@ -1,0 +1,104 @@
+"""Over which outputs the monitor's NTK runs: all ``C`` exactly, or an unbiased sketch of them.
+
+The exact trace-averaged kernel costs ``C`` backward passes per probe example: affordable for a
+classifier, not for a language model (``C = T·V`` ≈ 1,000). With ``outputs="auto"`` (the default)
+models with more than :data:`SKETCH_ABOVE_OUTPUTS` outputs per example get the output sketch of
+:mod:`lin_probe.ntk.sketch` (``S`` random directions, exactly unbiased); ``"exact"`` and
+``"sketch"`` force either. One set of directions serves the whole run, so ``Θ_t − Θ_0`` compares
+kernels sketched alike, and the fit card states ``S`` and the relative spectral error measured
+against the exact kernel on a subsample. Only the kernel is sketched: predictions, ``f_0`` and the
+shadows use every output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import torch
+from torch import Tensor, nn
+
+from lin_probe._model_state import floating_dtype
+from lin_probe.ntk._plumbing import OutputFn
+from lin_probe.ntk.sketch import OutputSketch, output_count, projections_for, sketch_error
+
+OUTPUTS: Final[tuple[str, ...]] = ("auto", "exact", "sketch")
+SKETCH_ABOVE_OUTPUTS: Final[int] = 64
+"""``outputs="auto"`` sketches models with more outputs per example than this."""
+MIN_PROJECTIONS: Final[int] = 32
+"""Fewest directions a sketch uses: the variance rule of ``projections_for`` assumes a dominant
+kernel mode; a floor keeps kernels without one usable (the fit card shows the measured error)."""
+ERROR_SUBSAMPLE: Final[int] = 16
+
+
+def check_outputs(outputs: Any) -> None:
+    if outputs not in OUTPUTS:
+        raise ValueError(f"`outputs` must be one of {OUTPUTS}, got {outputs!r}.")
+
+
+@dataclass(frozen=True)
+class KernelOutputs:
+    """The outputs the NTK is taken over: ``sketch`` (``None``: exact) for a model with ``outputs`` per example."""
+
+    outputs: int
+    sketch: OutputSketch | None = None
+    error: float | None = None
+
+    def output_fn(self, base: OutputFn | None, model: nn.Module, inputs: Tensor) -> OutputFn | None:
+        """The ``output_fn`` the NTK paths get: ``base`` itself when exact."""
+        if self.sketch is None:
+            return base
+        dtype = floating_dtype(model) or torch.get_default_dtype()
+        return self.sketch.output_fn(base, self.outputs, device=inputs.device, dtype=dtype)
+
+    def describe(self) -> str:
+        """The fit card's line."""
+        if self.sketch is None:
+            return f"NTK over all {self.outputs} outputs per example (exact trace)."
+        error = (
+            ""
+            if self.error is None
+            else f"; relative spectral error {self.error:.3g} vs exact on {ERROR_SUBSAMPLE} probe examples"
+        )
+        return (
+            f"NTK over outputs sketched: {self.sketch.projections} random projections of the {self.outputs} "
+            f'outputs per example (unbiased{error}; `outputs="exact"` for the full trace).'
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        sketch = self.sketch
+        saved = (
+            None
+            if sketch is None
+            else {"projections": sketch.projections, "seed": sketch.seed, "kind": sketch.kind}
+        )
+        return {"outputs": self.outputs, "sketch": saved, "error": self.error}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any] | None, outputs: int) -> KernelOutputs:
+        if state is None:  # a checkpoint from before sketches: exact
+            return cls(outputs)
+        sketch = None if state["sketch"] is None else OutputSketch(**state["sketch"])
+        return cls(int(state["outputs"]), sketch, state.get("error"))
+
+
+def choose_kernel_outputs(
+    setting: str, model: nn.Module, inputs: Tensor, base: OutputFn | None, **ntk_options: Any
+) -> KernelOutputs:
+    """Exact or sketched, per ``setting`` and the model's output count; a sketch's error is measured here."""
+    check_outputs(setting)
+    c = output_count(model, inputs, base)
+    n = int(inputs.shape[0])
+    wanted = setting == "sketch" or (setting == "auto" and c > SKETCH_ABOVE_OUTPUTS)
+    projections = min(c, max(MIN_PROJECTIONS, projections_for(c, n)))
+    if not wanted or projections >= c:
+        return KernelOutputs(c)
+    sketch = OutputSketch(projections)
+    error = sketch_error(
+        model, inputs, sketch, output_fn=base, subsample=min(n, ERROR_SUBSAMPLE), **ntk_options
+    )
+    return KernelOutputs(c, sketch, error)
+
+
+__all__ = ["OUTPUTS", "SKETCH_ABOVE_OUTPUTS", "KernelOutputs", "check_outputs", "choose_kernel_outputs"]

@@ -1,0 +1,88 @@
+"""The monitor's NTK over many outputs: sketched by default above 64 outputs, exact on request, the same
+directions after a resume, and Θ_0 close to the exact kernel (checked here against empirical_ntk)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lin_probe.monitor.config import MonitorConfig
+from lin_probe.monitor.core import RegimeProbe
+from lin_probe.monitor.outputs import SKETCH_ABOVE_OUTPUTS, check_outputs
+from lin_probe.ntk import empirical_ntk
+
+VOCAB, LENGTH, N = 32, 8, 24
+
+
+class TokenLM(nn.Module):
+    """Next-token logits at every position: C = T·V = 256 outputs per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.mix = nn.Linear(16, 16)
+        self.out = nn.Linear(16, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def _lm_loss(pred: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(pred.reshape(-1, VOCAB), target.reshape(-1))
+
+
+def _start(outputs: str) -> tuple[RegimeProbe, nn.Module, Tensor]:
+    torch.manual_seed(0)
+    model = TokenLM()
+    tokens = torch.randint(0, VOCAB, (N, LENGTH), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, VOCAB, (N, LENGTH), generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = MonitorConfig(loss=_lm_loss, outputs=outputs, center=False)
+    return RegimeProbe.start(model, (tokens, targets), optimizer, config), model, tokens
+
+
+def test_auto_sketches_a_language_model_and_states_it() -> None:
+    probe, model, tokens = _start("auto")
+    outputs = probe.kernel_outputs
+    assert outputs is not None and outputs.outputs == LENGTH * VOCAB > SKETCH_ABOVE_OUTPUTS
+    assert outputs.sketch is not None and outputs.sketch.projections < outputs.outputs
+    assert outputs.error is not None and 0.0 < outputs.error < 0.3
+    line = outputs.describe()
+    assert f"{outputs.sketch.projections} random projections of the {LENGTH * VOCAB} outputs" in line
+    # Θ_0 the monitor fitted is the sketch: close to, and not equal to, the exact kernel
+    theta0 = probe.reference.theta0.matrix
+    exact = empirical_ntk(model, tokens).double()
+    error = float(torch.linalg.matrix_norm(theta0 - exact, ord=2) / torch.linalg.matrix_norm(exact, ord=2))
+    assert 0.0 < error < 0.3
+
+
+def test_exact_outputs_give_the_exact_kernel() -> None:
+    probe, model, tokens = _start("exact")
+    assert probe.kernel_outputs is not None and probe.kernel_outputs.sketch is None
+    exact = empirical_ntk(model, tokens).double()
+    assert torch.allclose(
+        probe.reference.theta0.matrix, exact, rtol=1e-5, atol=1e-7 * float(exact.abs().max())
+    )
+
+
+def test_a_resumed_monitor_sketches_with_the_same_directions() -> None:
+    probe, model, _ = _start("auto")
+    state = copy.deepcopy(probe.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = MonitorConfig(loss=_lm_loss, center=False)
+    resumed = RegimeProbe.from_state(model, optimizer, state, config)
+    assert resumed.kernel_outputs == probe.kernel_outputs
+    a = probe.ntk.operator(model).matrix
+    b = resumed.ntk.operator(model).matrix
+    assert torch.equal(a, b)
+
+
+def test_unknown_outputs_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="`outputs`"):
+        check_outputs("all")
+    with pytest.raises(ValueError, match="`outputs`"):
+        MonitorConfig(outputs="some")
