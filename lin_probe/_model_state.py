@@ -1,7 +1,8 @@
 """Measure a model without leaving a trace on it.
 
 A monitor runs extra forward passes on the user's model. Those passes must use eval semantics
-(no dropout noise, BatchNorm on running statistics) and must leave train/eval flags, ``.grad``s,
+(no dropout noise, BatchNorm on running statistics — which the monitor first sets to the probe's own
+batch statistics, :mod:`lin_probe.monitor.batch_statistics`) and must leave train/eval flags, ``.grad``s,
 buffers and every global RNG stream exactly as they were, so that a run with the monitor is
 bit-identical to one without.
 """
