@@ -64,7 +64,9 @@ def main() -> None:
         "verdict": None if monitor.verdict is None else monitor.verdict.state,
         "kernel": None if kernel is None else [kernel.a, kernel.b, kernel.c],
         "callback_metrics": {
-            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("lin_probe/")
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("lin_probe/") and k != "lin_probe/overhead"  # a timing
         },
         "params": [p.detach().flatten().tolist() for p in model.parameters()],
         "global_step": trainer.global_step,

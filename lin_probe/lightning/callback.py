@@ -19,7 +19,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lin_probe._model_state import floating_dtype
+from lin_probe._model_state import eval_semantics, floating_dtype
 from lin_probe._validation import check_callable, check_int
 from lin_probe.kernel import AffineKernel
 from lin_probe.lightning import _bridge
@@ -38,7 +38,7 @@ from lin_probe.monitor.diagnosis import Diagnosis, Verdict
 from lin_probe.monitor.overhead import OverheadClock
 from lin_probe.monitor.probe import BatchToXY, default_batch_to_xy, probe_from_argument
 from lin_probe.monitor.schedule import CheckSchedule
-from lin_probe.ntk import predict
+from lin_probe.ntk._plumbing import output_matrix, prepare_inputs
 from lin_probe.plan import ComputePlan
 
 _CLIPPING_NOT_MIRRORED = (
@@ -340,11 +340,12 @@ class LinearRegimeMonitor(Callback):
         is a clear error naming the arguments to change, before any costly work (not a raw error from
         deep inside the NTK)."""
         config = self.config
+        example, dtype = prepare_inputs(pl_module, inputs[:1]), floating_dtype(pl_module)
+        if dtype is not None and example.is_floating_point():
+            example = example.to(dtype)  # as the probe set is cast for the measurements
         try:
-            example, dtype = inputs[:1], floating_dtype(pl_module)
-            if dtype is not None and example.is_floating_point():
-                example = example.to(dtype)  # as the probe set is cast for the measurements
-            outputs = predict(pl_module, example, output_fn=config.output_fn).shape[1]
+            with torch.no_grad(), eval_semantics(pl_module):
+                raw = pl_module(example)
         except Exception as err:
             raise ValueError(
                 f"LinearRegimeMonitor cannot run the model on one probe example of shape "
@@ -352,6 +353,7 @@ class LinearRegimeMonitor(Callback):
                 "`pl_module(x)` accepts: check `probe`, or `batch_to_xy` (which picks x from a batch), and "
                 "`output_fn` (which picks the prediction from the output)."
             ) from err
+        outputs = output_matrix(raw, config.output_fn, 1).shape[1]  # its own errors name `output_fn`
         if config.loss == AUTO:
             config, line = config.with_inferred_loss(targets, outputs)
             if announce and line is not None:

@@ -94,18 +94,24 @@ def test_float64_model_with_float32_probe(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ models
 
 
-def test_batchnorm_and_dropout_measured_in_eval_mode(tmp_path: Path) -> None:
+def test_batchnorm_on_the_probe_statistics_and_dropout_off(tmp_path: Path) -> None:
+    """The measured network is the one training moves: BatchNorm normalises the probe with its own batch
+    statistics (as train mode does), dropout is off (lin_probe.monitor.batch_statistics)."""
     net = BatchNormDropoutNet(D, 32)
     initial = copy.deepcopy(net).eval()
     monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=4)
     _fit(tmp_path, Regressor(net, LR), monitor)
     x_val, y_val = X[N_TRAIN:], Y[N_TRAIN:]
+    measured = copy.deepcopy(initial)
+    for module in measured.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()  # batch statistics of the probe; dropout stays in eval
     with torch.no_grad():
         eval_loss = float(F.mse_loss(initial(x_val), y_val))
-        train_loss = float(F.mse_loss(copy.deepcopy(initial).train()(x_val), y_val))
-    assert abs(eval_loss - train_loss) > 1e-2 * eval_loss, "the two modes must differ for this test"
-    # same float32 eval forward on the same inputs: equal up to summation order
-    assert monitor.history[0]["loss_network"] == pytest.approx(eval_loss, rel=1e-6)
+        expected = float(F.mse_loss(measured(x_val), y_val))
+    assert abs(eval_loss - expected) > 1e-2 * eval_loss, "running and batch statistics must differ here"
+    # same float32 forward on the same inputs: equal up to summation order
+    assert monitor.history[0]["loss_network"] == pytest.approx(expected, rel=1e-5)
     assert net.training, "the user's module must be back in train mode"
 
 
@@ -132,16 +138,11 @@ def test_image_shaped_inputs_are_flattened(tmp_path: Path) -> None:
     _assert_matches_replay(trainer, initial, x=images)
 
 
-def test_token_inputs_need_features_fn(tmp_path: Path) -> None:
+def test_token_inputs_get_a_token_data_kernel_or_features_fn(tmp_path: Path) -> None:
     tokens, target = token_data(N_TRAIN + N_VAL)
-    with pytest.raises(TypeError, match="features_fn"):
-        _fit(
-            tmp_path,
-            Regressor(TokenNet(VOCAB, LENGTH, 16), LR),
-            LinearRegimeMonitor(n_probe=N_VAL),
-            x=tokens,
-            y=target,
-        )
+    default = LinearRegimeMonitor(n_probe=N_VAL)
+    _fit(tmp_path, Regressor(TokenNet(VOCAB, LENGTH, 16), LR), default, x=tokens, y=target)
+    assert default.core is not None and default.core.data_kernel.name.startswith("token_")
     net = TokenNet(VOCAB, LENGTH, 16)
     initial = copy.deepcopy(net)
     monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=4, features_fn=one_hot_bag)
