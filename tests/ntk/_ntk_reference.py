@@ -9,6 +9,9 @@ summation order over at most a few thousand terms, so their relative difference 
 ``O(P · eps) ≈ 1e-13``; ``RTOL = 1e-9`` leaves four orders of margin, while every bug these
 tests target (a parameter too many or missing, cross-output terms, a wrong ``1/C``, train-mode
 statistics, a weight applied twice) changes entries by ``O(1)`` relative amounts.
+
+:func:`spy_generic` is not a reference but a probe of the code under test: it records which
+parameters reach the generic torch.func path, so a test can prove a structured rule ran.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
+
+import lin_probe.ntk.dense as ntk_module
 
 RTOL = 1e-9
 DTYPE = torch.float64
@@ -55,6 +62,7 @@ def brute_force_ntk(
 def assert_close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
     """Entrywise match relative to the kernel's scale (diagonal entries are O(scale))."""
     scale = expected.abs().max().item()
+    assert scale > 0, "a zero reference kernel would make any actual kernel pass"
     assert actual.shape == expected.shape
     err = (actual.detach() - expected.detach()).abs().max().item()
     assert err <= rtol * scale, f"max abs error {err:.3e} exceeds {rtol:.0e} × scale {scale:.3e}"
@@ -62,3 +70,16 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
 
 def mlp(d_in: int = 5, hidden: int = 7, c: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, c)).to(DTYPE)
+
+
+def spy_generic(monkeypatch: pytest.MonkeyPatch) -> list[set[str]]:
+    """Record the parameter names each ``_generic_ntk`` call differentiates."""
+    calls: list[set[str]] = []
+    original = ntk_module._generic_ntk
+
+    def spy(model: nn.Module, inputs: Tensor, params: dict[str, Tensor], **kwargs: Any) -> Tensor:
+        calls.append(set(params))
+        return original(model, inputs, params, **kwargs)
+
+    monkeypatch.setattr(ntk_module, "_generic_ntk", spy)
+    return calls

@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _ntk_reference import assert_close, brute_force_ntk
+from _ntk_reference import assert_close, brute_force_ntk, spy_generic
 from torch import Tensor, nn
 
-import lin_probe.ntk.dense as ntk_module
 import lin_probe.ntk.structured as structured_module
 from lin_probe.ntk import empirical_ntk
 
@@ -31,19 +30,6 @@ DTYPE = torch.float64
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(4321)
-
-
-def _spy_generic(monkeypatch: pytest.MonkeyPatch) -> list[set[str]]:
-    """Record the parameter names each ``_generic_ntk`` call differentiates."""
-    calls: list[set[str]] = []
-    original = ntk_module._generic_ntk
-
-    def spy(model: nn.Module, inputs: Tensor, params: dict[str, Tensor], **kwargs: Any) -> Tensor:
-        calls.append(set(params))
-        return original(model, inputs, params, **kwargs)
-
-    monkeypatch.setattr(ntk_module, "_generic_ntk", spy)
-    return calls
 
 
 def _structured(model: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
@@ -65,7 +51,7 @@ def test_mlp_matches_brute_force_and_uses_no_generic_path(
         nn.Linear(6, 4, bias=bias),
     ).to(DTYPE)
     x = torch.randn(7, 5, dtype=DTYPE)
-    calls = _spy_generic(monkeypatch)
+    calls = spy_generic(monkeypatch)
     theta = _structured(model, x)
     assert calls == []  # every parameter went through the structured Gram
     assert theta.dtype == DTYPE and torch.equal(theta, theta.T)
@@ -156,7 +142,7 @@ def test_conv_configs_match_brute_force(
     x = torch.randn(5, *shape, dtype=DTYPE)
     model = build().to(DTYPE)
     model(x[:1])  # materialise lazy layers
-    calls = _spy_generic(monkeypatch)
+    calls = spy_generic(monkeypatch)
     theta = _structured(model, x)
     assert calls == []
     assert_close(theta, brute_force_ntk(model, x))
@@ -179,7 +165,7 @@ class Mixed(nn.Module):
 
 def test_cnn_layernorm_custom_parameter_parts_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
     model, x = Mixed().to(DTYPE), torch.randn(6, 2, 5, 5, dtype=DTYPE)
-    calls = _spy_generic(monkeypatch)
+    calls = spy_generic(monkeypatch)
     theta = empirical_ntk(model, x)
     assert calls == [{"scale"}]  # LayerNorm's affine parameters have a structured rule too
     assert_close(theta, brute_force_ntk(model, x))
@@ -203,7 +189,7 @@ class SharedTwice(nn.Module):
 
 def test_layer_called_twice_falls_back_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     model, x = SharedTwice().to(DTYPE), torch.randn(6, 4, dtype=DTYPE)
-    calls = _spy_generic(monkeypatch)
+    calls = spy_generic(monkeypatch)
     theta = empirical_ntk(model, x)
     assert calls == [{"inner.weight", "inner.bias"}]
     assert_close(theta, brute_force_ntk(model, x))
@@ -213,7 +199,7 @@ def test_parameter_tied_across_modules_falls_back(monkeypatch: pytest.MonkeyPatc
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
     model[2].weight = model[0].weight  # tied: each module is called once, the gradient has two terms
     x = torch.randn(6, 4, dtype=DTYPE)
-    calls = _spy_generic(monkeypatch)
+    calls = spy_generic(monkeypatch)
     theta = empirical_ntk(model, x)
     assert calls == [{"0.weight"}]  # named_parameters lists the tied tensor once
     assert_close(theta, brute_force_ntk(model, x))
@@ -245,7 +231,7 @@ def test_frozen_weight_or_bias(frozen: str, monkeypatch: pytest.MonkeyPatch) -> 
     getattr(model[0], frozen).requires_grad_(False)
     getattr(model[3], frozen).requires_grad_(False)
     x = torch.randn(5, 2, 6, dtype=DTYPE)
-    calls = _spy_generic(monkeypatch)
+    calls = spy_generic(monkeypatch)
     theta = _structured(model, x)
     assert calls == []
     assert_close(theta, brute_force_ntk(model, x))  # brute force differentiates requires_grad only

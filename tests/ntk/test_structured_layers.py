@@ -1,8 +1,8 @@
 """Structured NTK rules for BatchNorm / LayerNorm / GroupNorm affine parameters and ``nn.Embedding``.
 
-Every kernel is compared with a brute force written here: one ``torch.autograd.grad`` per example
-and output over the ``requires_grad`` parameters of an eval-mode deep copy, in float64, contracted
-as ``(1/C) Σ_c Σ_p w_p g_{i,c,p}·g_{j,c,p}`` (nothing from ``lin_probe``). The two computations only
+Every kernel is compared with the brute force of ``_ntk_reference``: one ``torch.autograd.grad`` per
+example and output over the ``requires_grad`` parameters of an eval-mode deep copy, here in float64,
+contracted as ``(1/C) Σ_c Σ_p w_p g_{i,c,p}·g_{j,c,p}`` (nothing from ``lin_probe``). The two computations only
 differ in summation order (relative ~1e-14), so ``RTOL = 1e-9`` has orders of margin while the
 targeted bugs (x̂ from the output or with batch statistics, a missing position sum, padding rows
 updated, a token matched to the wrong position, a weight on the wrong parameter) change entries by
@@ -17,15 +17,14 @@ from typing import Any
 
 import pytest
 import torch
+from _ntk_reference import assert_close, brute_force_ntk, spy_generic
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-import lin_probe.ntk.dense as ntk_module
 import lin_probe.ntk.structured as structured_module
 from lin_probe.ntk import empirical_ntk
 
 DTYPE = torch.float64
-RTOL = 1e-9
 
 
 @pytest.fixture(autouse=True)
@@ -34,45 +33,9 @@ def _seed() -> None:
 
 
 def brute_force(model: nn.Module, x: Tensor, weights: Mapping[str, float] | None = None) -> Tensor:
-    """Float64 per-example, per-output autograd gradients of an eval-mode copy, contracted directly."""
-    ref = copy.deepcopy(model).to(DTYPE).eval()
+    """The shared float64 brute force (``_ntk_reference``) on a float64 copy, whatever ``model``'s dtype."""
     x = x.to(DTYPE) if x.is_floating_point() else x
-    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
-    weights = weights or {}
-    rows = []
-    for i in range(x.shape[0]):
-        out = ref(x[i : i + 1]).reshape(-1)
-        per_output = []
-        for c in range(out.shape[0]):
-            grads = torch.autograd.grad(out[c], [p for _, p in named], retain_graph=True, allow_unused=True)
-            flat = [
-                (torch.zeros_like(p) if g is None else g).reshape(-1) * weights.get(n, 1.0) ** 0.5
-                for (n, p), g in zip(named, grads, strict=True)
-            ]
-            per_output.append(torch.cat(flat))
-        rows.append(torch.stack(per_output))
-    jac = torch.stack(rows)  # (n, C, P)
-    return torch.einsum("icp,jcp->ij", jac, jac) / jac.shape[1]
-
-
-def assert_close(actual: Tensor, expected: Tensor, rtol: float = RTOL) -> None:
-    scale = expected.abs().max().item()
-    assert scale > 0
-    err = (actual.to(DTYPE) - expected).abs().max().item()
-    assert err <= rtol * scale, f"max abs error {err:.3e} vs scale {scale:.3e} (rtol {rtol})"
-
-
-def spy_generic(monkeypatch: pytest.MonkeyPatch) -> list[set[str]]:
-    """Parameter names each generic-path call differentiates."""
-    calls: list[set[str]] = []
-    original = ntk_module._generic_ntk
-
-    def spy(model: nn.Module, inputs: Tensor, params: dict[str, Tensor], **kwargs: Any) -> Tensor:
-        calls.append(set(params))
-        return original(model, inputs, params, **kwargs)
-
-    monkeypatch.setattr(ntk_module, "_generic_ntk", spy)
-    return calls
+    return brute_force_ntk(copy.deepcopy(model).to(DTYPE), x, weights=weights)
 
 
 def check_structured(model: nn.Module, x: Tensor, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> Tensor:
