@@ -1,7 +1,7 @@
 """What ``LinearRegimeMonitor()`` at its defaults costs a real training run: wall time with vs without it.
 
 Models: :mod:`zoo` (a BatchNorm ResNet on 32×32×3, a token Transformer, a token LSTM, the digits MLP),
-each an ordinary cross-entropy ``LightningModule`` trained by SGD (lr 0.05, momentum 0.9, batch 32)
+each in ``zoo.Classifier``, an ordinary cross-entropy ``LightningModule`` trained by SGD (lr 0.05, momentum 0.9, batch 32)
 in a ``Trainer`` with a TensorBoard logger, a 256-example validation set checked once per epoch, no
 progress bar or checkpointing. Two runs per model:
 
@@ -34,9 +34,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,32 +43,8 @@ import zoo
 
 from lin_probe import LinearRegimeMonitor
 
-BATCH, LR, MOMENTUM, N_VAL = 32, 0.05, 0.9, 256
+BATCH, N_VAL = 32, 256
 RUNS = {"short": {"train": 200 * BATCH, "epochs": 1}, "long": {"train": 32 * BATCH, "epochs": 5}}
-
-
-class Classifier(pl.LightningModule):
-    """Cross-entropy on class ids, SGD with momentum: what a user writes."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
 
 
 def fit_seconds(
@@ -89,7 +63,7 @@ def fit_seconds(
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
     )  # fmt: skip
     start = time.perf_counter()
-    trainer.fit(Classifier(net), train, val)
+    trainer.fit(zoo.Classifier(net), train, val)
     return time.perf_counter() - start, monitor
 
 

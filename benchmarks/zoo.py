@@ -15,7 +15,8 @@ takes (no download: random images and tokens, scikit-learn's bundled digits):
   ``examples/digits_mlp.py`` with 2 hidden layers of width 256.
 
 Labels of the synthetic sets come from a fixed random teacher of the inputs, so training has
-something to learn (the monitor's checks see a moving network).
+something to learn (the monitor's checks see a moving network). :class:`Classifier` is the
+``LightningModule`` all of them train in: cross-entropy, SGD (lr 0.05, momentum 0.9).
 """
 
 from __future__ import annotations
@@ -24,14 +25,42 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits_mlp import DeepMLP
 
 VOCAB, LENGTH, CLASSES = 100, 16, 10
+LR, MOMENTUM = 0.05, 0.9
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy on class ids, SGD with momentum: what a user writes."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
 
 
 class ResidualBlock(nn.Module):

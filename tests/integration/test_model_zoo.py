@@ -16,7 +16,6 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -138,26 +137,10 @@ def test_ntk_is_exact(name: str) -> None:
     assert torch.allclose(theta.double(), reference, rtol=1e-6, atol=1e-9 * reference.abs().max())
 
 
-class _Classifier(pl.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-
-def _fit(name: str, tmp_path: Path, monitor: LinearRegimeMonitor | None) -> _Classifier:
+def _fit(name: str, tmp_path: Path, monitor: LinearRegimeMonitor | None) -> zoo.Classifier:
     factory, data = MODELS[name]
     torch.manual_seed(0)
-    module = _Classifier(factory())
+    module = zoo.Classifier(factory())
     x, y = data(48)
     train = DataLoader(TensorDataset(x[16:], y[16:]), batch_size=8)
     trainer = pl.Trainer(
