@@ -24,7 +24,7 @@ from lin_probe._validation import check_callable, check_int
 from lin_probe.kernel import AffineKernel
 from lin_probe.lightning import _bridge
 from lin_probe.lightning.publishing import Publisher
-from lin_probe.losses import AUTO, LossFn
+from lin_probe.losses import LossFn
 from lin_probe.monitor.core import (
     MEMO,
     PAPER,
@@ -38,7 +38,7 @@ from lin_probe.monitor.diagnosis import Diagnosis, Verdict
 from lin_probe.monitor.overhead import OverheadClock
 from lin_probe.monitor.probe import BatchToXY, default_batch_to_xy, probe_from_argument
 from lin_probe.monitor.schedule import CheckSchedule
-from lin_probe.ntk._plumbing import output_matrix, prepare_inputs
+from lin_probe.ntk._plumbing import prepare_inputs
 from lin_probe.plan import ComputePlan
 
 _CLIPPING_NOT_MIRRORED = (
@@ -216,18 +216,26 @@ class LinearRegimeMonitor(Callback):
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = _bridge.single_optimizer(trainer)
         warn = lambda message: rank_zero_warn(message, category=UserWarning)  # noqa: E731
-        host = Host(copy_model=_bridge.initial_copy, warn=warn, require_indices=trainer.world_size > 1)
+        host = Host(
+            copy_model=_bridge.initial_copy,
+            warn=warn,
+            info=rank_zero_info,
+            require_indices=trainer.world_size > 1,
+        )
         state, self._pending_state = self._pending_state, None
-        if state is not None:
-            saved = state["core"]
-            self._use_config(pl_module, saved["probe_inputs"], saved.get("probe_targets"), announce=False)
-            if self._resume(pl_module, optimizer, state, host):
-                return
+        if state is not None and self._resume(pl_module, optimizer, state, host):
+            self.publisher.config = self.core.config  # loss="auto" resolved
+            return
         probe = _bridge.gather_probe(trainer, self.probe, self.n_probe, self.batch_to_xy)
-        config = self._use_config(pl_module, probe.inputs, probe.targets, announce=True)
+        _check_probe(pl_module, probe.inputs)
         try:
             self.core = RegimeProbe.start(
-                pl_module, probe, optimizer, config, train_size=_bridge.train_set_length(trainer), host=host
+                pl_module,
+                probe,
+                optimizer,
+                self.config,
+                train_size=_bridge.train_set_length(trainer),
+                host=host,
             )
         except (ValueError, TypeError):
             raise  # lin_probe's configuration errors: they name the argument to change
@@ -239,6 +247,7 @@ class LinearRegimeMonitor(Callback):
             )
             return
         self._active = True
+        self.publisher.config = self.core.config  # loss="auto" resolved
         self.publisher.fit(trainer, self.core, pl_module)
         self._run_check(trainer, pl_module, step=0)
 
@@ -330,37 +339,6 @@ class LinearRegimeMonitor(Callback):
         self._active = bool(state.get("active", True))
         return True
 
-    def _use_config(
-        self, pl_module: pl.LightningModule, inputs: Tensor, targets: Tensor | None, *, announce: bool
-    ) -> MonitorConfig:
-        """The configuration this fit runs with: ``loss="auto"`` resolved from the probe (one example's
-        output gives ``C``); the publisher reports with the same one.
-
-        The one-example forward is also the start-up's configuration check: a probe the model rejects
-        is a clear error naming the arguments to change, before any costly work (not a raw error from
-        deep inside the NTK)."""
-        config = self.config
-        example, dtype = prepare_inputs(pl_module, inputs[:1]), floating_dtype(pl_module)
-        if dtype is not None and example.is_floating_point():
-            example = example.to(dtype)  # as the probe set is cast for the measurements
-        try:
-            with torch.no_grad(), eval_semantics(pl_module):
-                raw = pl_module(example)
-        except Exception as err:
-            raise ValueError(
-                f"LinearRegimeMonitor cannot run the model on one probe example of shape "
-                f"{tuple(inputs.shape[1:])} ({type(err).__name__}: {err}). The probe's inputs must be what "
-                "`pl_module(x)` accepts: check `probe`, or `batch_to_xy` (which picks x from a batch), and "
-                "`output_fn` (which picks the prediction from the output)."
-            ) from err
-        outputs = output_matrix(raw, config.output_fn, 1).shape[1]  # its own errors name `output_fn`
-        if config.loss == AUTO:
-            config, line = config.with_inferred_loss(targets, outputs)
-            if announce and line is not None:
-                rank_zero_info(line)
-        self.publisher.config = config
-        return config
-
     def _reset(self) -> None:
         self.core: RegimeProbe | None = None
         self.publisher = Publisher(self.config, progress_bar=self.progress_bar, verbose=self.verbose)
@@ -410,3 +388,22 @@ class LinearRegimeMonitor(Callback):
                 self._active = False
                 self._pending = []
             self._checks_since_exit += 1
+
+
+def _check_probe(pl_module: pl.LightningModule, inputs: Tensor) -> None:
+    """The start-up's configuration check, one example's forward before any costly work: a probe the
+    model rejects is a clear error naming the arguments to change, not a raw error from deep inside
+    the NTK. ``output_fn`` errors keep their own message."""
+    example, dtype = prepare_inputs(pl_module, inputs[:1]), floating_dtype(pl_module)
+    if dtype is not None and example.is_floating_point():
+        example = example.to(dtype)  # as the probe set is cast for the measurements
+    try:
+        with torch.no_grad(), eval_semantics(pl_module):
+            pl_module(example)
+    except Exception as err:
+        raise ValueError(
+            f"LinearRegimeMonitor cannot run the model on one probe example of shape "
+            f"{tuple(inputs.shape[1:])} ({type(err).__name__}: {err}). The probe's inputs must be what "
+            "`pl_module(x)` accepts: check `probe`, or `batch_to_xy` (which picks x from a batch), and "
+            "`output_fn` (which picks the prediction from the output)."
+        ) from err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,10 @@ Warn = Callable[[str], None]
 
 def _python_warning(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _log_info(message: str) -> None:
+    logging.getLogger("lin_probe").info(message)
 
 
 @dataclass(frozen=True)
@@ -98,11 +103,12 @@ class MonitorConfig:
 @dataclass(frozen=True)
 class Host:
     """What the owner of a :class:`RegimeProbe` provides: how to copy the model into ``f_0``, where
-    warnings go (rank zero only, in Lightning), and whether batches must carry example indices
-    (under data parallelism hashed ids would differ between processes)."""
+    warnings and one-line announcements go (rank zero only, in Lightning), and whether batches must
+    carry example indices (under data parallelism hashed ids would differ between processes)."""
 
     copy_model: Callable[[nn.Module], nn.Module] = frozen_copy
     warn: Warn = _python_warning
+    info: Callable[[str], None] = _log_info
     require_indices: bool = False
 
 

@@ -22,7 +22,6 @@ Plain PyTorch::
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -134,9 +133,9 @@ class RegimeProbe:
         if not isinstance(probe, ProbeSet):
             probe = probe_from_argument(probe, n_probe=_rows(probe))
         probe = _on_model(probe, model)
-        config = _with_loss(config, model, probe)
-        candidates = data_kernel_candidates(config.data_kernel_spec, model, probe.inputs)
         host = host or Host()
+        config = _with_loss(config, model, probe, announce=host.info)
+        candidates = data_kernel_candidates(config.data_kernel_spec, model, probe.inputs)
         # Everything measured at init sees the network train mode runs (BatchNorm on the probe's
         # statistics): lin_probe.monitor.batch_statistics.
         with probe_batch_statistics(model, probe.inputs):
@@ -187,9 +186,6 @@ class RegimeProbe:
         Raises ``ValueError`` for a state of another layout version (the owner then starts afresh).
         """
         config = config or MonitorConfig()
-        if config.loss == AUTO:
-            saved_probe = ProbeSet(state["probe_inputs"], state.get("probe_targets"), "checkpoint")
-            config = _with_loss(config, model, _on_model(saved_probe, model), announce=False)
         version = state.get("version")
         if version != STATE_VERSION:
             raise ValueError(
@@ -199,6 +195,7 @@ class RegimeProbe:
             state["probe_inputs"], state.get("probe_targets"), state.get("probe_source", "checkpoint")
         )
         probe = _on_model(probe, model)
+        config = _with_loss(config, model, probe)  # announced when the run first started
         width = int(state["initial_outputs"].reshape(state["initial_outputs"].shape[0], -1).shape[1])
         outputs = KernelOutputs.from_state(state.get("kernel_outputs"), width)
         kernel_output_fn = outputs.output_fn(config.output_fn, model, probe.inputs)
@@ -632,15 +629,16 @@ def _on_model(probe: ProbeSet, model: nn.Module) -> ProbeSet:
 
 
 def _with_loss(
-    config: MonitorConfig, model: nn.Module, probe: ProbeSet, *, announce: bool = True
+    config: MonitorConfig, model: nn.Module, probe: ProbeSet, *, announce: Callable[[str], None] | None = None
 ) -> MonitorConfig:
-    """``loss="auto"`` resolved from the probe's targets and one example's output width (logged in one line)."""
+    """``loss="auto"`` resolved from the probe's targets and one example's output width; the choice's
+    one line goes to ``announce``."""
     if config.loss != AUTO:
         return config
     width = predict(model, probe.inputs[:1], output_fn=config.output_fn).shape[1]
     config, line = config.with_inferred_loss(probe.targets, width)
-    if announce and line is not None:
-        logging.getLogger("lin_probe").info(line)
+    if announce is not None and line is not None:
+        announce(line)
     return config
 
 
