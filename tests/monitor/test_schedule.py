@@ -52,6 +52,34 @@ def test_check_schedule_object_follows_the_rule_and_validates() -> None:
     only_init = CheckSchedule(every_n_steps=5, ntk_every_n_steps=0, log_spaced=False)
     assert [s for s in range(21) if only_init.ntk(s)] == [0]
     with pytest.raises(ValueError, match="every_n_steps"):
-        CheckSchedule(every_n_steps=0)
+        CheckSchedule(every_n_steps=0, log_spaced=False)  # no check after step 0 at all
     with pytest.raises(TypeError, match="ntk_every_n_steps"):
         CheckSchedule(ntk_every_n_steps=1.5)  # type: ignore[arg-type]
+
+
+def test_log_only_schedule_checks_at_powers_of_two_and_ntk_up_to_its_limit() -> None:
+    """A budgeted plan: functional checks at 0, 1, 2, 4, … only; NTK at the log steps up to 16."""
+    schedule = CheckSchedule(every_n_steps=0, ntk_every_n_steps=0, log_spaced=True, ntk_log_until=16)
+    assert [s for s in range(100) if schedule.functional(s)] == [0, 1, 2, 4, 8, 16, 32, 64]
+    assert [s for s in range(100) if schedule.ntk(s)] == [0, 1, 2, 4, 8, 16]
+
+
+@pytest.mark.parametrize(
+    ("every", "ntk_every", "log_spaced", "log_until"),
+    [(10, None, True, None), (0, 0, True, 64), (7, 21, True, 8), (5, 0, False, None), (3, 6, True, 1000)],
+)
+def test_count_equals_the_listed_steps(
+    every: int, ntk_every: int | None, log_spaced: bool, log_until: int | None
+) -> None:
+    """``count`` (used by the budget) against listing every step of the horizon."""
+    schedule = CheckSchedule(every, ntk_every, log_spaced, log_until)
+    for horizon in (0, 1, 7, 64, 500):
+        listed = [s for s in range(horizon + 1) if schedule.functional(s)]
+        ntk = [s for s in range(horizon + 1) if schedule.ntk(s)]
+        assert schedule.count(horizon) == (len(listed), len(ntk))
+
+
+def test_ntk_steps_text_names_the_log_steps_and_the_interval() -> None:
+    assert CheckSchedule(0, 0, True, 512).ntk_steps_text(2000) == "0, 1, 2, 4, …, 512"
+    assert CheckSchedule(100, 1000, True, 4).ntk_steps_text(5000) == "0, 1, 2, 4 and every 1,000"
+    assert CheckSchedule(10, 0, True, None).ntk_steps_text(50) == "0"
