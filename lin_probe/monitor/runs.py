@@ -22,6 +22,7 @@ from lin_probe.monitor.batch_statistics import probe_batch_statistics
 from lin_probe.monitor.config import MonitorConfig
 from lin_probe.monitor.probe import ProbeSet
 from lin_probe.monitor.regime import RegimeTracker
+from lin_probe.shadows.initial_cache import InitialOutputCache
 from lin_probe.shadows.linear import FeaturesFn, LinearShadow
 from lin_probe.shadows.linearized import LinearizedMirror, LinearizedShadow
 from lin_probe.shadows.mirror import OptimizerMirror
@@ -104,6 +105,8 @@ def build_runs(
         with probe_batch_statistics(model, probe.inputs):
             f0 = copy_model(model)
     loss_fn = config.loss_fn
+    # One cache of f_0's outputs on training inputs for every shadow that shares f_0 (exact: f_0 is frozen).
+    cache = InitialOutputCache() if config.center else None
 
     def tracker() -> RegimeTracker:
         return RegimeTracker(config.tolerance, config.patience)
@@ -120,6 +123,7 @@ def build_runs(
             features_fn=features_fn,
             offsets_capacity=capacity,
         ).to(probe.inputs.device)
+        shadow.initial_cache = cache
         mirror = OptimizerMirror(shadow, optimizer, loss_fn)
         return ShadowRun(prefix, shadow, mirror, tracker(), ids, reported)
 

@@ -20,6 +20,7 @@ from lin_probe._model_state import eval_semantics
 from lin_probe._validation import as_feature_matrix, check_callable, check_int
 from lin_probe.kernel import AffineKernel
 from lin_probe.ntk._plumbing import OutputFn, output_matrix
+from lin_probe.shadows.initial_cache import InitialOutputCache
 from lin_probe.shadows.offsets import ExampleOffsets
 
 FeaturesFn = Callable[[Any], Tensor]
@@ -122,6 +123,7 @@ class LinearShadow(nn.Module):
         self.register_module(
             "offsets", None if offsets is None else offsets.to(device=self.B.device, dtype=dtype)
         )
+        self.initial_cache: InitialOutputCache | None = None  # f_0's outputs by input; not checkpointed
 
     @classmethod
     def from_model(
@@ -193,12 +195,20 @@ class LinearShadow(nn.Module):
         return self.kernel.features(rows.to(device=self.B.device, dtype=self.B.dtype))
 
     def initial_output(self, x: Any) -> Tensor:
-        """``f_0(x)`` as ``n × C`` (no grad, eval, global RNG untouched); zeros when uncentred."""
-        if self.initial_model is None:
+        """``f_0(x)`` as ``n × C`` (no grad, eval, global RNG untouched); zeros when uncentred.
+
+        With :attr:`initial_cache` set, rows seen before come from it (exact: ``f_0`` is frozen)."""
+        initial_model = self.initial_model
+        if initial_model is None:
             rows = x.shape[0] if isinstance(x, Tensor) else self.features(x).shape[0]
             return torch.zeros(rows, self.out_features, dtype=self.B.dtype, device=self.B.device)
-        with torch.no_grad(), eval_semantics(self.initial_model):
-            out = output_matrix(self.initial_model(_move(x, self.B.device)), self.output_fn)
+
+        def compute(rows: Any) -> Tensor:
+            return output_matrix(initial_model(rows), self.output_fn)
+
+        with torch.no_grad(), eval_semantics(initial_model):
+            x = _move(x, self.B.device)
+            out = compute(x) if self.initial_cache is None else self.initial_cache.outputs(x, compute)
         if out.shape[1] != self.out_features:
             raise ValueError(
                 f"f_0 produced {out.shape[1]} outputs per example, expected {self.out_features}."

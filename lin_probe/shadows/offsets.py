@@ -165,7 +165,7 @@ def _checked_ids(ids: Tensor, n: int | None) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_digests(x: Tensor) -> list[bytes]:
+def row_digests(x: Tensor) -> list[bytes]:
     """One blake2b digest per example of the bytes of its (flattened) input row, dtype included.
 
     Hashing the raw bytes makes identity exact for an un-augmented dataset; any change of the
@@ -208,7 +208,7 @@ class ExampleIds:
             self._set_mode("index")
             return self._checked_indices(x, indices)
         self._set_mode("hash")
-        ids = [self._register(key) for key in _row_digests(_checked_inputs(x))]
+        ids = [self._register(key) for key in row_digests(_checked_inputs(x))]
         return torch.tensor(ids, dtype=torch.long, device=x.device)
 
     def lookup(self, x: Tensor) -> Tensor:
@@ -222,7 +222,7 @@ class ExampleIds:
                 "ExampleIds is in index mode, where ids are dataset indices and inputs are not recorded; "
                 "get the probe's ids from its batches' indices (lin_probe.data.indices_from_batch)."
             )
-        keys = _row_digests(_checked_inputs(x))
+        keys = row_digests(_checked_inputs(x))
         return torch.tensor([self._table.get(k, UNKNOWN_ID) for k in keys], dtype=torch.long, device=x.device)
 
     def state_dict(self) -> dict[str, Any]:
