@@ -11,8 +11,11 @@ progress bar or checkpointing. Two runs per model:
 Both variants run in this one process and alternate (without, with; then with, without; …), each on
 a freshly seeded module; a figure is the best of ``--repeats`` (≥ 2) whole ``trainer.fit`` wall times,
 the least disturbed by other load. *overhead* is the monitor's share of the monitored run's wall
-time, ``(with − without) / with``: the quantity ``max_overhead`` would bound. The monitor runs with
-no argument (``loss="auto"`` picks cross-entropy from the integer labels).
+time, ``(with − without) / with``: the quantity ``max_overhead`` bounds (*logged* is the monitor's own
+``lin_probe/overhead`` at its last check, its share as it measures it). The monitor runs at its
+defaults (``verbose=False`` only): ``max_overhead=0.05`` plans the probe and the checks, and
+``loss="auto"`` picks cross-entropy from the integer labels. *probe*, *checks* and *ntk* are what the
+plan did: probe size, checks, NTK checks.
 
 Run: ``python benchmarks/overhead.py`` (``--models resnet_bn lstm``, ``--runs short``,
 ``--repeats 2``, ``--threads N``). Timings on a shared 2-core machine are noisy: compare the ratios
@@ -49,8 +52,9 @@ RUNS = {"short": {"train": 200 * BATCH, "epochs": 1}, "long": {"train": 32 * BAT
 
 def fit_seconds(
     model: str, run: str, monitored: bool, root: Path
-) -> tuple[float, LinearRegimeMonitor | None]:
-    """One whole ``trainer.fit`` (fresh seeded module and loaders), its wall time and the monitor."""
+) -> tuple[float, LinearRegimeMonitor | None, float]:
+    """One whole ``trainer.fit`` (fresh seeded module and loaders): its wall time, the monitor and the
+    monitor's own last logged ``lin_probe/overhead`` (NaN without it)."""
     spec = RUNS[run]
     net, x, y = zoo.build(model, spec["train"] + N_VAL, seed=0)
     train = DataLoader(TensorDataset(x[N_VAL:], y[N_VAL:]), batch_size=BATCH, shuffle=True,
@@ -64,22 +68,28 @@ def fit_seconds(
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(zoo.Classifier(net), train, val)
-    return time.perf_counter() - start, monitor
+    seconds = time.perf_counter() - start
+    logged = trainer.callback_metrics.get("lin_probe/overhead")
+    return seconds, monitor, float("nan") if logged is None else float(logged)
 
 
 def measure(model: str, run: str, repeats: int, root: Path) -> dict[str, Any]:
     times: dict[bool, list[float]] = {False: [], True: []}
-    monitor = None
+    monitor, logged = None, float("nan")
     for rep in range(repeats):
         for monitored in (False, True) if rep % 2 == 0 else (True, False):
-            seconds, m = fit_seconds(model, run, monitored, root)
+            seconds, m, share = fit_seconds(model, run, monitored, root)
             times[monitored].append(seconds)
-            monitor = m or monitor
+            if m is not None:
+                monitor, logged = m, share
     without, with_ = min(times[False]), min(times[True])
     verdict = None if monitor is None or monitor.verdict is None else monitor.verdict.describe()
     checks = 0 if monitor is None else len(monitor.history)
+    ntk = 0 if monitor is None else sum("ntk_gap" in r for r in monitor.history)
+    probe = 0 if monitor is None or monitor.core is None else len(monitor.core.probe)
     return {"without": without, "with": with_, "ratio": with_ / without, "overhead": (with_ - without) / with_,
-            "checks": checks, "verdict": verdict, "all": times}  # fmt: skip
+            "checks": checks, "ntk": ntk, "probe": probe, "logged": logged, "verdict": verdict,
+            "all": times}  # fmt: skip
 
 
 def main() -> None:
@@ -97,14 +107,16 @@ def main() -> None:
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats}")  # fmt: skip
     print(
-        f"{'model':<12} {'run':<6} {'without s':>10} {'with s':>9} {'ratio':>7} {'overhead':>9} {'checks':>7}"
+        f"{'model':<12} {'run':<6} {'without s':>10} {'with s':>9} {'ratio':>7} {'overhead':>9} {'logged':>7} "
+        f"{'probe':>5} {'checks':>6} {'ntk':>4}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for run in args.runs:
                 r = measure(model, run, args.repeats, Path(tmp))
                 print(f"{model:<12} {run:<6} {r['without']:>10.2f} {r['with']:>9.2f} {r['ratio']:>6.2f}× "
-                      f"{100 * r['overhead']:>8.1f}% {r['checks']:>7}   {r['verdict']}", flush=True)  # fmt: skip
+                      f"{100 * r['overhead']:>8.1f}% {100 * r['logged']:>6.1f}% {r['probe']:>5} {r['checks']:>6} "
+                      f"{r['ntk']:>4}   {r['verdict']}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

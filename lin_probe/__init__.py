@@ -20,6 +20,7 @@ _EXPORTS = {
     "RegimeProbe": "lin_probe.monitor.core",
     "ComputePlan": "lin_probe.plan",
     "LinearRegimeMonitor": "lin_probe.lightning.callback",
+    "OverBudgetWarning": "lin_probe.monitor.budget",
 }
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "ComputePlan",
     "LinearRegimeMonitor",
     "LinearShadow",
+    "OverBudgetWarning",
     "RegimeProbe",
     "empirical_ntk",
     "fit_affine_kernel",
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from lin_probe.kernel import AffineKernel, fit_affine_kernel, two_layer_coefficients
     from lin_probe.lightning.callback import LinearRegimeMonitor
     from lin_probe.linalg import spectral_norm
+    from lin_probe.monitor.budget import OverBudgetWarning
     from lin_probe.monitor.core import RegimeProbe
     from lin_probe.ntk import empirical_ntk
     from lin_probe.plan import ComputePlan

@@ -7,6 +7,7 @@ Lightning-free core takes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,29 @@ def train_set_length(trainer: pl.Trainer) -> int | None:
         return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
     except TypeError:  # an IterableDataset without __len__
         return None
+
+
+def horizon(trainer: pl.Trainer) -> int | None:
+    """The run's optimizer steps (``estimated_stepping_batches``), ``None`` when unknown or infinite."""
+    try:
+        steps = trainer.estimated_stepping_batches
+    except Exception:  # a dataloader Lightning cannot size
+        return None
+    return int(steps) if isinstance(steps, (int, float)) and math.isfinite(steps) and steps > 0 else None
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps per epoch (training batches over accumulation), ``None`` when unknown."""
+    batches = trainer.num_training_batches
+    if not isinstance(batches, (int, float)) or not math.isfinite(batches) or batches <= 0:
+        return None
+    return max(1, int(batches) // max(1, trainer.accumulate_grad_batches))
+
+
+def train_batch_size(trainer: pl.Trainer) -> int | None:
+    """The training dataloader's batch size, when it has one (a ``DataLoader`` with ``batch_size``)."""
+    size = getattr(trainer.train_dataloader, "batch_size", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def mean_over_ranks(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:

@@ -9,6 +9,7 @@ published. Lightning's internals stay in :mod:`lin_probe.lightning._bridge`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,15 +17,17 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
-from lin_probe._model_state import eval_semantics, floating_dtype
+from lin_probe._model_state import eval_semantics, floating_dtype, model_device
 from lin_probe._validation import check_callable, check_int
 from lin_probe.kernel import AffineKernel
 from lin_probe.lightning import _bridge
 from lin_probe.lightning.publishing import Publisher
 from lin_probe.losses import LossFn
+from lin_probe.monitor.budget import PROBE_SIZES, MonitorPlan, OverBudgetWarning, check_max_overhead
+from lin_probe.monitor.budget_keeper import REPLAN_AT_STEP, BudgetKeeper, planned_stop
 from lin_probe.monitor.core import (
     MEMO,
     PAPER,
@@ -32,14 +35,23 @@ from lin_probe.monitor.core import (
     Host,
     MonitorConfig,
     RegimeProbe,
+    learning_rate_weights,
     saved_exit_step,
 )
 from lin_probe.monitor.diagnosis import Diagnosis, Verdict
+from lin_probe.monitor.forward import CalledWith, ForwardFn, called_with
 from lin_probe.monitor.overhead import OverheadClock
-from lin_probe.monitor.probe import BatchToXY, default_batch_to_xy, probe_from_argument
+from lin_probe.monitor.pilot import measure_costs
+from lin_probe.monitor.probe import BatchToXY, ProbeSet, default_batch_to_xy, probe_from_argument
 from lin_probe.monitor.schedule import CheckSchedule
 from lin_probe.ntk._plumbing import prepare_inputs
 from lin_probe.plan import ComputePlan
+
+_LARGEST_GIVEN_PROBE = 1 << 62
+"""``probe=`` without ``n_probe``: every example given is used (the probe is the user's explicit choice)."""
+
+UNBUDGETED_EVERY_N_STEPS = 10
+"""The check interval without a budget (``max_overhead=None``) or when ``every_n_steps`` is unset."""
 
 _CLIPPING_NOT_MIRRORED = (
     "Gradient clipping is not mirrored on the linear shadow: while clipping is active the shadow and the "
@@ -59,22 +71,26 @@ class LinearRegimeMonitor(Callback):
     Args:
         probe: ``None`` (the first ``n_probe`` validation examples, else training ones), a tensor of
             inputs, or an ``(inputs, targets)`` pair.
-        n_probe: how many probe examples to use (the NTK is ``n_probe × n_probe``).
+        n_probe: how many probe examples to use (the NTK is ``n_probe × n_probe``); ``None``: all of a
+            given ``probe``, else the budget's choice among 256, 128, 64 and 32 (256 without a budget).
         loss: ``"auto"`` (inferred at train start from the probe's targets and the model's output:
             integer class targets with several outputs → ``"cross_entropy"``, floating targets of the
             output's size → ``"mse"``; the choice is announced in one line), ``"mse"``,
             ``"cross_entropy"`` or a callable ``(pred, target) -> scalar``: the loss your
             ``training_step`` minimises, with mean reduction.
         batch_to_xy: ``(x, y)`` from a training batch; default: its first two items, or keys "x"/"y".
-        every_n_steps: a functional check every this many optimizer steps (and at step 0).
-        ntk_every_n_steps: an NTK check every this many steps (``None``: ``every_n_steps``; 0: step 0 only).
+        every_n_steps: a functional check every this many optimizer steps (and at step 0; 0: only the
+            log-spaced ones); ``None``: the budget's choice (10 without a budget).
+        ntk_every_n_steps: an NTK check every this many steps (``None``: ``every_n_steps``, or the
+            budget's choice when ``every_n_steps`` is unset too; 0: step 0 only).
         log_spaced: also check at steps 1, 2, 4, 8, … (early-time dynamics are log-scaled).
         tolerance: a check is outside the linear regime when ``functional_distance_rel > tolerance``.
         patience: consecutive outside checks that confirm the exit.
         center: include ``f_0`` in the shadow (a frozen copy of the model); ``False`` for models whose
             initial output is ~0 or that are too large to keep twice.
         stop_after_exit: stop measuring and shadowing this many checks after the exit, or after the verdict
-            "not in the linear regime from the start" (``None``: never).
+            "not in the linear regime from the start" (``None``: the budget's choice, 3; never without a
+            budget).
         output_fn: maps the model's raw output to the prediction tensor (tuple/dict outputs).
         features_fn: maps inputs to the float vectors the data kernel ``XXᵀ/d`` is built from (token
             inputs); the model still receives the raw inputs. The same as ``data_kernel=features_fn``.
@@ -97,6 +113,16 @@ class LinearRegimeMonitor(Callback):
             number of projections and the error measured against the exact kernel on 16 probe
             examples), or ``"auto"``: the sketch for models with more than 64 outputs per example
             (language models), exact otherwise.
+        max_overhead: the monitor's budget, as a share of the run's wall time (default 5 %;
+            ``None``: no budget, the fixed defaults above). At train start the monitor times its parts and
+            plans what fits the run's length (``trainer.estimated_stepping_batches``): the probe size,
+            the NTK checks (log-spaced first) and the functional ones, and when to stop after the exit;
+            it says the plan in one line, re-plans once from the run's measured steps, logs its share so
+            far as ``lin_probe/overhead``, and warns when even its minimal plan (or your explicit
+            settings) exceed the budget (:mod:`lin_probe.monitor.budget`). Settings you pass are kept.
+        forward_fn: how to call your module on a probe or batch input ``x``, ``forward_fn(module, x)``,
+            for a ``forward`` that takes more than the inputs (e.g. ``lambda m, x: m(x, None)``); every
+            measurement, ``f_0`` and the shadows use it (:class:`lin_probe.monitor.forward.CalledWith`).
 
     Example::
 
@@ -106,10 +132,10 @@ class LinearRegimeMonitor(Callback):
     def __init__(
         self,
         probe: Tensor | tuple[Tensor, Tensor] | None = None,
-        n_probe: int = 256,
+        n_probe: int | None = None,
         loss: str | LossFn = "auto",
         batch_to_xy: BatchToXY | None = None,
-        every_n_steps: int = 10,
+        every_n_steps: int | None = None,
         ntk_every_n_steps: int | None = None,
         log_spaced: bool = True,
         tolerance: float = 0.1,
@@ -126,12 +152,22 @@ class LinearRegimeMonitor(Callback):
         data_kernel: str | Callable[[Tensor], Tensor] = "auto",
         linearized: bool = False,
         outputs: str = "auto",
+        max_overhead: float | None = 0.05,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         super().__init__()
-        check_int("n_probe", n_probe, minimum=2)
+        if n_probe is not None:
+            check_int("n_probe", n_probe, minimum=2)
         if stop_after_exit is not None:
             check_int("stop_after_exit", stop_after_exit, minimum=0)
-        self.schedule = CheckSchedule(every_n_steps, ntk_every_n_steps, log_spaced)
+        check_max_overhead(max_overhead)
+        check_callable("forward_fn", forward_fn)
+        self.forward_fn = forward_fn
+        self._wrapper: CalledWith | None = None
+        explicit = every_n_steps is not None or ntk_every_n_steps is not None or not log_spaced
+        interval = UNBUDGETED_EVERY_N_STEPS if every_n_steps is None else every_n_steps
+        # The user's schedule (the budget keeps it), else None: the fixed default until a plan replaces it.
+        self.user_schedule = CheckSchedule(interval, ntk_every_n_steps, log_spaced) if explicit else None
         check_callable("batch_to_xy", batch_to_xy)
         plan = ComputePlan.resolve(memory_budget, compute_plan)
         # positional, in MonitorConfig's field order: loss, tolerance, patience, center, output_fn, ...
@@ -148,10 +184,13 @@ class LinearRegimeMonitor(Callback):
             linearized,
             outputs,
         )
-        if probe is not None:
-            probe_from_argument(probe, n_probe)  # validate now, not after the first epoch's setup
-        self.probe, self.n_probe = probe, n_probe
+        fixed_n = n_probe
+        if probe is not None:  # validated now, not after setup; a given probe fixes the size (all of it)
+            fixed_n = len(probe_from_argument(probe, n_probe or _LARGEST_GIVEN_PROBE))
+        self.probe, self.n_probe, self.max_overhead = probe, n_probe, max_overhead
+        self.fixed_n_probe = fixed_n  # what the budget must keep: n_probe, or the given probe's size
         self.batch_to_xy: BatchToXY = batch_to_xy or default_batch_to_xy
+        self.user_stop_after_exit = stop_after_exit
         self.stop_after_exit, self.progress_bar, self.verbose = stop_after_exit, progress_bar, verbose
         self._pending_state: dict[str, Any] | None = None
         self._reset()
@@ -161,8 +200,9 @@ class LinearRegimeMonitor(Callback):
     def state_key(self) -> str:
         """Distinct per configuration, so two monitors (e.g. different tolerances) can share a Trainer."""
         config = self.config
+        every_n_steps = None if self.user_schedule is None else self.user_schedule.every_n_steps
         return self._generate_state_key(
-            n_probe=self.n_probe, every_n_steps=self.schedule.every_n_steps, tolerance=config.tolerance,
+            n_probe=self.n_probe, every_n_steps=every_n_steps, tolerance=config.tolerance,
             patience=config.patience, memorization=config.memorization, linearized=config.linearized,
         )  # fmt: skip
 
@@ -204,6 +244,9 @@ class LinearRegimeMonitor(Callback):
         if stage != "fit":
             return
         _bridge.require_automatic_optimization(pl_module)
+        if isinstance(self.probe, (Tensor, tuple, list)) and _built(pl_module):  # checked before anything runs
+            inputs = probe_from_argument(self.probe, self._gathered_n).inputs
+            _check_probe(called_with(pl_module, self.forward_fn), inputs, self.forward_fn is not None)
         self._reset()  # each fit starts clean; a checkpoint's state arrives after this, in load_state_dict
         self.publisher.start(trainer, pl_module)  # before Lightning's HParams
 
@@ -222,15 +265,18 @@ class LinearRegimeMonitor(Callback):
             info=rank_zero_info,
             require_indices=trainer.world_size > 1,
         )
+        model = self._model(pl_module)  # what measurements call: pl_module, or forward_fn around it
         state, self._pending_state = self._pending_state, None
-        if state is not None and self._resume(pl_module, optimizer, state, host):
+        if state is not None and self._resume(model, optimizer, state, host):
             self.publisher.config = self.core.config  # loss="auto" resolved
             return
-        probe = _bridge.gather_probe(trainer, self.probe, self.n_probe, self.batch_to_xy)
-        _check_probe(pl_module, probe.inputs)
+        probe = _bridge.gather_probe(trainer, self.probe, self._gathered_n, self.batch_to_xy)
+        _check_probe(model, probe.inputs, self.forward_fn is not None)
         try:
+            if self.budget is not None:
+                probe = self._plan(trainer, model, probe, optimizer)
             self.core = RegimeProbe.start(
-                pl_module,
+                model,
                 probe,
                 optimizer,
                 self.config,
@@ -249,7 +295,7 @@ class LinearRegimeMonitor(Callback):
         self._active = True
         self.publisher.config = self.core.config  # loss="auto" resolved
         self.publisher.fit(trainer, self.core, pl_module)
-        self._run_check(trainer, pl_module, step=0)
+        self._run_check(trainer, model, step=0)
 
     @override
     def on_train_batch_start(
@@ -269,8 +315,11 @@ class LinearRegimeMonitor(Callback):
         if not self._active or self.core is None:
             return
         batches, self._pending = self._pending, []
+        started = time.perf_counter()
         with self.clock.measuring():
             self._shadow_step(trainer, batches, lr=float(optimizer.param_groups[0]["lr"]))
+        if self.budget is not None:
+            self.budget.record_shadow_step(time.perf_counter() - started)
         if trainer.gradient_clip_val:
             self.publisher.warnings.warn(_CLIPPING_NOT_MIRRORED)
 
@@ -289,7 +338,7 @@ class LinearRegimeMonitor(Callback):
         self._last_step = step
         if self.schedule.functional(step):
             with self.clock.measuring():
-                self._run_check(trainer, pl_module, step)
+                self._run_check(trainer, self._model(pl_module), step)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -308,7 +357,9 @@ class LinearRegimeMonitor(Callback):
         if self.core is None:  # loaded but not yet resumed: keep what was loaded
             return self._pending_state or {"version": STATE_VERSION, "history": list(self.history)}
         loop = {"last_optimizer_step": self._last_step, "checks_since_exit": self._checks_since_exit}
-        return {"version": STATE_VERSION, "core": self.core.state_dict(), **loop, "active": self._active}
+        budget = {} if self.budget is None else {"budget": self.budget.state_dict()}
+        core = self.core.state_dict()
+        return {"version": STATE_VERSION, "core": core, **loop, "active": self._active, **budget}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -321,13 +372,11 @@ class LinearRegimeMonitor(Callback):
                 "train start."
             )
 
-    def _resume(
-        self, pl_module: pl.LightningModule, optimizer: Any, state: dict[str, Any], host: Host
-    ) -> bool:
+    def _resume(self, model: nn.Module, optimizer: Any, state: dict[str, Any], host: Host) -> bool:
         """Rebuild the core from a checkpoint (Θ_0 is the kernel at *init*); False: start afresh."""
         try:
             self.core = RegimeProbe.from_state(
-                pl_module, optimizer, state["core"], self.publisher.config, host=host
+                model, optimizer, state["core"], self.publisher.config, host=host
             )
         except ValueError as err:
             self.publisher.warnings.warn(
@@ -337,6 +386,10 @@ class LinearRegimeMonitor(Callback):
         self._last_step = int(state.get("last_optimizer_step", 0))
         self._checks_since_exit = int(state.get("checks_since_exit", 0))
         self._active = bool(state.get("active", True))
+        saved = None if self.budget is None else self.budget.load_state_dict(state.get("budget") or {})
+        if saved is not None:  # the plan the run started with (its probe came from the checkpoint)
+            self.schedule, stop = saved
+            self.stop_after_exit = stop
         return True
 
     def _reset(self) -> None:
@@ -348,6 +401,70 @@ class LinearRegimeMonitor(Callback):
         self._checks_since_exit = 0
         self._active = False
         self.clock = OverheadClock()
+        self.schedule = self.user_schedule or CheckSchedule(UNBUDGETED_EVERY_N_STEPS, None, True)
+        self.stop_after_exit = self.user_stop_after_exit
+        self.budget = (
+            None
+            if self.max_overhead is None
+            else BudgetKeeper(
+                self.max_overhead,
+                n_probe=self.fixed_n_probe,
+                schedule=self.user_schedule,
+                stop_after_exit=self.user_stop_after_exit,
+                warn=lambda message: self.publisher.warnings.warn(message, category=OverBudgetWarning),
+                info=rank_zero_info,
+            )
+        )
+
+    def _plan(self, trainer: pl.Trainer, model: nn.Module, probe: ProbeSet, optimizer: Any) -> ProbeSet:
+        """Time the monitor's parts, plan within ``max_overhead`` (rank zero's plan on every rank) and
+        adopt it: the probe's first ``n`` examples, the schedule, when to stop after the exit."""
+        assert self.budget is not None
+        on_model = probe.to(model_device(model) or torch.device("cpu"), floating_dtype(model))
+        costs = measure_costs(
+            model,
+            on_model.inputs,
+            outputs_setting=self.config.outputs,
+            output_fn=self.config.output_fn,
+            param_weights=learning_rate_weights(model, optimizer),
+            plan=self.config.plan,
+            batch_size=_bridge.train_batch_size(trainer) or len(probe),
+            steps_per_epoch=_bridge.steps_per_epoch(trainer),
+            center=self.config.center,
+        )
+        plan = self.budget.start(costs, horizon=_bridge.horizon(trainer), n_available=len(probe))
+        plan = _bridge.from_rank_zero(trainer, plan)
+        self.budget.adopt(plan)  # type: ignore[arg-type]
+        self._adopt(plan)  # type: ignore[arg-type]
+        return probe.head(plan.n_probe)  # type: ignore[attr-defined]
+
+    @property
+    def _gathered_n(self) -> int:
+        """Examples to gather: the fixed size, else the largest the budget may choose."""
+        return self.fixed_n_probe or PROBE_SIZES[0]
+
+    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
+        """What every measurement calls: ``pl_module``, or one :class:`CalledWith` around it (``forward_fn``)."""
+        if self.forward_fn is None:
+            return pl_module
+        if self._wrapper is None or self._wrapper.module is not pl_module:
+            self._wrapper = CalledWith(pl_module, self.forward_fn)
+        return self._wrapper
+
+    def _adopt(self, plan: MonitorPlan) -> None:
+        self.schedule = plan.schedule
+        assert self.budget is not None
+        self.stop_after_exit = planned_stop(plan, self.user_stop_after_exit, self.budget.planned_anything)
+
+    def _replan(self, trainer: pl.Trainer, step: int) -> None:
+        """Once, early: the plan again from the run's measured seconds (rank zero's, on every rank)."""
+        if self.budget is None or self.budget.plan is None or self.budget.replanned or step < REPLAN_AT_STEP:
+            return  # (a resumed run keeps the plan it saved: there is nothing to re-plan from)
+        assert self.clock.started is not None
+        user_s = max(0.0, time.perf_counter() - self.clock.started - self.clock.own_s)
+        plan = _bridge.from_rank_zero(trainer, self.budget.replan(step, user_s) or self.budget.plan)
+        self.budget.adopt(plan)  # type: ignore[arg-type]
+        self._adopt(plan)  # type: ignore[arg-type]
 
     def _shadow_step(self, trainer: pl.Trainer, batches: list[tuple[Tensor, Tensor, Any]], lr: float) -> None:
         """One mirrored step of the shadows, in lock-step across ranks: ranks first agree that every
@@ -372,16 +489,19 @@ class LinearRegimeMonitor(Callback):
         reason = f"the linear shadow could not take a step ({failure})"
         self.publisher.warnings.warn(f"LinearRegimeMonitor stops measuring: {reason}. Training continues.")
 
-    def _run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+    def _run_check(self, trainer: pl.Trainer, model: nn.Module, step: int) -> None:
         assert self.core is not None
-        measured = self.core.measure(pl_module, step, ntk=self.schedule.ntk(step))
+        measured = self.core.measure(model, step, ntk=self.schedule.ntk(step))
+        if self.budget is not None:
+            self.budget.record_check(len(self.core.probe), *self.core.last_check_seconds)
         # Every rank measured the same thing; rank zero's record makes the exit (and so the
         # stop_after_exit schedule that gates the shadows' collectives) identical everywhere.
         record = _bridge.from_rank_zero(trainer, measured.record)
         exited = self.core.observe(record)
-        self.core.conclude(pl_module, record)  # the exit's cause, with the kernel at the exit
+        self.core.conclude(model, record)  # the exit's cause, with the kernel at the exit
         self.publisher.record(trainer, record, measured.eigenvalues, self.core)
         self.publisher.overhead(trainer, self.clock.share(), step)
+        self._replan(trainer, step)
         self.publisher.exits(trainer, exited, record, self.core)
         if self.core.verdict.state != "inside" and self.stop_after_exit is not None:
             if self._checks_since_exit >= self.stop_after_exit:
@@ -390,20 +510,35 @@ class LinearRegimeMonitor(Callback):
             self._checks_since_exit += 1
 
 
-def _check_probe(pl_module: pl.LightningModule, inputs: Tensor) -> None:
-    """The start-up's configuration check, one example's forward before any costly work: a probe the
-    model rejects is a clear error naming the arguments to change, not a raw error from deep inside
-    the NTK. ``output_fn`` errors keep their own message."""
-    example, dtype = prepare_inputs(pl_module, inputs[:1]), floating_dtype(pl_module)
+def _built(module: nn.Module) -> bool:
+    """Whether the module has its parameters yet (not before ``configure_model``, nor lazy ones)."""
+    params = list(module.parameters())
+    return bool(params) and not any(isinstance(p, nn.parameter.UninitializedParameter) for p in params)
+
+
+def _check_probe(model: nn.Module, inputs: Tensor, wrapped: bool = False) -> None:
+    """The configuration check, one example's forward before any costly work: a probe the model
+    rejects is a clear error naming the arguments to change, not a raw error from deep inside the
+    NTK. ``output_fn`` errors keep their own message."""
+    example, dtype = prepare_inputs(model, inputs[:1]), floating_dtype(model)
     if dtype is not None and example.is_floating_point():
         example = example.to(dtype)  # as the probe set is cast for the measurements
     try:
-        with torch.no_grad(), eval_semantics(pl_module):
-            pl_module(example)
+        with torch.no_grad(), eval_semantics(model):
+            model(example)
     except Exception as err:
+        call = "`forward_fn(pl_module, x)`" if wrapped else "`pl_module(x)`"
+        hint = (
+            ""
+            if wrapped
+            else (
+                " If your module's forward takes more than the inputs, pass `forward_fn=lambda module, x: ...` "
+                "to say how to call it."
+            )
+        )
         raise ValueError(
             f"LinearRegimeMonitor cannot run the model on one probe example of shape "
             f"{tuple(inputs.shape[1:])} ({type(err).__name__}: {err}). The probe's inputs must be what "
-            "`pl_module(x)` accepts: check `probe`, or `batch_to_xy` (which picks x from a batch), and "
-            "`output_fn` (which picks the prediction from the output)."
+            f"{call} accepts: check `probe`, or `batch_to_xy` (which picks x from a batch), and "
+            f"`output_fn` (which picks the prediction from the output).{hint}"
         ) from err

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,7 @@ class RegimeProbe:
         self._previous_ntk: tuple[int, Tensor] | None = None
         self._theta0_at: tuple[SymmetricOperator, dict[str, int]] | None = None
         self._warned: set[str] = set()
+        self.last_check_seconds: tuple[float, float | None] = (0.0, None)  # functional, NTK (None: none)
         for run in runs:
             message = run.mirror.mirror_warning()
             if message is not None:
@@ -294,6 +296,7 @@ class RegimeProbe:
             return self._measure(model, step, record, ntk=ntk)
 
     def _measure(self, model: nn.Module, step: int, record: dict[str, float], *, ntk: bool) -> Measurement:
+        started = time.perf_counter()
         try:
             record.update(self._functional(model))
         except Exception as err:  # never crash the user's run over a measurement
@@ -303,9 +306,12 @@ class RegimeProbe:
                 f"({type(err).__name__}: {err}); logging NaN and carrying on.",
             )
             record.update(functional_distance=math.nan, functional_distance_rel=math.nan)
+        functional_s = time.perf_counter() - started
+        self.last_check_seconds = (functional_s, None)
         if not ntk:
             return Measurement(record)
         values, eigenvalues = self._ntk_values(model, step)
+        self.last_check_seconds = (functional_s, time.perf_counter() - started - functional_s)
         record.update(values)
         return Measurement(record, eigenvalues)
 

@@ -90,15 +90,32 @@ def choose_kernel_outputs(
     check_outputs(setting)
     c = output_count(model, inputs, base)
     n = int(inputs.shape[0])
-    wanted = setting == "sketch" or (setting == "auto" and c > SKETCH_ABOVE_OUTPUTS)
-    projections = min(c, max(MIN_PROJECTIONS, projections_for(c, n)))
-    if not wanted or projections >= c:
-        return KernelOutputs(c)
-    sketch = OutputSketch(projections)
+    unmeasured = outputs_without_error(setting, c, n)
+    sketch = unmeasured.sketch
+    if sketch is None:
+        return unmeasured
     error = sketch_error(
         model, inputs, sketch, output_fn=base, subsample=min(n, ERROR_SUBSAMPLE), **ntk_options
     )
     return KernelOutputs(c, sketch, error)
 
 
-__all__ = ["OUTPUTS", "SKETCH_ABOVE_OUTPUTS", "KernelOutputs", "check_outputs", "choose_kernel_outputs"]
+def outputs_without_error(setting: str, c: int, n: int) -> KernelOutputs:
+    """The exact or sketched outputs ``setting`` gives ``c`` outputs on ``n`` examples, the sketch's error
+    not measured (:func:`choose_kernel_outputs` measures it; the budget's timings need only the cost)."""
+    check_outputs(setting)
+    wanted = setting == "sketch" or (setting == "auto" and c > SKETCH_ABOVE_OUTPUTS)
+    projections = min(c, max(MIN_PROJECTIONS, projections_for(c, n)))
+    if not wanted or projections >= c:
+        return KernelOutputs(c)
+    return KernelOutputs(c, OutputSketch(projections))
+
+
+__all__ = [
+    "OUTPUTS",
+    "SKETCH_ABOVE_OUTPUTS",
+    "KernelOutputs",
+    "check_outputs",
+    "choose_kernel_outputs",
+    "outputs_without_error",
+]

@@ -33,6 +33,13 @@ class ProbeSet:
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
+    def head(self, n: int) -> ProbeSet:
+        """The first ``n`` examples (the budget's probe size)."""
+        if n >= len(self):
+            return self
+        targets = None if self.targets is None else self.targets[:n]
+        return ProbeSet(self.inputs[:n], targets, self.source)
+
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> ProbeSet:
         """On ``device``; floating inputs also cast to ``dtype`` (the model's), so a float32 probe
         can measure a float64 model. Integer inputs (token ids) and targets keep their dtype."""

@@ -75,7 +75,7 @@ def test_optimizer_is_mirrored_with_same_class(tmp_path: Path, make_opt: MakeOpt
     """SGD variants are mirrored exactly and silently; other optimizers the same way with one warning."""
     net = TwoLayerNet(D, 32)
     initial = copy.deepcopy(net)
-    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=4)
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=4, max_overhead=None)  # about the mirror
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer = _fit(tmp_path, OptRegressor(net, make_opt), monitor, max_steps=12)

@@ -356,7 +356,10 @@ def test_stop_after_exit_stops_measuring(tmp_path: Path) -> None:
         ({"tolerance": 0.0}, ValueError, "tolerance"),
         ({"patience": 0}, ValueError, "patience"),
         ({"loss": "hinge"}, ValueError, "mse"),
-        ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+        ({"every_n_steps": 0, "log_spaced": False}, ValueError, "every_n_steps"),  # no check after step 0
+        ({"max_overhead": 0.0}, ValueError, "max_overhead"),
+        ({"max_overhead": 1.5}, ValueError, "max_overhead"),
+        ({"max_overhead": "5%"}, TypeError, "max_overhead"),
         ({"n_probe": 1}, ValueError, "n_probe"),
         ({"batch_to_xy": 3}, TypeError, "batch_to_xy"),
         ({"probe": torch.tensor([[float("nan"), 1.0], [0.0, 1.0]])}, ValueError, "NaN"),

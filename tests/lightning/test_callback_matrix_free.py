@@ -25,6 +25,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor
 
 from lin_probe import LinearRegimeMonitor
+from lin_probe.monitor.budget import PROBE_SIZES
 from lin_probe.plan import ComputePlan
 
 # Lanczos certifies each norm to rtol = 1e-5; a ratio of two such norms is then good to ~2e-5.
@@ -32,7 +33,9 @@ LANCZOS_RATIO_RTOL = 2e-5
 
 
 def test_default_probe_gets_dense_checks_and_memory_budget_does_not_switch_the_mode() -> None:
-    default_n = inspect.signature(LinearRegimeMonitor).parameters["n_probe"].default
+    # n_probe=None: the budget chooses among PROBE_SIZES (256 without a budget); all are dense
+    assert inspect.signature(LinearRegimeMonitor).parameters["n_probe"].default is None
+    default_n = max(PROBE_SIZES)
     assert default_n == 256 and ComputePlan().dense(default_n)
     # the callback's memory_budget bounds Jacobian blocks only; it does not switch the mode
     assert LinearRegimeMonitor(memory_budget=4096).config.plan.dense(default_n)

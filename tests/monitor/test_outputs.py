@@ -78,7 +78,10 @@ def test_a_resumed_monitor_sketches_with_the_same_directions() -> None:
     assert resumed.kernel_outputs == probe.kernel_outputs
     a = probe.ntk.operator(model).matrix
     b = resumed.ntk.operator(model).matrix
-    assert torch.equal(a, b)
+    # The same directions give the same float32 kernel up to round-off (method="auto" may time its way to
+    # another exact method after the resume: ~1e-6 relative); other directions would differ by the
+    # sketch's own error, > 1e-2 (test_auto_sketches_a_language_model_and_states_it).
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
 
 def test_unknown_outputs_setting_is_refused() -> None:

@@ -1,0 +1,295 @@
+"""An overhead budget the monitor keeps: what to measure so that the monitor costs at most a share of the run.
+
+A monitoring callback that costs more than the training it watches gets switched off, so by default
+(``max_overhead=0.05``) the monitor plans its work against the run it watches:
+
+* the run's length in optimizer steps (Lightning's ``estimated_stepping_batches``) times the
+  seconds of one training step give the run's wall time; the budget is ``max_overhead`` of it;
+* the monitor's own costs are measured (:class:`Costs`): the NTK at two small probe sizes
+  (extrapolated as ``α·n + β·n²``: per-example Jacobians are linear in ``n``, Gram contractions
+  quadratic), one forward over the probe per functional check, the shadow's work per training step
+  (``f_0`` on the batch, cached per example after the first epoch: :mod:`lin_probe.shadows.initial_cache`);
+* :func:`plan_within_budget` then chooses the largest probe (256, 128, 64 or 32 examples) whose
+  *core* plan fits — NTK and functional checks at the log-spaced steps 0, 1, 2, 4, … (early-time
+  dynamics are log-scaled, and this is where the exit is) — and spends what is left on linear
+  checks (every ``m`` steps, ``m`` a round number); when not even that fits, the NTK's log-spaced
+  checks are cut from the late end, down to the *minimal plan* (the smallest probe, the NTK at step 0
+  only, functional checks log-spaced), which runs anyway with a warning that gives the numbers.
+
+Settings the user passed (``n_probe``, ``every_n_steps``, ``ntk_every_n_steps``) are kept, not
+planned; the planner then only estimates their cost, so the caller can warn when it exceeds the
+budget. The plan is made at train start from a timed forward and backward of one batch (an
+underestimate of a real step: no optimizer or data loading, so the first plan spends less), and made
+again once from the steps actually measured (:func:`costs_from_run`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Final
+
+from lin_probe._validation import check_int
+from lin_probe.monitor.schedule import CheckSchedule
+
+PROBE_SIZES: Final[tuple[int, ...]] = (256, 128, 64, 32)
+"""Probe sizes the plan chooses among, largest first (below 32 the affine fit has too few pairs)."""
+
+UNKNOWN_HORIZON_STEPS: Final[int] = 10_000
+"""Steps planned for when the run's length is unknown (an infinite dataloader without ``max_steps``)."""
+
+STOP_AFTER_EXIT: Final[int] = 3
+"""Checks the monitor keeps measuring after the verdict in a budgeted plan (then shadows stop): the
+departure's growth is visible, and the run does not pay for shadowing a network that left."""
+
+_ROUND: Final[tuple[int, ...]] = (1, 2, 5)
+
+
+class OverBudgetWarning(UserWarning):
+    """The monitor's plan (its minimal one, or the user's explicit settings) exceeds ``max_overhead``.
+
+    Its own category so a run that accepts the cost can filter exactly this warning."""
+
+
+def check_max_overhead(max_overhead: float | None) -> None:
+    """``max_overhead`` is a fraction in (0, 1) or ``None`` (no budget)."""
+    if max_overhead is None:
+        return
+    if isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)):
+        raise TypeError(f"`max_overhead` must be a fraction such as 0.05, or None, got {max_overhead!r}.")
+    if not 0.0 < float(max_overhead) < 1.0:
+        raise ValueError(
+            f"`max_overhead` is the monitor's share of the run's wall time, in (0, 1) (0.05 = 5 %); got "
+            f"{max_overhead!r}. Pass None to switch the budget off."
+        )
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds measured for one run; the NTK's as ``ntk_linear·n + ntk_quadratic·n²``.
+
+    ``shadow_step_s``: the shadows' work per training step while ``f_0`` is computed on the batch;
+    ``shadow_cached_s``: the same once ``f_0``'s outputs are cached (from ``steps_per_epoch`` on;
+    ``None`` steps per epoch: no cache, every step pays ``shadow_step_s``).
+    """
+
+    step_s: float
+    ntk_linear: float
+    ntk_quadratic: float
+    functional_per_example_s: float
+    shadow_step_s: float
+    shadow_cached_s: float
+    steps_per_epoch: int | None = None
+
+    def ntk_s(self, n: int) -> float:
+        return self.ntk_linear * n + self.ntk_quadratic * n * n
+
+    def functional_s(self, n: int) -> float:
+        return self.functional_per_example_s * n
+
+    def shadow_total_s(self, horizon: int) -> float:
+        first = horizon if self.steps_per_epoch is None else min(horizon, self.steps_per_epoch)
+        return self.shadow_step_s * first + self.shadow_cached_s * (horizon - first)
+
+
+def ntk_cost_curve(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    """``(α, β)`` with ``t(n) ≈ α·n + β·n²`` through timed ``(n, seconds)`` samples, both ≥ 0.
+
+    Two samples are solved exactly; a negative coefficient (timing noise) is dropped and the other
+    refitted by least squares, so the curve never predicts that a larger probe is cheaper.
+    """
+    if not samples:
+        raise ValueError("ntk_cost_curve needs at least one timed (n, seconds) sample.")
+    if len(samples) >= 2:
+        (n1, t1), (n2, t2) = samples[-2], samples[-1]
+        det = n1 * n2 * n2 - n2 * n1 * n1
+        if det != 0:
+            alpha = (t1 * n2 * n2 - t2 * n1 * n1) / det
+            beta = (n1 * t2 - n2 * t1) / det
+            if alpha >= 0 and beta >= 0:
+                return alpha, beta
+    linear = sum(t * n for n, t in samples) / sum(n * n for n, _ in samples)
+    quadratic = sum(t * n * n for n, t in samples) / sum(n**4 for n, _ in samples)
+    # The pure-quadratic curve is the pessimistic one above the samples; keep whichever predicts more there.
+    top = max(n for n, _ in samples) * 4
+    return (linear, 0.0) if linear * top >= quadratic * top * top else (0.0, quadratic)
+
+
+@dataclass(frozen=True)
+class MonitorPlan:
+    """What the monitor will do and what that is estimated to cost (seconds, over ``horizon`` steps)."""
+
+    n_probe: int
+    schedule: CheckSchedule
+    horizon: int
+    horizon_known: bool
+    planned_s: float
+    budget_s: float
+    run_s: float
+    stop_after_exit: int | None
+    fits: bool
+    minimal: bool = False
+
+    @property
+    def share(self) -> float:
+        """The planned overhead as a share of the monitored run's wall time."""
+        return self.planned_s / (self.run_s + self.planned_s) if self.run_s + self.planned_s > 0 else 0.0
+
+    def line(self) -> str:
+        """The one line said at train start."""
+        every = self.schedule.every_n_steps
+        functional = "0, 1, 2, 4, …" + (f" and every {every:,}" if 0 < every <= self.horizon else "")
+        horizon = (
+            f"{self.horizon:,} steps" if self.horizon_known else f"{self.horizon:,} steps (length unknown)"
+        )
+        return (
+            f"lin_probe plan: probe {self.n_probe}, NTK at steps {self.schedule.ntk_steps_text(self.horizon)}, "
+            f"functional checks at {functional}; planned overhead {100 * self.share:.1f} % of {horizon}"
+        )
+
+    def state_dict(self) -> dict[str, object]:
+        schedule = self.schedule
+        return {
+            "n_probe": self.n_probe,
+            "every_n_steps": schedule.every_n_steps,
+            "ntk_every_n_steps": schedule.ntk_every_n_steps,
+            "log_spaced": schedule.log_spaced,
+            "ntk_log_until": schedule.ntk_log_until,
+            "stop_after_exit": self.stop_after_exit,
+        }
+
+
+def plan_within_budget(
+    costs: Costs,
+    *,
+    horizon: int | None,
+    max_overhead: float,
+    n_available: int,
+    n_probe: int | None = None,
+    schedule: CheckSchedule | None = None,
+    stop_after_exit: int | None = None,
+) -> MonitorPlan:
+    """The plan that fits ``max_overhead`` of the run (module docstring).
+
+    ``n_probe`` / ``schedule`` given: kept as they are (only the rest is planned). ``n_available``:
+    probe examples there are (a smaller user probe caps the size). ``horizon``: optimizer steps of
+    the run (``None``: unknown, :data:`UNKNOWN_HORIZON_STEPS` are planned for).
+    """
+    check_max_overhead(max_overhead)
+    check_int("n_available", n_available, minimum=1)
+    known = horizon is not None and math.isfinite(horizon) and horizon > 0
+    steps = int(horizon) if known else UNKNOWN_HORIZON_STEPS  # type: ignore[arg-type]
+    run_s = steps * costs.step_s
+    budget = max_overhead * run_s / (1.0 - max_overhead)  # share of the *monitored* run's time
+    sizes = _sizes(n_probe, n_available)
+    stop = STOP_AFTER_EXIT if stop_after_exit is None else stop_after_exit
+
+    def make(n: int, chosen: CheckSchedule, *, minimal: bool = False) -> MonitorPlan:
+        cost = _cost(costs, n, chosen, steps)
+        return MonitorPlan(n, chosen, steps, known, cost, budget, run_s, stop, cost <= budget, minimal)
+
+    if schedule is not None:  # the user's schedule: only the probe size is planned
+        plans = [make(n, schedule) for n in sizes]
+        return next((plan for plan in plans if plan.fits), plans[-1])
+    for n in sizes:
+        core = make(n, _log_schedule(steps))
+        if core.fits:
+            return make(n, _spend_rest(costs, n, steps, budget - core.planned_s))
+    smallest = sizes[-1]
+    powers = [1 << k for k in range(steps.bit_length()) if 1 << k <= steps]
+    for until in reversed(powers):  # cut the late log-spaced NTK checks first
+        plan = make(smallest, _log_schedule(steps, ntk_until=until))
+        if plan.fits:
+            return plan
+    return make(smallest, _log_schedule(steps, ntk_until=0), minimal=True)
+
+
+def _sizes(n_probe: int | None, n_available: int) -> list[int]:
+    if n_probe is not None:
+        return [min(n_probe, n_available)]
+    sizes = sorted({min(n, n_available) for n in PROBE_SIZES}, reverse=True)
+    return sizes
+
+
+def _log_schedule(horizon: int, *, ntk_until: int | None = None) -> CheckSchedule:
+    """Functional and NTK checks at 0, 1, 2, 4, … (NTK up to ``ntk_until``; default: the whole run)."""
+    return CheckSchedule(0, 0, True, horizon if ntk_until is None else ntk_until)
+
+
+def _spend_rest(costs: Costs, n: int, horizon: int, rest_s: float) -> CheckSchedule:
+    """The core log-spaced plan plus linear checks paid from ``rest_s``: half on functional checks,
+    half on NTK checks (an NTK interval a multiple of the functional one, so NTKs fall on checks)."""
+    every = _round_up(horizon * costs.functional_s(n) / (rest_s / 2)) if rest_s > 0 else 0
+    if every == 0 or every > horizon:
+        return _log_schedule(horizon)
+    ntk_every = _round_up(horizon * costs.ntk_s(n) / (rest_s / 2))
+    ntk_every = every * math.ceil(ntk_every / every)
+    return CheckSchedule(every, ntk_every if ntk_every <= horizon else 0, True, horizon)
+
+
+def _round_up(value: float) -> int:
+    """The smallest 1, 2 or 5 × 10^k at or above ``value`` (intervals a reader takes in at a glance)."""
+    if not math.isfinite(value):
+        return 0
+    value = max(value, 1.0)
+    exponent = 10 ** math.floor(math.log10(value))
+    for factor in (*_ROUND, 10):
+        if factor * exponent >= value - 1e-9:
+            return int(factor * exponent)
+    return int(10 * exponent)  # pragma: no cover - the loop ends at 10
+
+
+def _cost(costs: Costs, n: int, schedule: CheckSchedule, horizon: int) -> float:
+    """Start-up (Θ_0, reused by the step-0 check) plus the checks plus the shadows' steps."""
+    functional, ntk = schedule.count(horizon)
+    startup = costs.ntk_s(n)
+    return (
+        startup
+        + (ntk - 1) * costs.ntk_s(n)
+        + functional * costs.functional_s(n)
+        + costs.shadow_total_s(horizon)
+    )
+
+
+def costs_from_run(
+    previous: Costs,
+    *,
+    steps: int,
+    user_s: float,
+    ntk_samples: list[tuple[int, float]],
+    functional_samples: list[tuple[int, float]],
+    shadow_samples: list[float],
+) -> Costs:
+    """``previous`` with what the run measured so far: the user's seconds per step (wall time minus
+    the monitor's own), NTK checks at the probe size, functional checks and shadow steps."""
+    updated = previous
+    if steps > 0 and user_s > 0:
+        updated = replace(updated, step_s=user_s / steps)
+    if ntk_samples:
+        n, seconds = ntk_samples[-1]
+        predicted = previous.ntk_s(n)
+        scale = seconds / predicted if predicted > 0 else 1.0
+        updated = replace(
+            updated, ntk_linear=previous.ntk_linear * scale, ntk_quadratic=previous.ntk_quadratic * scale
+        )
+    if functional_samples:
+        n, seconds = min(functional_samples, key=lambda sample: sample[1])
+        updated = replace(updated, functional_per_example_s=seconds / n)
+    if shadow_samples:
+        typical = sorted(shadow_samples)[len(shadow_samples) // 2]
+        updated = replace(updated, shadow_step_s=typical)
+    return updated
+
+
+__all__ = [
+    "PROBE_SIZES",
+    "STOP_AFTER_EXIT",
+    "UNKNOWN_HORIZON_STEPS",
+    "Costs",
+    "MonitorPlan",
+    "OverBudgetWarning",
+    "check_max_overhead",
+    "costs_from_run",
+    "ntk_cost_curve",
+    "plan_within_budget",
+]

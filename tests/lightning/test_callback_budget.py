@@ -1,0 +1,102 @@
+"""``LinearRegimeMonitor(max_overhead=…)`` in real fits: the plan is said, adopted and kept.
+
+Timings decide the plan, so these tests never assume a particular plan: they read the plan the
+monitor announced and check that what it did is exactly that plan (probe size, the check steps,
+the NTK steps, stopping after the exit), and that explicit settings win.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+from _lightning_setups import Regressor, TwoLayerNet, loaders, make_trainer, sphere_data
+
+from lin_probe import LinearRegimeMonitor
+from lin_probe.monitor.budget import STOP_AFTER_EXIT
+from lin_probe.monitor.budget_keeper import REPLAN_AT_STEP
+
+D, N_TRAIN, N_VAL = 16, 128, 64
+
+
+def fit(tmp_path: Path, monitor: LinearRegimeMonitor, *, max_steps: int, width: int = 64, lr: float = 0.5):
+    x, y = sphere_data(N_TRAIN + N_VAL, D)
+    train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], 16)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=max_steps)
+    trainer.fit(Regressor(TwoLayerNet(D, width), lr), train, val)
+    return trainer
+
+
+def plan_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("lin_probe plan")]
+
+
+def test_the_default_monitor_announces_its_plan_and_does_exactly_that(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monitor = LinearRegimeMonitor(verbose=False)
+    with caplog.at_level(logging.INFO):
+        trainer = fit(tmp_path, monitor, max_steps=60)
+    lines = plan_lines(caplog)
+    assert 1 <= len(lines) <= 2  # the start's plan, and the re-plan when it changed anything
+    sizes = {int(re.search(r"probe (\d+),", line).group(1)) for line in lines}  # type: ignore[union-attr]
+    assert monitor.core is not None and sizes == {len(monitor.core.probe)}
+    assert re.search(r"planned overhead \d+\.\d % of 60 steps$", lines[0])
+    schedule = monitor.schedule  # the plan in force after the re-plan at step 8
+    steps = [int(r["step"]) for r in monitor.history]
+    early = [s for s in range(REPLAN_AT_STEP + 1) if s in (0, 1, 2, 4, 8)]
+    later = [s for s in range(REPLAN_AT_STEP + 1, 61) if schedule.functional(s)]
+    stopped = monitor.verdict is not None and monitor.verdict.state != "inside"
+    assert steps[: len(early)] == early
+    if not stopped:
+        assert steps == early + later
+    for record in monitor.history:
+        step = int(record["step"])
+        concluded = "exit_step" in record or "outside_from_start" in record  # the exit's own NTK
+        if step > REPLAN_AT_STEP and not concluded:
+            assert ("ntk_gap" in record) == schedule.ntk(step)
+    overhead = float(trainer.callback_metrics["lin_probe/overhead"])
+    assert 0.0 < overhead < 1.0
+
+
+def test_the_plan_stops_measuring_a_few_checks_after_the_verdict(tmp_path: Path) -> None:
+    """A narrow net misfits the affine kernel: 'not in the linear regime from the start' at the first
+    checks; the plan keeps measuring for STOP_AFTER_EXIT more checks, then the shadows stop."""
+    monitor = LinearRegimeMonitor(verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(tmp_path, monitor, max_steps=200, width=4, lr=2.0)
+    assert monitor.verdict is not None and monitor.verdict.state != "inside"
+    concluded = next(
+        i for i, r in enumerate(monitor.history) if "exit_step" in r or "outside_from_start" in r
+    )
+    assert len(monitor.history) - 1 - concluded == STOP_AFTER_EXIT  # checks after the verdict's
+    assert not monitor._active
+
+
+def test_explicit_settings_win_and_warn_when_over_budget(tmp_path: Path) -> None:
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=1, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, monitor, max_steps=12)
+    assert [int(r["step"]) for r in monitor.history] == list(range(13))  # every step, as asked
+    assert monitor.core is not None and len(monitor.core.probe) == N_VAL
+    over = [str(w.message) for w in caught if "over the budget" in str(w.message)]
+    assert len(over) == 1 and f"probe {N_VAL}" in over[0] and "max_overhead=None" in over[0]
+
+
+def test_no_budget_gives_the_fixed_defaults_and_no_plan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monitor = LinearRegimeMonitor(max_overhead=None, verbose=False)
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, monitor, max_steps=25)
+    assert plan_lines(caplog) == []
+    assert monitor.core is not None and len(monitor.core.probe) == N_VAL  # 256 asked, 64 there
+    assert [int(r["step"]) for r in monitor.history] == [0, 1, 2, 4, 8, 10, 16, 20]
+    assert all("ntk_gap" in r for r in monitor.history if int(r["step"]) in (0, 10, 20))
+    assert all(math.isfinite(r["functional_distance_rel"]) for r in monitor.history)

@@ -1,0 +1,200 @@
+"""The overhead budget's planner: plans that fit, the largest probe that does, the minimal plan when none does.
+
+Every plan's cost is recounted here by walking the run step by step through the schedule's own
+``functional``/``ntk`` predicates (not ``CheckSchedule.count``, which the planner uses), and
+compared with the budget ``max_overhead/(1 − max_overhead) × run``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lin_probe.monitor.budget import (
+    PROBE_SIZES,
+    STOP_AFTER_EXIT,
+    UNKNOWN_HORIZON_STEPS,
+    Costs,
+    MonitorPlan,
+    check_max_overhead,
+    costs_from_run,
+    ntk_cost_curve,
+    plan_within_budget,
+)
+from lin_probe.monitor.schedule import CheckSchedule
+
+
+def costs(**overrides: float) -> Costs:
+    values = {
+        "step_s": 0.1,
+        "ntk_linear": 1e-3,
+        "ntk_quadratic": 1e-5,
+        "functional_per_example_s": 1e-5,
+        "shadow_step_s": 1e-4,
+        "shadow_cached_s": 1e-5,
+        "steps_per_epoch": None,
+    }
+    values.update(overrides)
+    return Costs(**values)  # type: ignore[arg-type]
+
+
+def walked_cost(c: Costs, n: int, schedule: CheckSchedule, horizon: int) -> float:
+    """Start-up Θ_0 (reused at step 0), every later NTK, every functional check, every shadow step."""
+    total = c.ntk_s(n)
+    for step in range(horizon + 1):
+        if schedule.functional(step):
+            total += c.functional_s(n)
+            if step > 0 and schedule.ntk(step):
+                total += c.ntk_s(n)
+    epoch = horizon if c.steps_per_epoch is None else c.steps_per_epoch
+    return total + sum(c.shadow_step_s if s < epoch else c.shadow_cached_s for s in range(horizon))
+
+
+def budget_of(c: Costs, horizon: int, share: float) -> float:
+    return share / (1 - share) * horizon * c.step_s
+
+
+def test_cost_curve_recovers_a_linear_plus_quadratic_law() -> None:
+    alpha, beta = 2e-3, 3e-5
+    samples = [(n, alpha * n + beta * n * n) for n in (8, 16)]
+    fitted = ntk_cost_curve(samples)
+    assert fitted == pytest.approx((alpha, beta), rel=1e-9)
+
+
+def test_cost_curve_from_noisy_samples_never_predicts_a_cheaper_larger_probe() -> None:
+    """16 examples timed *faster* than 8 (noise): the solved β would be negative; the curve stays ≥ 0
+    and non-decreasing, and is at least the pure-linear extrapolation of the slower sample."""
+    alpha, beta = ntk_cost_curve([(8, 0.010), (16, 0.012)])
+    assert alpha >= 0 and beta >= 0
+    predicted = [alpha * n + beta * n * n for n in (16, 32, 64, 256)]
+    assert predicted == sorted(predicted)
+    assert alpha * 256 + beta * 256**2 >= 0.012 * 256 / 16 * 0.5
+
+
+def test_a_cheap_monitor_gets_the_largest_probe_and_linear_checks_within_budget() -> None:
+    c, horizon = costs(ntk_linear=1e-4, ntk_quadratic=1e-6), 2000  # NTK at 256 examples: 0.09 s
+    plan = plan_within_budget(c, horizon=horizon, max_overhead=0.05, n_available=256)
+    assert plan.n_probe == 256 and plan.fits and not plan.minimal
+    assert 0 < plan.schedule.every_n_steps <= horizon
+    assert walked_cost(c, 256, plan.schedule, horizon) <= budget_of(c, horizon, 0.05) * (1 + 1e-9)
+    assert plan.planned_s == pytest.approx(walked_cost(c, 256, plan.schedule, horizon), rel=1e-9)
+    assert plan.stop_after_exit == STOP_AFTER_EXIT
+    for interval in (plan.schedule.every_n_steps, plan.schedule.ntk_every_n_steps):
+        if interval:
+            mantissa = interval / 10 ** math.floor(math.log10(interval))
+            assert mantissa in (1, 2, 5) or interval % plan.schedule.every_n_steps == 0
+
+
+@pytest.mark.parametrize("quadratic", [1e-5, 1e-4, 1e-3, 3e-3])
+def test_the_probe_is_the_largest_whose_log_spaced_plan_fits(quadratic: float) -> None:
+    c, horizon = costs(ntk_quadratic=quadratic), 1000
+    plan = plan_within_budget(c, horizon=horizon, max_overhead=0.05, n_available=256)
+    budget = budget_of(c, horizon, 0.05)
+    log_only = CheckSchedule(0, 0, True, horizon)
+    assert walked_cost(c, plan.n_probe, plan.schedule, horizon) <= budget * (1 + 1e-9)
+    larger = [n for n in PROBE_SIZES if n > plan.n_probe]
+    if larger:  # the next size up does not fit even with log-spaced checks only
+        assert walked_cost(c, min(larger), log_only, horizon) > budget
+
+
+def test_when_no_probe_fits_late_ntk_checks_are_cut_first() -> None:
+    # Budget 0.05/0.95 × 4096 × 0.1 s = 21.6 s; an NTK at 32 examples costs 2 s, 14 log-spaced ones 28 s.
+    c, horizon = costs(ntk_linear=0.0, ntk_quadratic=2.0 / 32**2), 4096
+    plan = plan_within_budget(c, horizon=horizon, max_overhead=0.05, n_available=256)
+    assert plan.n_probe == 32 and plan.fits
+    until = plan.schedule.ntk_log_until
+    assert until is not None and 0 < until < horizon
+    assert walked_cost(c, 32, plan.schedule, horizon) <= budget_of(c, horizon, 0.05) * (1 + 1e-9)
+    one_more = CheckSchedule(0, 0, True, until * 2)
+    assert walked_cost(c, 32, one_more, horizon) > budget_of(c, horizon, 0.05)
+
+
+def test_a_shadow_costlier_than_the_budget_gives_the_minimal_plan_flagged() -> None:
+    c = costs(shadow_step_s=0.05)  # half a training step on every step
+    plan = plan_within_budget(c, horizon=500, max_overhead=0.05, n_available=256)
+    assert plan.minimal and not plan.fits
+    assert plan.n_probe == min(PROBE_SIZES)
+    assert [s for s in range(501) if plan.schedule.ntk(s)] == [0]
+    assert [s for s in range(501) if plan.schedule.functional(s)] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert plan.share > 0.05
+
+
+def test_cached_f0_outputs_after_the_first_epoch_make_a_long_run_fit() -> None:
+    """The same shadow costs 30 % per step uncached; cached after one 100-step epoch of 5,000 steps."""
+    uncached = costs(shadow_step_s=0.03, shadow_cached_s=0.001)
+    cached = costs(shadow_step_s=0.03, shadow_cached_s=0.001, steps_per_epoch=100)
+    assert not plan_within_budget(uncached, horizon=5000, max_overhead=0.05, n_available=256).fits
+    plan = plan_within_budget(cached, horizon=5000, max_overhead=0.05, n_available=256)
+    assert plan.fits
+    assert walked_cost(cached, plan.n_probe, plan.schedule, 5000) <= budget_of(cached, 5000, 0.05) * (
+        1 + 1e-9
+    )
+
+
+def test_explicit_settings_are_kept_and_only_estimated() -> None:
+    c = costs(ntk_quadratic=1e-3)
+    schedule = CheckSchedule(1, None, True)
+    plan = plan_within_budget(
+        c, horizon=300, max_overhead=0.05, n_available=256, n_probe=128, schedule=schedule
+    )
+    assert plan.n_probe == 128 and plan.schedule == schedule and not plan.fits
+    assert plan.planned_s == pytest.approx(walked_cost(c, 128, schedule, 300), rel=1e-9)
+    only_schedule = plan_within_budget(c, horizon=300, max_overhead=0.05, n_available=40, schedule=schedule)
+    assert only_schedule.schedule == schedule and only_schedule.n_probe <= 40
+
+
+def test_a_small_user_probe_caps_the_size() -> None:
+    plan = plan_within_budget(costs(), horizon=100, max_overhead=0.05, n_available=20)
+    assert plan.n_probe == 20
+
+
+def test_an_unknown_horizon_plans_for_a_fixed_length_and_says_so() -> None:
+    plan = plan_within_budget(costs(), horizon=None, max_overhead=0.05, n_available=256)
+    assert plan.horizon == UNKNOWN_HORIZON_STEPS and not plan.horizon_known
+    assert "length unknown" in plan.line()
+
+
+def test_the_plan_line_names_probe_ntk_steps_and_overhead() -> None:
+    plan = MonitorPlan(
+        n_probe=128,
+        schedule=CheckSchedule(0, 0, True, 512),
+        horizon=2000,
+        horizon_known=True,
+        planned_s=4.0,
+        budget_s=5.0,
+        run_s=96.0,
+        stop_after_exit=3,
+        fits=True,
+    )
+    assert plan.line() == (
+        "lin_probe plan: probe 128, NTK at steps 0, 1, 2, 4, …, 512, functional checks at 0, 1, 2, 4, …; "
+        "planned overhead 4.0 % of 2,000 steps"
+    )
+
+
+def test_costs_from_run_take_the_measured_step_and_rescale_the_ntk_curve() -> None:
+    start = costs(ntk_linear=1e-3, ntk_quadratic=1e-5)
+    measured = costs_from_run(
+        start,
+        steps=10,
+        user_s=3.0,
+        ntk_samples=[(64, 2 * start.ntk_s(64))],
+        functional_samples=[(64, 0.064), (64, 0.032)],
+        shadow_samples=[0.01, 0.02, 0.03],
+    )
+    assert measured.step_s == pytest.approx(0.3)
+    assert measured.ntk_s(64) == pytest.approx(2 * start.ntk_s(64))
+    assert measured.ntk_s(128) == pytest.approx(2 * start.ntk_s(128))
+    assert measured.functional_per_example_s == pytest.approx(0.032 / 64)
+    assert measured.shadow_step_s == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(0.0, ValueError), (1.0, ValueError), (True, TypeError), ("x", TypeError)]
+)
+def test_max_overhead_is_validated(value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="max_overhead"):
+        check_max_overhead(value)  # type: ignore[arg-type]
+    check_max_overhead(None)
+    check_max_overhead(0.05)
