@@ -34,14 +34,14 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--no-monitor", action="store_true")
+    parser.add_argument("--planned", action="store_true", help="the budget plans probe and schedule")
     args = parser.parse_args()
 
     x, y = sphere_data(N_TRAIN + N_VAL, D)
     train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], PER_RANK_BATCH)
     model = Regressor(TwoLayerNet(D, WIDTH), LR, momentum=args.momentum)
-    monitor = LinearRegimeMonitor(
-        n_probe=N_PROBE, every_n_steps=EVERY_N_STEPS, tolerance=TOLERANCE, patience=PATIENCE
-    )
+    settings = {} if args.planned else {"n_probe": N_PROBE, "every_n_steps": EVERY_N_STEPS}
+    monitor = LinearRegimeMonitor(tolerance=TOLERANCE, patience=PATIENCE, **settings)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -70,6 +70,8 @@ def main() -> None:
         },
         "params": [p.detach().flatten().tolist() for p in model.parameters()],
         "global_step": trainer.global_step,
+        "probe_size": None if monitor.core is None else len(monitor.core.probe),
+        "schedule": repr(monitor.schedule),
     }
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 

@@ -128,3 +128,15 @@ def test_ddp_user_parameters_identical_with_and_without_monitor(ddp_runs) -> Non
     _, without = ddp_runs["plain"]
     for rank in (0, 1):
         assert with_monitor[rank]["params"] == without[rank]["params"], f"rank {rank}"
+
+
+def test_a_planned_monitor_runs_rank_zeros_plan_on_every_rank(tmp_path: Path) -> None:
+    """With the budget planning (no n_probe / every_n_steps), each rank times its own parts; the ranks
+    must still measure the same probe on the same schedule, or their collectives would not pair up:
+    rank zero's plan is broadcast. Same checks, same records, same training on both ranks."""
+    ranks = _run_worker(tmp_path, "--planned")
+    assert ranks[0]["probe_size"] == ranks[1]["probe_size"] is not None
+    assert ranks[0]["schedule"] == ranks[1]["schedule"]
+    assert [r["step"] for r in ranks[0]["history"]] == [r["step"] for r in ranks[1]["history"]]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert ranks[0]["params"] == ranks[1]["params"]
