@@ -16,8 +16,10 @@ the same cost, shifted by one pixel.)
 Methods: ``baseline`` the torch.func Jacobian contraction (``vmap(jacrev)`` over all examples, then
 ``einsum`` of the full Jacobians, as in the torch.func NTK tutorial); ``ntvp`` the tutorial's other
 method, NTK-vector products (``vjp`` then ``jvp`` per output basis vector, vmapped over pairs of
-examples); ``auto``, ``generic`` and ``structured``: ``empirical_ntk(method=...)``; ``spectral``: the matrix-free
-``spectral_norm(ntk_matvec(...), n)`` (Lanczos, no kernel formed).
+examples); ``auto``, ``generic`` and ``structured``: ``empirical_ntk(method=...)`` (``auto`` rows say
+which method its cost model chose, ``chose structured`` / ``chose generic``; its timed probe is in
+the time); ``spectral``: the matrix-free ``spectral_norm(ntk_matvec(...), n)`` (Lanczos, no kernel
+formed).
 
 Each cell runs in a fresh subprocess: one warm-up call, then the median of 3 timed calls (1 if the
 warm-up took longer than ``--slow-after`` seconds). *Peak memory* is the child's peak resident set
@@ -128,6 +130,22 @@ def runner(method: str, model: nn.Module, x: Tensor) -> Callable[[], object]:
     return lambda: spectral_norm(ntk_matvec(model, x), x.shape[0], op_dtype=torch.float32)
 
 
+def record_choices() -> list[str]:
+    """The concrete method each ``method="auto"`` call of this process picks (the cost model's choice)."""
+    from lin_probe.ntk import choice
+
+    chosen: list[str] = []
+    original = choice.choose_prepared
+
+    def spy(*args: object, **kwargs: object) -> choice.MethodChoice:
+        result = original(*args, **kwargs)  # type: ignore[arg-type]
+        chosen.append(result.method.value)
+        return result
+
+    choice.choose_prepared = spy  # type: ignore[assignment]
+    return chosen
+
+
 def rss_bytes() -> int:
     """Current resident set of this process (Linux /proc)."""
     with open("/proc/self/statm") as f:
@@ -141,6 +159,7 @@ def worker(config: str, n: int, method: str, slow_after: float, threads: int | N
     model = build(config)
     x = inputs(config, n)
     call = runner(method, model, x)
+    chosen = record_choices() if method == "auto" else []
     before = rss_bytes()
     start = time.perf_counter()
     call()
@@ -151,7 +170,14 @@ def worker(config: str, n: int, method: str, slow_after: float, threads: int | N
         call()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"time": statistics.median(times), "runs": len(times), "peak": max(0, peak - before)}
+    cell: dict[str, object] = {
+        "time": statistics.median(times),
+        "runs": len(times),
+        "peak": max(0, peak - before),
+    }
+    if chosen:
+        cell["chose"] = "/".join(sorted(set(chosen)))
+    return cell
 
 
 def baseline_bytes(config: str, n: int) -> int:
@@ -193,8 +219,10 @@ def format_row(config: str, n: int, method: str, cell: dict[str, object], base: 
         return f"{lead} {cell['note']}"
     t_ratio = f"{cell['time'] / base['time']:.4f}" if "time" in base else "-"
     m_ratio = f"{cell['peak'] / max(1, base['peak']):.4f}" if "peak" in base else "-"
+    chose = f"  chose {cell['chose']}" if "chose" in cell else ""
     return (
         f"{lead} {cell['time']:>9.3f} {cell['runs']:>4} {cell['peak'] / 1e9:>8.3f} {t_ratio:>9} {m_ratio:>9}"
+        f"{chose}"
     )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,7 +37,15 @@ from lin_probe.monitor.kernel_measures import (
     ntk_scale,
 )
 from lin_probe.monitor.metrics import functional_distance, prediction_agreement
-from lin_probe.ntk import ntk_diagonal, ntk_matvec, ntk_operator
+from lin_probe.ntk import (
+    MethodChoice,
+    NTKMethod,
+    ProgressFn,
+    choose_method,
+    ntk_diagonal,
+    ntk_matvec,
+    ntk_operator,
+)
 from lin_probe.plan import ComputePlan
 
 OutputFn = Callable[[Any], Tensor]
@@ -52,27 +60,63 @@ is a worst case over directions and the first steps move along the kernel's top 
 
 NTK_KEYS = ("ntk_gap", "ntk_drift")
 
+_DIAGONAL_BLOCK = 64
+"""Examples per dense block of :meth:`NTKProbe.trace` (``ntk_diagonal``'s default)."""
+
 
 @dataclass
 class NTKProbe:
-    """How to take the NTK of a model on the probe: inputs, output selection, weights and plan."""
+    """How to take the NTK of a model on the probe: inputs, output selection, weights and plan.
+
+    The monitor takes the NTK of the same model on the same probe many times, so ``method="auto"``'s
+    timed choice (:func:`lin_probe.ntk.choose_method`) is made once, at the first :meth:`operator`
+    (or :meth:`trace`) call, kept in :attr:`method_choice` (for the monitor to report) and its
+    concrete method reused by every later call.
+    """
 
     inputs: Tensor
     output_fn: OutputFn | None
     param_weights: Mapping[str, float]
     plan: ComputePlan
+    method_choice: MethodChoice | None = field(default=None, compare=False)
 
     @property
     def _options(self) -> dict[str, Any]:
         return {"output_fn": self.output_fn, "param_weights": self.param_weights}
 
-    def operator(self, model: nn.Module) -> SymmetricOperator:
-        """``Θ`` at the model's current parameters: dense or products, per the plan."""
-        return ntk_operator(model, self.inputs, plan=self.plan, **self._options)
+    def method(self, model: nn.Module, progress: ProgressFn | None = None) -> NTKMethod:
+        """The concrete dense method, chosen on the first call (on the probe, or on the diagonal's
+        first block of 64 when the plan is matrix-free: the only dense kernels then); ``progress``
+        follows the timed probe's kernels, so it can be aborted too."""
+        if self.method_choice is None:
+            n = self.inputs.shape[0]
+            rows = self.inputs if self.plan.dense(n) else self.inputs[:_DIAGONAL_BLOCK]
+            self.method_choice = choose_method(
+                model, rows, memory_budget=self.plan.memory_budget, progress=progress, **self._options
+            )
+        return self.method_choice.method
 
-    def trace(self, model: nn.Module) -> float:
-        """``tr Θ`` exactly, from small dense diagonal blocks (no ``n × n``)."""
-        diagonal = ntk_diagonal(model, self.inputs, plan=self.plan, **self._options)
+    def operator(self, model: nn.Module, progress: ProgressFn | None = None) -> SymmetricOperator:
+        """``Θ`` at the model's current parameters: dense or products, per the plan.
+
+        ``progress(done, total)`` as for :func:`lin_probe.ntk.empirical_ntk` (raise from it to abort).
+        """
+        method = self.method(model, progress) if self.plan.dense(self.inputs.shape[0]) else NTKMethod.AUTO
+        return ntk_operator(
+            model, self.inputs, plan=self.plan, method=method, progress=progress, **self._options
+        )
+
+    def trace(self, model: nn.Module, progress: ProgressFn | None = None) -> float:
+        """``tr Θ`` exactly, from small dense diagonal blocks (no ``n × n``); ``progress`` counts blocks."""
+        diagonal = ntk_diagonal(
+            model,
+            self.inputs,
+            plan=self.plan,
+            method=self.method(model, progress),
+            progress=progress,
+            block=_DIAGONAL_BLOCK,
+            **self._options,
+        )
         return float(diagonal.sum())
 
     def frozen_operator(self, frozen: nn.Module) -> SymmetricOperator:
@@ -129,15 +173,20 @@ class InitFit:
 
 
 def fit_at_init(
-    model: nn.Module, ntk: NTKProbe, candidates: Sequence[tuple[str, FeaturesFn | None]], inputs: Tensor
+    model: nn.Module,
+    ntk: NTKProbe,
+    candidates: Sequence[tuple[str, FeaturesFn | None]],
+    inputs: Tensor,
+    progress: ProgressFn | None = None,
 ) -> InitFit:
     """``Θ_0``, computed once, and the centred affine fit of every candidate data kernel; the best is kept.
 
     The caller runs it under :func:`lin_probe.monitor.batch_statistics.probe_batch_statistics`, so
     ``Θ_0`` is the kernel of the network train mode runs (BatchNorm on the probe's statistics); the
     step-0 check reuses this ``Θ_0`` when dense (:meth:`lin_probe.monitor.core.RegimeProbe.measure`).
+    ``progress(done, total)`` follows the NTK's work (the start-up's long part; raise to abort).
     """
-    theta0 = ntk.operator(model)
+    theta0 = ntk.operator(model, progress)
     norm0 = theta0.norm()
     if not norm0 > 0:
         raise ValueError("The model's NTK on the probe set is zero: nothing trainable reaches its output.")
@@ -152,7 +201,7 @@ def fit_at_init(
             return fit_affine_kernel(op, rows, centered_fit=True, **norms)
 
     else:
-        trace = ntk.trace(model)
+        trace = ntk.trace(model, progress)
 
         def fit(op: SymmetricOperator, rows: Tensor) -> AffineKernel:
             return fit_affine_kernel_matrix_free(op, rows, trace=trace, centered_fit=True, **norms)

@@ -143,6 +143,59 @@ def stream_block_pairs(
             del streamed
 
 
+def stream_loads(count: int, *, cache: bool = False) -> int:
+    """Block loads :func:`stream_block_pairs` makes for ``count`` blocks (``count`` when every block is kept)."""
+    if count <= 1 or cache:
+        return count
+    return count * (count - 1) // 2 + 1
+
+
+ProgressFn = Callable[[int, int], None]
+"""``progress(done, total)``: called once with ``done = 0`` before any work, then after each unit."""
+
+
+class Progress:
+    """Counts units of work (block Jacobians, feature chunks, kernel blocks) for the caller's hook.
+
+    Why a class: the dense kernel plans all its parts first, so ``total`` is known at the first
+    call; the parts then only :meth:`step`. A hook that raises aborts the call: the exception
+    propagates unchanged (every path restores the model's state in ``finally`` blocks). ``None``
+    as the hook makes every method a no-op.
+    """
+
+    def __init__(self, hook: ProgressFn | None) -> None:
+        if hook is not None and not callable(hook):
+            raise TypeError(
+                f"`progress` must be a callable (done, total) -> None, got {type(hook).__name__}."
+            )
+        self.hook = hook
+        self.done = 0
+        self.total = 0
+        self.started = False
+
+    def start(self, total: int) -> None:
+        """Report ``(0, total)`` (or, when already started, grow ``total``: a fallback re-plans)."""
+        if self.started:
+            self.total = max(self.total, self.done + total)
+            return
+        self.started = True
+        self.total = total
+        if self.hook is not None:
+            self.hook(0, total)
+
+    def step(self, units: int = 1) -> None:
+        """``units`` more done; ``done`` never exceeds ``total``."""
+        self.done += units
+        self.total = max(self.total, self.done)
+        if self.hook is not None:
+            self.hook(self.done, self.total)
+
+    def finish(self) -> None:
+        """Make the last report ``(total, total)`` if units were fewer than planned."""
+        if self.started and self.done < self.total:
+            self.step(self.total - self.done)
+
+
 def row_bytes(params: Mapping[str, Tensor]) -> int:
     """Bytes of one output's gradient for one example over ``params`` (``r``)."""
     return sum(p.numel() * p.element_size() for p in params.values())

@@ -57,9 +57,10 @@ one example costs ``t = (C + 1)·a + Σ_layers (C·|y| + L·G·D)·isz`` while b
 batched backward, cotangents, patches) and ``r = Σ_layers rep·isz`` once reduced (weight
 gradients: ``C·C_out·(D + 1)``; patch Gram: ``L·G·(C·O + D)``; bias only: ``C·C_out``; normalisation:
 ``C·(|γ| + |β|)`` with ``2(C + 1)|y|`` transient; embedding as above). Chunks of
-``b`` examples satisfy ``b·(t + 2r) ≤ budget``; if every chunk's reduction fits in half the budget
-(``n·r ≤ budget/2``) each chunk is recorded once, otherwise two chunks are kept at a time and the
-others recomputed, as in the generic path. Patch Gram products are sub-blocked so their two
+``b`` examples satisfy ``b·(t + 2r) ≤ budget``; if every chunk's reduction fits next to one chunk's
+recording (``n·r + b·(t + r) ≤ budget`` for ``b ≥ min(n, 4)``) or in half the budget, each chunk is
+recorded once, otherwise two chunks are kept at a time and the others recomputed, as in the
+generic path. Patch Gram products are sub-blocked so their two
 ``(sL)²`` matrices stay under a quarter of the budget. A single example over the budget sends the
 whole kernel to the generic path, which can also slice outputs.
 """
@@ -79,7 +80,16 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from lin_probe._model_state import eval_semantics
-from lin_probe.ntk._plumbing import clamp, dtype_itemsize, saved_bytes, slices, span, stream_block_pairs
+from lin_probe.ntk._plumbing import (
+    Progress,
+    clamp,
+    dtype_itemsize,
+    saved_bytes,
+    slices,
+    span,
+    stream_block_pairs,
+    stream_loads,
+)
 
 ToMatrix = Callable[[Any, int], Tensor]
 """``(raw model output, batch) → (batch, C)``: the caller's output selection and checks."""
@@ -186,7 +196,42 @@ class _Recording:
 # ------------------------------------------------------------------------------------------ public
 
 
-def structured_ntk(
+@dataclass
+class StructuredPlan:
+    """What :func:`plan_structured` decided for ``n`` examples: layers, output width, chunking.
+
+    Separate from running so the dense kernel can report the total work before any is done, and
+    :func:`lin_probe.ntk.choice.choose_method` can price the recomputation of a budget too small
+    to keep every chunk's features.
+    """
+
+    layers: list[_Layer]
+    width: int
+    n: int
+    b: int
+    cache: bool
+
+    @property
+    def covered(self) -> set[str]:
+        """Parameter names whose kernel block this path computes."""
+        return {name for ly in self.layers for name in (ly.weight, ly.bias) if name is not None}
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.n // self.b)
+
+    @property
+    def loads(self) -> int:
+        """Chunk recordings (forward + batched backward) the run makes: the progress units."""
+        return stream_loads(self.chunks, cache=self.cache)
+
+    @property
+    def recorded_examples(self) -> int:
+        """Examples recorded in all: ``n`` when every chunk's features are kept, more when recomputed."""
+        return self.n if self.cache or self.chunks <= 1 else self.loads * self.b
+
+
+def plan_structured(
     model: nn.Module,
     inputs: Tensor,
     params: Mapping[str, Tensor],
@@ -196,39 +241,81 @@ def structured_ntk(
     memory_budget: int,
     chunk_size: int | None,
     dtype: torch.dtype,
-) -> tuple[Tensor, set[str]] | None:
-    """``((1/C) Σ_c Σ_{p ∈ covered} w_p J_{c,p} J_{c,p}ᵀ, covered)`` over the structurable layers.
+    n: int | None = None,
+) -> StructuredPlan | None:
+    """The structured layers of ``model`` and the chunking for ``n`` examples (default: ``len(inputs)``).
 
-    ``covered`` is the set of parameter names handled here; the caller adds the generic kernel of
-    the others. ``None`` when no parameter of ``params`` is structurable (or one example does not
-    fit ``memory_budget``). Raises :class:`NotStructurable` if a chunk's forward contradicts the
-    one-example probe (the caller then falls back).
+    ``None`` when no parameter of ``params`` is structurable or one example does not fit
+    ``memory_budget``; raises :class:`NotStructurable` for models whose examples interact.
+    Only ``inputs[:1]`` is run (one recorded forward).
     """
     layers = candidate_layers(model, params, weights)
     if not layers:
         return None
     _check_examples_independent(model)
-    n = inputs.shape[0]
+    n = inputs.shape[0] if n is None else n
     with eval_semantics(model):
-        constants = {name: p.detach() for name, p in model.named_parameters()}
-        constants.update({name: b.detach() for name, b in model.named_buffers()})
-        layers, width, act_bytes = _probe(model, constants, layers, inputs[:1], to_matrix)
-        if not layers:
-            return None
-        itemsize = dtype_itemsize(dtype)
-        for layer in layers:
-            layer.strategy = _choose_strategy(layer, n, width)
-            if layer.kind == "embedding" and _reduced_numel(layer, width) * itemsize > memory_budget // 4:
-                layer.strategy = "tokens"  # dense per-example rows (C·V·d) would not fit: token Gram
-        transient = (width + 1) * act_bytes + itemsize * sum(_transient_numel(ly, width) for ly in layers)
-        reduced = itemsize * sum(_reduced_numel(ly, width) for ly in layers)
-        if chunk_size is None and transient + 2 * reduced > memory_budget:
-            return None
-        b = chunk_size or clamp(memory_budget // max(1, transient + 2 * reduced), 1, n)
-        gram_budget = max(1, memory_budget // 4)
+        layers, width, act_bytes = _probe(model, _constants(model), layers, inputs[:1], to_matrix)
+    if not layers:
+        return None
+    itemsize = dtype_itemsize(dtype)
+    for layer in layers:
+        layer.strategy = _choose_strategy(layer, n, width)
+        if layer.kind == "embedding" and _reduced_numel(layer, width) * itemsize > memory_budget // 4:
+            layer.strategy = "tokens"  # dense per-example rows (C·V·d) would not fit: token Gram
+    transient = (width + 1) * act_bytes + itemsize * sum(_transient_numel(ly, width) for ly in layers)
+    reduced = itemsize * sum(_reduced_numel(ly, width) for ly in layers)
+    if chunk_size is None and transient + 2 * reduced > memory_budget:
+        return None
+    return StructuredPlan(layers, width, n, *_chunking(n, transient, reduced, memory_budget, chunk_size))
+
+
+CACHE_MIN_CHUNK = 4
+"""Smallest chunk worth keeping every chunk's features for (smaller ones pay more per-call overhead
+than the recomputation they avoid). Zoo ResNet, n = 64, 1 GiB, 1 thread: chunks of 4 with every
+chunk's features kept 4.1 s, chunks of 14 recomputed pairwise (154 example recordings) 7.2 s."""
+
+
+def _chunking(n: int, transient: int, reduced: int, budget: int, chunk_size: int | None) -> tuple[int, bool]:
+    """``(b, cache)``: examples per chunk and whether every chunk's features are kept.
+
+    Keeping all ``n·r`` features leaves ``budget − n·r`` for recording one chunk (``b·(t + r)``):
+    if that still allows ``min(n, 4)`` examples, nothing is recomputed. Otherwise two chunks are
+    alive at a time, ``b·(t + 2r) ≤ budget``, and chunk pairs are recomputed (cached anyway if all
+    features fit in half the budget, as before).
+    """
+    keep_all = (budget - n * reduced) // max(1, transient + reduced)
+    if chunk_size is not None:
+        b = min(chunk_size, n)
+        return b, n * reduced <= budget // 2 or n * reduced + b * (transient + reduced) <= budget
+    if keep_all >= min(n, CACHE_MIN_CHUNK):
+        return clamp(keep_all, 1, n), True
+    b = clamp(budget // max(1, transient + 2 * reduced), 1, n)
+    return b, n * reduced <= budget // 2
+
+
+def run_structured(
+    model: nn.Module,
+    inputs: Tensor,
+    plan: StructuredPlan,
+    *,
+    to_matrix: ToMatrix,
+    memory_budget: int,
+    dtype: torch.dtype,
+    progress: Progress | None = None,
+) -> Tensor:
+    """``(1/C) Σ_c Σ_{p ∈ plan.covered} w_p J_{c,p} J_{c,p}ᵀ`` as planned; one progress unit per chunk recording."""
+    n, width, layers = inputs.shape[0], plan.width, plan.layers
+    itemsize = dtype_itemsize(dtype)
+    gram_budget = max(1, memory_budget // 4)
+    tracker = progress or Progress(None)
+    with eval_semantics(model):
+        constants = _constants(model)
 
         def features(rows: slice) -> list[_Features]:
-            return _chunk_features(model, constants, layers, inputs[rows], to_matrix, width, dtype)
+            feats = _chunk_features(model, constants, layers, inputs[rows], to_matrix, width, dtype)
+            tracker.step()
+            return feats
 
         def gram(fi: list[_Features], fj: list[_Features]) -> Tensor:
             return sum(
@@ -240,9 +327,54 @@ def structured_ntk(
             )
 
         theta = torch.zeros(n, n, dtype=dtype, device=inputs.device)
-        _pairwise(theta, list(slices(n, b)), features, gram, cache=n * reduced <= memory_budget // 2)
-    covered = {name for ly in layers for name in (ly.weight, ly.bias) if name is not None}
-    return (theta + theta.T) / (2 * width), covered
+        _pairwise(theta, list(slices(n, plan.b)), features, gram, cache=plan.cache)
+    return (theta + theta.T) / (2 * width)
+
+
+def structured_ntk(
+    model: nn.Module,
+    inputs: Tensor,
+    params: Mapping[str, Tensor],
+    *,
+    to_matrix: ToMatrix,
+    weights: Mapping[str, float],
+    memory_budget: int,
+    chunk_size: int | None,
+    dtype: torch.dtype,
+    progress: Progress | None = None,
+) -> tuple[Tensor, set[str]] | None:
+    """``((1/C) Σ_c Σ_{p ∈ covered} w_p J_{c,p} J_{c,p}ᵀ, covered)`` over the structurable layers.
+
+    ``covered`` is the set of parameter names handled here; the caller adds the generic kernel of
+    the others. ``None`` when no parameter of ``params`` is structurable (or one example does not
+    fit ``memory_budget``). Raises :class:`NotStructurable` if a chunk's forward contradicts the
+    one-example probe (the caller then falls back).
+    """
+    plan = plan_structured(
+        model,
+        inputs,
+        params,
+        to_matrix=to_matrix,
+        weights=weights,
+        memory_budget=memory_budget,
+        chunk_size=chunk_size,
+        dtype=dtype,
+    )
+    if plan is None:
+        return None
+    if progress is not None:
+        progress.start(plan.loads)
+    theta = run_structured(
+        model, inputs, plan, to_matrix=to_matrix, memory_budget=memory_budget, dtype=dtype, progress=progress
+    )
+    return theta, plan.covered
+
+
+def _constants(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer, detached: the recorded forward differentiates only the taps."""
+    constants = {name: p.detach() for name, p in model.named_parameters()}
+    constants.update({name: b.detach() for name, b in model.named_buffers()})
+    return constants
 
 
 def _check_examples_independent(model: nn.Module) -> None:

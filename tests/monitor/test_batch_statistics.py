@@ -185,9 +185,9 @@ def test_f0_is_calibrated_once_and_step0_reuses_theta0(monkeypatch: pytest.Monke
     calls = []
     original = NTKProbe.operator
 
-    def counted(self: NTKProbe, m: nn.Module):
+    def counted(self: NTKProbe, m: nn.Module, progress=None):  # type: ignore[no-untyped-def]
         calls.append(1)
-        return original(self, m)
+        return original(self, m, progress)
 
     monkeypatch.setattr(NTKProbe, "operator", counted)
     before = _buffers(model)

@@ -130,8 +130,7 @@ def test_recurrent_kernel_and_product_match_brute_force(
     assert_close(kernel, expected, rtol)
     assert_close(kernel_again, expected, rtol)
     assert_close(product, expected @ u.double(), rtol)
-    messages = loop_warnings(record)
-    assert len(messages) == 1 and "LSTM" in messages[0] and "exact" in messages[0]
+    assert not loop_warnings(record)  # batched-forward Jacobians: no slow per-example loop
     assert_untouched(model, before)
 
 

@@ -1,0 +1,203 @@
+"""The cost model behind ``method="auto"``: time each dense method on a few examples, extrapolate to ``n``.
+
+Why timed and not counted: the two dense paths spend their time in very different kernels (a
+batched backward over ``C`` outputs plus per-layer einsums, vs ``vmap(jacrev)`` plus one big
+matmul) whose speed depends on the backend, the thread count and the layer shapes far more than on
+FLOPs. So each candidate runs on ``m`` and ``2m`` of the examples (``m = clamp(n // 32, 2, 8)``)
+and the two times fit
+
+    ``t(N) = α·E(N) + β·N²``
+
+with ``E(N)`` the examples the path records (forward + backward) for ``N`` examples under the
+memory budget — ``N`` when every chunk's features or Jacobians are kept, more when the budget forces
+chunk pairs to be recomputed (:attr:`~lin_probe.ntk.structured.StructuredPlan.recorded_examples`,
+:attr:`~lin_probe.ntk.dense.GenericPlan.recorded_examples`): that is the part the probe, small
+enough to fit, cannot show. ``β·N²`` is the Gram contraction. A probe ``n ≤ 16`` is not timed: the
+whole kernel costs about what the probe would. Candidates: the structured rules (with the generic
+rest) where any layer qualifies, and the generic Jacobian contraction. NTK-vector products are not
+a candidate (see :class:`~lin_probe.ntk.dense.NTKMethod`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lin_probe.ntk import _plumbing as plumbing
+from lin_probe.ntk import dense
+from lin_probe.ntk._plumbing import OutputFn, ProgressFn
+from lin_probe.ntk.dense import NTKMethod, measurement_backends
+from lin_probe.ntk.structured import NotStructurable
+
+UNTIMED_MAX_N = 16
+"""Probe sets up to this size are not timed: the structured rules are used where they apply."""
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """The concrete method ``method="auto"`` runs, and why.
+
+    ``estimates`` maps each candidate (:class:`NTKMethod` value) to its extrapolated seconds for
+    the ``n`` examples (absent: not timed; ``inf``: it cannot run; a candidate dropped after its
+    first probe gets that probe scaled linearly, a lower bound); ``reason`` is a short phrase.
+    """
+
+    method: NTKMethod
+    n: int
+    estimates: Mapping[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+    def explain(self) -> str:
+        """One line for a log: the method and each candidate's estimate."""
+        times = ", ".join(f"{name} ~{seconds:.3g} s" for name, seconds in self.estimates.items())
+        return (
+            f"NTK method {self.method.value!r} for n={self.n} ({self.reason}{'; ' + times if times else ''})"
+        )
+
+
+def choose_method(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    output_fn: OutputFn | None = None,
+    param_weights: Mapping[str, float] | None = None,
+    memory_budget: int | None = None,
+    chunk_size: int | None = None,
+    progress: ProgressFn | None = None,
+) -> MethodChoice:
+    """The faster of the structured rules and the generic Jacobian contraction for this kernel.
+
+    Same arguments as :func:`lin_probe.ntk.empirical_ntk` (the kernel is not computed): runs both
+    on a few of ``inputs`` (module docstring) and leaves the model as it was. Pass the result's
+    ``method`` to later calls on the same model and inputs to skip the probe. ``progress`` follows
+    each timed kernel's units (each run counts afresh), so a caller can abort the probe too.
+    """
+    inputs, budget, params, weights = plumbing.prepare_call(
+        model, inputs, chunk_size=chunk_size, memory_budget=memory_budget, param_weights=param_weights
+    )
+    return choose_prepared(model, inputs, budget, params, weights, output_fn, chunk_size, progress)
+
+
+def choose_prepared(
+    model: nn.Module,
+    inputs: Tensor,
+    budget: int,
+    params: dict[str, Tensor],
+    weights: dict[str, float],
+    output_fn: OutputFn | None,
+    chunk_size: int | None,
+    progress: ProgressFn | None = None,
+) -> MethodChoice:
+    """:func:`choose_method` on checked arguments (as :func:`~lin_probe.ntk.empirical_ntk` has them)."""
+    n = inputs.shape[0]
+    active = {name: p for name, p in params.items() if weights[name] > 0.0}
+    dtype = plumbing.kernel_dtype(params)
+    options = {"weights": weights, "memory_budget": budget, "chunk_size": chunk_size}
+    with measurement_backends(model, math_attention=False):
+        try:
+            plan = dense._structured_plan(model, inputs, active, output_fn, options, dtype, strict=False)
+        except NotStructurable:
+            plan = None
+    if plan is None:
+        return MethodChoice(NTKMethod.GENERIC, n, reason="no layer has a structured rule")
+    if n <= UNTIMED_MAX_N:
+        return MethodChoice(NTKMethod.STRUCTURED, n, reason=f"n ≤ {UNTIMED_MAX_N}: structured rules, untimed")
+    m = plumbing.clamp(n // 32, 2, 8)
+    rest = {name: p for name, p in active.items() if name not in plan.covered}
+
+    def examples(method: NTKMethod, count: int) -> float:
+        """``E(count)``: examples the method records for ``count`` examples under this budget."""
+        generic_params = active if method is NTKMethod.GENERIC else rest
+        total = 0.0
+        if method is NTKMethod.STRUCTURED:
+            total = plan.recorded_examples if count == n else count  # the probes fit the budget
+        if generic_params:
+            g = dense.generic_plan(model, inputs, generic_params, output_fn, budget, chunk_size, n=count)
+            total = max(total, g.recorded_examples)
+        return total
+
+    def run(method: NTKMethod, count: int) -> float:
+        start = time.perf_counter()
+        with measurement_backends(model, math_attention=False):
+            dense._empirical_ntk(
+                model,
+                inputs[:count],
+                method,
+                budget,
+                params,
+                weights,
+                output_fn,
+                chunk_size,
+                plumbing.Progress(progress),
+                strict=True,
+            )
+        _synchronize(inputs.device)
+        return time.perf_counter() - start
+
+    candidates = (NTKMethod.STRUCTURED, NTKMethod.GENERIC)
+    estimates: dict[str, float] = {}
+    for method in candidates:  # the structured rules first: usually the cheaper probe
+        best = min(estimates.values(), default=math.inf)
+        estimates[method.value] = _estimate(method, m, n, run, examples, give_up_above=PRUNE_FACTOR * best)
+    best = min(candidates, key=lambda c: estimates[c.value])
+    return MethodChoice(best, n, estimates, reason=f"timed on {m} and {2 * m} examples")
+
+
+PRUNE_FACTOR = 3.0
+"""A candidate whose first probe, scaled linearly to ``n``, exceeds this many times the best
+estimate so far is not probed further: its probe alone would cost more than the choice can save."""
+
+
+def _estimate(
+    method: NTKMethod,
+    m: int,
+    n: int,
+    run: Callable[[NTKMethod, int], float],
+    examples: Callable[[NTKMethod, int], float],
+    *,
+    give_up_above: float,
+) -> float:
+    """Seconds ``method`` needs for ``n`` examples: timed on ``m`` and ``2m``, extrapolated.
+
+    No warm-up call for the first candidate: on small kernels the per-call overhead of a third call
+    is what makes the probe expensive, and a first call's one-off costs only inflate ``t1``. A later
+    candidate first runs on one example and is dropped if that alone, times ``n``, is out of the race
+    (the MLP's Jacobians: 0.06 s instead of 0.5 s for its ``m = 8`` probe).
+    """
+    try:
+        if math.isfinite(give_up_above):  # a later candidate: one example first, to drop it cheaply
+            t0 = run(method, 1)
+            if t0 * n > give_up_above:
+                return t0 * n  # a lower bound already out of the race: do not probe it further
+        t1 = run(method, m)
+        if t1 * n / m > give_up_above:
+            return t1 * n / m
+        t2 = run(method, 2 * m)
+    except (NotStructurable, ValueError):
+        return math.inf  # the structured rules refused a probe batch
+    return _extrapolate(t1, t2, m, examples(method, m), examples(method, 2 * m), examples(method, n), n)
+
+
+def _extrapolate(t1: float, t2: float, m: int, e1: float, e2: float, e_n: float, n: int) -> float:
+    """``α·E(n) + β·n²`` through ``(E(m), m², t1)`` and ``(E(2m), 4m², t2)``, with ``α, β ≥ 0``."""
+    det = e1 * 4 * m * m - e2 * m * m
+    alpha = beta = -1.0
+    if det > 0:
+        alpha = (t1 * 4 * m * m - t2 * m * m) / det
+        beta = (e1 * t2 - e2 * t1) / det
+    if alpha < 0 or beta < 0:  # noise: keep the linear term alone, through the larger probe
+        alpha, beta = t2 / max(e2, 1.0), 0.0
+    return alpha * e_n + beta * n * n
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = ["UNTIMED_MAX_N", "MethodChoice", "choose_method"]

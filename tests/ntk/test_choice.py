@@ -1,0 +1,203 @@
+"""``method="auto"``'s cost model (:mod:`lin_probe.ntk.choice`) and the monitor's choose-once probe.
+
+Kernels are checked against the float64 brute force of ``_ntk_reference``; the decision logic is
+checked with candidates made slow by an injected delay (not by timing the real paths), and the
+extrapolation on synthetic times with known ``α, β``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import pytest
+import torch
+from _ntk_reference import DTYPE, assert_close, brute_force_ntk, mlp
+from torch import Tensor, nn
+
+from lin_probe.monitor.checks import NTKProbe
+from lin_probe.ntk import MethodChoice, NTKMethod, choose_method, empirical_ntk, ntk_operator
+from lin_probe.ntk import choice as choice_module
+from lin_probe.ntk import dense as dense_module
+from lin_probe.plan import ComputePlan
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(7)
+
+
+class ScaledMLP(nn.Module):
+    """A Linear stack plus a bare parameter no structured rule covers: structured part + generic rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 6)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.inner(x)) * self.scale)
+
+
+class BareParameters(nn.Module):
+    """No module with a structured rule at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sin(x @ self.w)
+
+
+def bn_cnn() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).to(DTYPE)
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+CASES = {
+    "mlp": (lambda: mlp(), (5,)),
+    "structured_plus_rest": (lambda: ScaledMLP().to(DTYPE), (4,)),
+    "bn_cnn": (bn_cnn, (2, 5, 5)),
+    "no_rule": (lambda: BareParameters().to(DTYPE), (4,)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_auto_with_timed_choice_matches_brute_force(case: str) -> None:
+    """n = 24 > 16: the probe runs (both candidates) and whichever it picks is exact."""
+    build, shape = CASES[case]
+    model, x = build(), torch.randn(24, *shape, dtype=DTYPE)
+    choice = choose_method(model, x)
+    assert choice.method in (NTKMethod.STRUCTURED, NTKMethod.GENERIC)
+    expected = brute_force_ntk(model, x)
+    assert_close(empirical_ntk(model, x, method="auto"), expected)
+    assert_close(empirical_ntk(model, x, method=choice.method), expected)
+    if case == "no_rule":
+        assert choice.method is NTKMethod.GENERIC and not choice.estimates
+    else:
+        assert set(choice.estimates) == {"structured", "generic"}
+        assert all(v >= 0 for v in choice.estimates.values())
+        assert choice.estimates[choice.method.value] == min(choice.estimates.values())
+    assert choice.method.value in choice.explain() and "n=24" in choice.explain()
+
+
+def test_small_probe_is_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """n ≤ 16: structured rules, no kernel computed to choose."""
+    calls: list[int] = []
+    original = dense_module._empirical_ntk
+
+    def spy(model: nn.Module, inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        calls.append(inputs.shape[0])
+        return original(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(dense_module, "_empirical_ntk", spy)
+    choice = choose_method(mlp(), torch.randn(16, 5, dtype=DTYPE))
+    assert choice.method is NTKMethod.STRUCTURED and not choice.estimates
+    assert calls == []
+    choose_method(mlp(), torch.randn(17, 5, dtype=DTYPE))
+    # m = clamp(17 // 32, 2, 8) = 2: probes of 2 and 4 examples (and 1 for the second candidate)
+    assert set(calls) <= {1, 2, 4} and {2, 4} <= set(calls)
+
+
+@pytest.mark.parametrize("slow", ["structured", "generic"])
+def test_choice_avoids_the_slow_candidate(slow: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20 ms delay per call of one path (vs ~ms for the tiny model): the other one is chosen."""
+    original = dense_module._empirical_ntk
+
+    def delayed(model: nn.Module, inputs: Tensor, method: NTKMethod, *args: Any, **kwargs: Any) -> Tensor:
+        if method.value == slow:
+            time.sleep(0.02 * inputs.shape[0])
+        return original(model, inputs, method, *args, **kwargs)
+
+    monkeypatch.setattr(dense_module, "_empirical_ntk", delayed)
+    choice = choose_method(mlp(), torch.randn(64, 5, dtype=DTYPE))
+    assert choice.method.value != slow
+    assert choice.estimates[slow] > choice.estimates[choice.method.value]
+
+
+def test_extrapolation_recovers_linear_and_quadratic_terms() -> None:
+    alpha, beta, m, n = 0.003, 0.0002, 4, 256
+    for e1, e2, e_n in [(m, 2 * m, n), (m, 2 * m, 3 * n)]:  # E(n) > n: recomputation under the budget
+        t1, t2 = alpha * e1 + beta * m * m, alpha * e2 + beta * 4 * m * m
+        got = choice_module._extrapolate(t1, t2, m, e1, e2, e_n, n)
+        assert got == pytest.approx(alpha * e_n + beta * n * n, rel=1e-9)
+    # noisy times implying β < 0: linear through the larger probe, never negative
+    assert choice_module._extrapolate(1.0, 1.5, m, m, 2 * m, n, n) == pytest.approx(1.5 / (2 * m) * n)
+
+
+def test_choice_leaves_the_model_untouched() -> None:
+    model = bn_cnn().train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[5].bias.requires_grad_(False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    choose_method(model, torch.randn(20, 2, 5, 5, dtype=DTYPE))
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    assert not model[5].bias.requires_grad and model[0].weight.requires_grad
+
+
+def test_probe_chooses_once_and_reuses_the_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = choice_module.choose_method
+
+    def spy(*args: Any, **kwargs: Any) -> MethodChoice:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    import lin_probe.monitor.checks as checks_module
+
+    monkeypatch.setattr(checks_module, "choose_method", spy)
+    model, x = ScaledMLP().to(DTYPE), torch.randn(20, 4, dtype=DTYPE)
+    probe = NTKProbe(x, None, {}, ComputePlan())
+    assert probe.method_choice is None
+    expected = brute_force_ntk(model, x)
+    for _ in range(3):
+        op = probe.operator(model)
+        assert op.matrix is not None
+        assert_close(op.matrix, expected)
+    assert probe.trace(model) == pytest.approx(float(expected.trace()), rel=1e-9)
+    assert calls == [1]
+    assert isinstance(probe.method_choice, MethodChoice)
+    assert probe.method_choice.method in (NTKMethod.STRUCTURED, NTKMethod.GENERIC)
+
+
+def test_operator_passes_a_concrete_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ntk_operator(method=...)`` reaches the kernel: a concrete method never runs the probe."""
+    monkeypatch.setattr(
+        choice_module, "choose_prepared", lambda *a, **k: pytest.fail("the probe ran for a concrete method")
+    )
+    model, x = ScaledMLP().to(DTYPE), torch.randn(30, 4, dtype=DTYPE)
+    expected = brute_force_ntk(model, x)
+    for method in ("structured", "generic"):
+        op = ntk_operator(model, x, plan=ComputePlan(), method=method)
+        assert op.matrix is not None
+        assert_close(op.matrix, expected)
+    with pytest.raises(ValueError, match="method"):
+        ntk_operator(model, x, plan=ComputePlan(), method="fastest")
+
+
+def test_refused_structured_candidate_is_infinite(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A structured probe that raises (batch check) is priced ``inf`` and the generic path chosen."""
+    original = dense_module._empirical_ntk
+
+    def refusing(model: nn.Module, inputs: Tensor, method: NTKMethod, *args: Any, **kwargs: Any) -> Tensor:
+        if method is NTKMethod.STRUCTURED:
+            raise dense_module.NotStructurable("a chunk behaved differently")
+        return original(model, inputs, method, *args, **kwargs)
+
+    monkeypatch.setattr(dense_module, "_empirical_ntk", refusing)
+    choice = choose_method(mlp(), torch.randn(32, 5, dtype=DTYPE))
+    assert choice.method is NTKMethod.GENERIC and math.isinf(choice.estimates["structured"])
