@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
@@ -103,6 +104,17 @@ def train_batch_size(trainer: pl.Trainer) -> int | None:
     """The training dataloader's batch size, when it has one (a ``DataLoader`` with ``batch_size``)."""
     size = getattr(trainer.train_dataloader, "batch_size", None)
     return size if isinstance(size, int) and size > 0 else None
+
+
+def sigterm_check(trainer: pl.Trainer) -> Callable[[], None]:
+    """Raises Lightning's ``SIGTERMException`` once its handler has seen SIGTERM, as its loops do between
+    batches: long start-up work calls this between units, so a scheduler's signal stops it."""
+
+    def check() -> None:
+        if getattr(trainer, "received_sigterm", False):
+            raise SIGTERMException
+
+    return check
 
 
 def mean_over_ranks(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:

@@ -43,6 +43,7 @@ from lin_probe.monitor.forward import CalledWith, ForwardFn, called_with
 from lin_probe.monitor.overhead import OverheadClock
 from lin_probe.monitor.pilot import measure_costs
 from lin_probe.monitor.probe import BatchToXY, ProbeSet, default_batch_to_xy, probe_from_argument
+from lin_probe.monitor.progress import StartupProgress
 from lin_probe.monitor.schedule import CheckSchedule
 from lin_probe.ntk._plumbing import prepare_inputs
 from lin_probe.plan import ComputePlan
@@ -244,7 +245,9 @@ class LinearRegimeMonitor(Callback):
         if stage != "fit":
             return
         _bridge.require_automatic_optimization(pl_module)
-        if isinstance(self.probe, (Tensor, tuple, list)) and _built(pl_module):  # checked before anything runs
+        if isinstance(self.probe, (Tensor, tuple, list)) and _built(
+            pl_module
+        ):  # checked before anything runs
             inputs = probe_from_argument(self.probe, self._gathered_n).inputs
             _check_probe(called_with(pl_module, self.forward_fn), inputs, self.forward_fn is not None)
         self._reset()  # each fit starts clean; a checkpoint's state arrives after this, in load_state_dict
@@ -264,6 +267,7 @@ class LinearRegimeMonitor(Callback):
             warn=warn,
             info=rank_zero_info,
             require_indices=trainer.world_size > 1,
+            progress=lambda what: StartupProgress(what, rank_zero_info, _bridge.sigterm_check(trainer)),
         )
         model = self._model(pl_module)  # what measurements call: pl_module, or forward_fn around it
         state, self._pending_state = self._pending_state, None

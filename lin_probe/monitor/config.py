@@ -19,6 +19,7 @@ from lin_probe.monitor.regime import validate_patience, validate_tolerance
 from lin_probe.plan import ComputePlan
 
 Warn = Callable[[str], None]
+ProgressFn = Callable[[int, int], None]
 
 
 def _python_warning(message: str) -> None:
@@ -100,16 +101,23 @@ class MonitorConfig:
         return is_classification(self.loss)
 
 
+def _no_progress(what: str) -> ProgressFn | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Host:
     """What the owner of a :class:`RegimeProbe` provides: how to copy the model into ``f_0``, where
-    warnings and one-line announcements go (rank zero only, in Lightning), and whether batches must
-    carry example indices (under data parallelism hashed ids would differ between processes)."""
+    warnings and one-line announcements go (rank zero only, in Lightning), whether batches must
+    carry example indices (under data parallelism hashed ids would differ between processes), and
+    ``progress(what)``: a ``progress(done, total)`` hook for the long start-up work ``what`` (or
+    ``None``), which may raise to abort it (:mod:`lin_probe.monitor.progress`)."""
 
     copy_model: Callable[[nn.Module], nn.Module] = frozen_copy
     warn: Warn = _python_warning
     info: Callable[[str], None] = _log_info
     require_indices: bool = False
+    progress: Callable[[str], ProgressFn | None] = _no_progress
 
 
 __all__ = ["Host", "MonitorConfig", "Warn"]

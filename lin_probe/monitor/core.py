@@ -148,7 +148,10 @@ class RegimeProbe:
             ntk = NTKProbe(
                 probe.inputs, kernel_output_fn, learning_rate_weights(model, optimizer), config.plan
             )
-            init = fit_at_init(model, ntk, candidates, probe.inputs)
+            progress = host.progress(f"NTK at init on {len(probe)} probe examples")
+            init = fit_at_init(model, ntk, candidates, probe.inputs, progress)
+            if ntk.method_choice is not None and ntk.method_choice.estimates:
+                host.info(f"lin_probe: {ntk.method_choice.explain()}.")  # what auto timed and chose
             kernel, theta0, features_fn = init.kernel, init.theta0, init.choice.features_fn
             initial_outputs = predict(
                 model, probe.inputs, output_fn=config.output_fn, memory_budget=config.plan.memory_budget
