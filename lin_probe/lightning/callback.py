@@ -350,6 +350,9 @@ class LinearRegimeMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.core is not None and self.clock.started is not None:
+            # the run's final share: after the monitor stops measuring it only falls
+            self.publisher.overhead(trainer, self.clock.share(), trainer.global_step)
         self.publisher.finish(trainer, self.core)
 
     @override
@@ -506,11 +509,13 @@ class LinearRegimeMonitor(Callback):
         self.publisher.record(trainer, record, measured.eigenvalues, self.core)
         self.publisher.overhead(trainer, self.clock.share(), step)
         self._replan(trainer, step)
-        self.publisher.exits(trainer, exited, record, self.core)
-        if self.core.verdict.state != "inside" and self.stop_after_exit is not None:
-            if self._checks_since_exit >= self.stop_after_exit:
+        stopping = self.stop_after_exit is not None
+        self.publisher.exits(trainer, exited, record, self.core, draw=not stopping)
+        if self.core.verdict.state != "inside" and stopping:
+            if self._checks_since_exit >= self.stop_after_exit:  # type: ignore[operator]
                 self._active = False
                 self._pending = []
+                self.publisher.figure(trainer, self.core)  # the last checks included: drawn once
             self._checks_since_exit += 1
 
 

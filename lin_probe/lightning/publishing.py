@@ -139,7 +139,8 @@ class Publisher:
             self._regime(panels, probe, final=True)
             final = 0.0 if probe.verdict_run.regime.exited else 1.0
             panels.summary({"final_in_linear_regime": final}, int(probe.history[-1]["step"]))
-            self.figure(trainer, probe)
+            if self._drawn_checks != len(probe.history):  # drawn already when measuring stopped
+                self.figure(trainer, probe)
         panels.flush()
         panels.close()
         self._panels = None
@@ -184,9 +185,17 @@ class Publisher:
         panels.flush()
 
     def exits(
-        self, trainer: pl.Trainer, exited: list[str], record: Mapping[str, float], probe: RegimeProbe
+        self,
+        trainer: pl.Trainer,
+        exited: list[str],
+        record: Mapping[str, float],
+        probe: RegimeProbe,
+        *,
+        draw: bool = True,
     ) -> None:
-        """Announce the exits this check confirmed: a line on rank zero and, for the paper's shadow, the card."""
+        """Announce the exits this check confirmed: a line on rank zero and, for the paper's shadow, the
+        card and (``draw``) the figure; ``draw=False`` when measuring stops a few checks later, which
+        draws it then, once (a figure costs ~0.5 s: more than a small model's whole short run)."""
         config = probe.config
         panels = self.panels(trainer)
         step = int(record["step"])
@@ -230,7 +239,8 @@ class Publisher:
                 diagnosis=probe.diagnosis,
             )
             panels.text(EXIT_CARD, card, step)
-            self.figure(trainer, probe)
+            if draw:
+                self.figure(trainer, probe)
             panels.flush()
 
     def epoch_figure(self, trainer: pl.Trainer, probe: RegimeProbe | None) -> None:

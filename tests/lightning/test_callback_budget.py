@@ -17,6 +17,7 @@ import pytest
 from _lightning_setups import Regressor, TwoLayerNet, loaders, make_trainer, sphere_data
 
 from lin_probe import LinearRegimeMonitor
+from lin_probe.lightning.publishing import Publisher
 from lin_probe.monitor.budget import STOP_AFTER_EXIT
 from lin_probe.monitor.budget_keeper import REPLAN_AT_STEP
 
@@ -63,13 +64,26 @@ def test_the_default_monitor_announces_its_plan_and_does_exactly_that(
     assert 0.0 < overhead < 1.0
 
 
-def test_the_plan_stops_measuring_a_few_checks_after_the_verdict(tmp_path: Path) -> None:
+def test_the_plan_stops_measuring_a_few_checks_after_the_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A narrow net misfits the affine kernel: 'not in the linear regime from the start' at the first
-    checks; the plan keeps measuring for STOP_AFTER_EXIT more checks, then the shadows stop."""
+    checks; the plan keeps measuring for STOP_AFTER_EXIT more checks, then the shadows stop, and the
+    summary figure is drawn once, then (not at the verdict and again at the end)."""
+    drawn: list[int] = []
+    original = Publisher.figure
+
+    def counted(self: Publisher, trainer, probe) -> None:  # type: ignore[no-untyped-def]
+        drawn.append(len(probe.history))
+        original(self, trainer, probe)
+
+    monkeypatch.setattr(Publisher, "figure", counted)
     monitor = LinearRegimeMonitor(verbose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit(tmp_path, monitor, max_steps=200, width=4, lr=2.0)
+    # epoch ends may draw too (their own rule); the last checks' figure is drawn once, when measuring stops
+    assert drawn[-1] == len(monitor.history) and len(set(drawn)) == len(drawn)
     assert monitor.verdict is not None and monitor.verdict.state != "inside"
     concluded = next(
         i for i, r in enumerate(monitor.history) if "exit_step" in r or "outside_from_start" in r

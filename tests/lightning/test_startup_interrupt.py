@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from _lightning_setups import Regressor, loaders, make_trainer, sphere_data
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
