@@ -9,6 +9,7 @@ A monitoring callback that costs more than the training it watches gets switched
   (extrapolated as ``α·n + β·n²``: per-example Jacobians are linear in ``n``, Gram contractions
   quadratic), one forward over the probe per functional check, the shadow's work per training step
   (``f_0`` on the batch, cached per example after the first epoch: :mod:`lin_probe.shadows.initial_cache`);
+* every plan is charged one more NTK, the one the verdict's diagnosis reads at the exit;
 * :func:`plan_within_budget` then chooses the largest probe (256, 128, 64 or 32 examples) whose
   *core* plan fits — NTK and functional checks at the log-spaced steps 0, 1, 2, 4, … (early-time
   dynamics are log-scaled, and this is where the exit is) — and spends what is left on linear
@@ -240,12 +241,15 @@ def _round_up(value: float) -> int:
 
 
 def _cost(costs: Costs, n: int, schedule: CheckSchedule, horizon: int) -> float:
-    """Start-up (Θ_0, reused by the step-0 check) plus the checks plus the shadows' steps."""
+    """Start-up (Θ_0, reused by the step-0 check) plus the checks plus the shadows' steps, plus one
+    NTK for the verdict's diagnosis (read from the kernel at the exit: taken when that check had none)."""
     functional, ntk = schedule.count(horizon)
     startup = costs.ntk_s(n)
+    diagnosis = costs.ntk_s(n)
     return (
         startup
         + (ntk - 1) * costs.ntk_s(n)
+        + diagnosis
         + functional * costs.functional_s(n)
         + costs.shadow_total_s(horizon)
     )
