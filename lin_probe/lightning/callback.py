@@ -20,7 +20,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lin_probe._model_state import eval_semantics, floating_dtype, model_device
+from lin_probe._model_state import eval_semantics, floating_dtype
 from lin_probe._validation import check_callable, check_int
 from lin_probe.kernel import AffineKernel
 from lin_probe.lightning import _bridge
@@ -245,9 +245,8 @@ class LinearRegimeMonitor(Callback):
         if stage != "fit":
             return
         _bridge.require_automatic_optimization(pl_module)
-        if isinstance(self.probe, (Tensor, tuple, list)) and _built(
-            pl_module
-        ):  # checked before anything runs
+        given = isinstance(self.probe, (Tensor, tuple, list))
+        if given and _built(pl_module):  # a given probe is checked before anything runs
             inputs = probe_from_argument(self.probe, self._gathered_n).inputs
             _check_probe(called_with(pl_module, self.forward_fn), inputs, self.forward_fn is not None)
         self._reset()  # each fit starts clean; a checkpoint's state arrives after this, in load_state_dict
@@ -427,10 +426,9 @@ class LinearRegimeMonitor(Callback):
         """Time the monitor's parts, plan within ``max_overhead`` (rank zero's plan on every rank) and
         adopt it: the probe's first ``n`` examples, the schedule, when to stop after the exit."""
         assert self.budget is not None
-        on_model = probe.to(model_device(model) or torch.device("cpu"), floating_dtype(model))
         costs = measure_costs(
             model,
-            on_model.inputs,
+            probe.on_model(model).inputs,
             outputs_setting=self.config.outputs,
             output_fn=self.config.output_fn,
             param_weights=learning_rate_weights(model, optimizer),
@@ -440,10 +438,8 @@ class LinearRegimeMonitor(Callback):
             center=self.config.center,
         )
         plan = self.budget.start(costs, horizon=_bridge.horizon(trainer), n_available=len(probe))
-        plan = _bridge.from_rank_zero(trainer, plan)
-        self.budget.adopt(plan)  # type: ignore[arg-type]
-        self._adopt(plan)  # type: ignore[arg-type]
-        return probe.head(plan.n_probe)  # type: ignore[attr-defined]
+        plan = self._adopt(trainer, plan)
+        return probe.head(plan.n_probe)
 
     @property
     def _gathered_n(self) -> int:
@@ -458,10 +454,15 @@ class LinearRegimeMonitor(Callback):
             self._wrapper = CalledWith(pl_module, self.forward_fn)
         return self._wrapper
 
-    def _adopt(self, plan: MonitorPlan) -> None:
-        self.schedule = plan.schedule
+    def _adopt(self, trainer: pl.Trainer, plan: MonitorPlan) -> MonitorPlan:
+        """Rank zero's ``plan`` on every rank (their timings differ, their schedules must not): the
+        budget's plan in force, and the schedule and stop-after-exit the hooks read."""
         assert self.budget is not None
+        plan = _bridge.from_rank_zero(trainer, plan)  # type: ignore[assignment]
+        self.budget.adopt(plan)
+        self.schedule = plan.schedule
         self.stop_after_exit = planned_stop(plan, self.user_stop_after_exit, self.budget.planned_anything)
+        return plan
 
     def _replan(self, trainer: pl.Trainer, step: int) -> None:
         """Once, early: the plan again from the run's measured seconds (rank zero's, on every rank)."""
@@ -469,9 +470,7 @@ class LinearRegimeMonitor(Callback):
             return  # (a resumed run keeps the plan it saved: there is nothing to re-plan from)
         assert self.clock.started is not None
         user_s = max(0.0, time.perf_counter() - self.clock.started - self.clock.own_s)
-        plan = _bridge.from_rank_zero(trainer, self.budget.replan(step, user_s) or self.budget.plan)
-        self.budget.adopt(plan)  # type: ignore[arg-type]
-        self._adopt(plan)  # type: ignore[arg-type]
+        self._adopt(trainer, self.budget.replan(step, user_s) or self.budget.plan)
 
     def _shadow_step(self, trainer: pl.Trainer, batches: list[tuple[Tensor, Tensor, Any]], lr: float) -> None:
         """One mirrored step of the shadows, in lock-step across ranks: ranks first agree that every

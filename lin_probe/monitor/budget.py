@@ -208,8 +208,7 @@ def plan_within_budget(
 def _sizes(n_probe: int | None, n_available: int) -> list[int]:
     if n_probe is not None:
         return [min(n_probe, n_available)]
-    sizes = sorted({min(n, n_available) for n in PROBE_SIZES}, reverse=True)
-    return sizes
+    return sorted({min(n, n_available) for n in PROBE_SIZES}, reverse=True)
 
 
 def _log_schedule(horizon: int, *, ntk_until: int | None = None) -> CheckSchedule:

@@ -72,7 +72,7 @@ class BudgetKeeper:
         return self.plan
 
     def adopt(self, plan: MonitorPlan) -> None:
-        """Rank zero's plan, on every rank (their timings differ, their schedules must not)."""
+        """The plan in force from now on (in DDP, rank zero's: the caller broadcasts it)."""
         self.plan = plan
 
     def record_check(self, n: int, functional_s: float, ntk_s: float | None) -> None:
@@ -101,10 +101,9 @@ class BudgetKeeper:
         )
         self.costs = measured
         plan = self._plan(measured, self.plan.n_probe)
-        if plan.schedule == self.plan.schedule:
-            self.plan = plan
+        changed, self.plan = plan.schedule != self.plan.schedule, plan
+        if not changed:
             return None
-        self.plan = plan
         self.info(plan.line().replace("lin_probe plan:", f"lin_probe plan (re-planned at step {step}):"))
         self._warn_if_over(plan, measured)
         return plan

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lin_probe._model_state import floating_dtype, model_device
 from lin_probe.kernel import AffineKernel
 from lin_probe.kernel.data_kernels import DataKernelChoice, data_kernel_candidates, features_from_state
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
@@ -134,7 +133,7 @@ class RegimeProbe:
         config = config or MonitorConfig()
         if not isinstance(probe, ProbeSet):
             probe = probe_from_argument(probe, n_probe=_rows(probe))
-        probe = _on_model(probe, model)
+        probe = probe.on_model(model)
         host = host or Host()
         config = _with_loss(config, model, probe, announce=host.info)
         candidates = data_kernel_candidates(config.data_kernel_spec, model, probe.inputs)
@@ -199,7 +198,7 @@ class RegimeProbe:
         probe = ProbeSet(
             state["probe_inputs"], state.get("probe_targets"), state.get("probe_source", "checkpoint")
         )
-        probe = _on_model(probe, model)
+        probe = probe.on_model(model)
         config = _with_loss(config, model, probe)  # announced when the run first started
         width = int(state["initial_outputs"].reshape(state["initial_outputs"].shape[0], -1).shape[1])
         outputs = KernelOutputs.from_state(state.get("kernel_outputs"), width)
@@ -630,11 +629,6 @@ def _frozen_products(ntk: NTKProbe, f0: nn.Module | None) -> SymmetricOperator |
 def _kernel_inputs(inputs: Tensor, features_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
     """The ``n × d`` rows the data kernel is built from, on CPU (where the fit runs)."""
     return feature_rows(inputs, features_fn).cpu()
-
-
-def _on_model(probe: ProbeSet, model: nn.Module) -> ProbeSet:
-    """The probe on the model's device, floating inputs in its dtype (a float32 probe can measure float64)."""
-    return probe.to(model_device(model) or torch.device("cpu"), floating_dtype(model))
 
 
 def _with_loss(

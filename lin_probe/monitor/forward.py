@@ -34,7 +34,7 @@ class CalledWith(nn.Module):
 
 
 def called_with(module: nn.Module, forward_fn: ForwardFn | None) -> nn.Module:
-    """``module`` itself without a ``forward_fn``, else wrapped (reusing a wrapper already around it)."""
+    """``module`` itself without a ``forward_fn``, else a new :class:`CalledWith` around it."""
     if forward_fn is None:
         return module
     return CalledWith(module, forward_fn)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lin_probe._model_state import preserved_rng_state
+from lin_probe._model_state import floating_dtype, model_device, preserved_rng_state
 from lin_probe._validation import check_finite
 
 BatchToXY = Callable[[Any], tuple[Tensor, Tensor | None]]
@@ -39,6 +39,10 @@ class ProbeSet:
             return self
         targets = None if self.targets is None else self.targets[:n]
         return ProbeSet(self.inputs[:n], targets, self.source)
+
+    def on_model(self, model: nn.Module) -> ProbeSet:
+        """On the model's device, floating inputs in its dtype (a float32 probe can measure float64)."""
+        return self.to(model_device(model) or torch.device("cpu"), floating_dtype(model))
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> ProbeSet:
         """On ``device``; floating inputs also cast to ``dtype`` (the model's), so a float32 probe
