@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import lin_probe.ntk.dense as ntk_module
+from lin_probe.ntk.dense import GenericLoopWarning
 
 RTOL = 1e-9
 DTYPE = torch.float64
@@ -83,3 +85,8 @@ def spy_generic(monkeypatch: pytest.MonkeyPatch) -> list[set[str]]:
 
     monkeypatch.setattr(ntk_module, "_generic_ntk", spy)
     return calls
+
+
+def loop_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    """The messages of the generic path's per-example-loop warnings among ``record``."""
+    return [str(w.message) for w in record if issubclass(w.category, GenericLoopWarning)]

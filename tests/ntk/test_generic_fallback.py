@@ -12,9 +12,9 @@ import warnings
 
 import pytest
 import torch
+from _ntk_reference import loop_warnings
 from torch import Tensor, nn
 
-from lin_probe.ntk import dense as dense_module
 from lin_probe.ntk import empirical_ntk, ntk_matvec
 from lin_probe.ntk.dense import GenericLoopWarning
 
@@ -97,16 +97,6 @@ def assert_untouched(model: nn.Module, before: tuple[list[bool], dict[str, Tenso
 def assert_close(actual: Tensor, expected: Tensor, rtol: float) -> None:
     err = (actual.detach().double() - expected).abs().max().item()
     assert err <= rtol * expected.abs().max().item(), f"max error {err:.3e}"
-
-
-@pytest.fixture
-def fresh_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loop warning is once per process; each test starts as a fresh process would."""
-    monkeypatch.setattr(dense_module, "_LOOP_WARNED", False)
-
-
-def loop_warnings(record: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in record if issubclass(w.category, GenericLoopWarning)]
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])

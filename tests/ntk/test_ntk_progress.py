@@ -12,13 +12,11 @@ from typing import Any
 
 import pytest
 import torch
-from _ntk_reference import DTYPE, assert_close, brute_force_ntk
+from _ntk_reference import DTYPE, assert_close, brute_force_ntk, loop_warnings
 from torch import Tensor, nn
 
 from lin_probe.monitor.checks import NTKProbe
-from lin_probe.ntk import dense as dense_module
 from lin_probe.ntk import empirical_ntk, ntk_diagonal, ntk_operator
-from lin_probe.ntk.dense import GenericLoopWarning
 from lin_probe.plan import ComputePlan
 
 
@@ -159,16 +157,15 @@ def test_raising_hook_aborts_unchanged_and_leaves_the_model_untouched(call: str,
     assert_untouched(model, before)
 
 
-def test_runtime_error_from_the_hook_is_not_taken_for_a_vmap_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runtime_error_from_the_hook_is_not_taken_for_a_vmap_failure(fresh_warning: None) -> None:
     """The generic path falls back to its loop on ``RuntimeError`` from vmap, never from the hook."""
-    monkeypatch.setattr(dense_module, "_LOOP_WARNED", False)
     model, x = make()
     error = RuntimeError("user abort")
     with warnings.catch_warnings(record=True) as record, pytest.raises(RuntimeError) as caught:
         warnings.simplefilter("always")
         empirical_ntk(model, x, method="generic", chunk_size=3, progress=aborting_at(1, error))
     assert caught.value is error
-    assert not [w for w in record if issubclass(w.category, GenericLoopWarning)]
+    assert not loop_warnings(record)
 
 
 def test_non_callable_progress_is_refused() -> None:

@@ -10,12 +10,11 @@ import warnings
 
 import pytest
 import torch
-from _ntk_reference import DTYPE, assert_close, brute_force_ntk
+from _ntk_reference import DTYPE, assert_close, brute_force_ntk, loop_warnings
 from torch import Tensor, nn
 
-from lin_probe.ntk import dense as dense_module
 from lin_probe.ntk import empirical_ntk
-from lin_probe.ntk.dense import BatchedForwardJacobian, GenericLoopWarning
+from lin_probe.ntk.dense import BatchedForwardJacobian
 
 
 class Recurrent(nn.Module):
@@ -42,15 +41,6 @@ class Recurrent(nn.Module):
         if self.mix:  # examples interact: a batched forward is not the per-example function
             last = last - last.mean(dim=0, keepdim=True) * (last.shape[0] > 1)
         return self.head(last)
-
-
-@pytest.fixture
-def fresh_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dense_module, "_LOOP_WARNED", False)
-
-
-def loop_warnings(record: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in record if issubclass(w.category, GenericLoopWarning)]
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
