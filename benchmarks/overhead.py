@@ -19,16 +19,19 @@ defaults (``verbose=False`` only): ``max_overhead=0.05`` plans the probe and the
 plan did: probe size, checks, NTK checks.
 
 Run: ``python benchmarks/overhead.py`` (``--models resnet_bn lstm``, ``--runs short``,
-``--repeats 2``, ``--threads N``). Timings on a shared 2-core machine are noisy: compare the ratios
-of one run, and say whether the machine was quiet.
+``--repeats 2``, ``--threads N``; ``--profile``: where a monitored fit's time goes, by cProfile).
+Timings on a shared 2-core machine are noisy: compare the ratios of one run, and say whether the
+machine was quiet.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import logging
 import platform
+import pstats
 import sys
 import tempfile
 import time
@@ -93,12 +96,31 @@ def measure(model: str, run: str, repeats: int, root: Path) -> dict[str, Any]:
             "all": times}  # fmt: skip
 
 
+def profile(models: list[str], runs: list[str]) -> None:
+    """The monitor's own functions by cumulative time in one monitored fit (after a warm-up fit)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            for run in runs:
+                fit_seconds(model, run, True, Path(tmp))
+                profiler = cProfile.Profile()
+                profiler.enable()
+                seconds = fit_seconds(model, run, True, Path(tmp))[0]
+                profiler.disable()
+                print(f"## {model} {run}: {seconds:.2f} s monitored")
+                pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"lin_probe/", 25)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(zoo.MODELS), choices=list(zoo.MODELS))
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile one monitored fit per model and run: where the time goes",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +133,9 @@ def main() -> None:
         f"{'model':<12} {'run':<6} {'without s':>10} {'with s':>9} {'ratio':>7} {'overhead':>9} {'logged':>7} "
         f"{'probe':>5} {'checks':>6} {'ntk':>4}"
     )
+    if args.profile:
+        profile(args.models, args.runs)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for run in args.runs:
