@@ -111,8 +111,8 @@ class LinearRegimeMonitor(Callback):
 
         outputs: what the NTK is taken over: ``"exact"`` (every output, ``C`` backward passes per probe
             example), ``"sketch"`` (an unbiased random projection of the outputs; the fit card gives the
-            number of projections and the error measured against the exact kernel on 16 probe
-            examples), or ``"auto"``: the sketch for models with more than 64 outputs per example
+            number of projections and its estimated error, from the spread between the kernels of its
+            two halves of directions: no exact kernel is computed), or ``"auto"``: the sketch for models with more than 64 outputs per example
             (language models), exact otherwise.
         max_overhead: the monitor's budget, as a share of the run's wall time (default 5 %;
             ``None``: no budget, the fixed defaults above). At train start the monitor times its parts and

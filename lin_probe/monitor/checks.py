@@ -46,6 +46,7 @@ from lin_probe.ntk import (
     ntk_matvec,
     ntk_operator,
 )
+from lin_probe.ntk.sketch import split_half_error
 from lin_probe.plan import ComputePlan
 
 OutputFn = Callable[[Any], Tensor]
@@ -106,6 +107,37 @@ class NTKProbe:
             model, self.inputs, plan=self.plan, method=method, progress=progress, **self._options
         )
 
+    def split_halves(
+        self, model: nn.Module, halves: tuple[OutputFn, OutputFn], progress: ProgressFn | None = None
+    ) -> tuple[SymmetricOperator, tuple[float, int]]:
+        """``Θ`` of a sketched :attr:`output_fn` from its two ``halves``, and their split-half error.
+
+        Dense: ``Θ`` is the halves' mean (exactly the whole sketch's kernel, for about its cost) and
+        the error is estimated on every probe example. Matrix-free, ``Θ`` is the products and the
+        halves are taken on the first :data:`_DIAGONAL_BLOCK` examples only (``n²`` is what the
+        plan cannot hold).
+        """
+        n = self.inputs.shape[0]
+        dense = self.plan.dense(n)
+        rows = self.inputs if dense else self.inputs[:_DIAGONAL_BLOCK]
+        method = self.method(model, progress)
+        kernels = [
+            ntk_operator(
+                model,
+                rows,
+                plan=self.plan,
+                method=method,
+                progress=_part_of(progress, part, 2),
+                output_fn=half,
+                param_weights=self.param_weights,
+            ).matrix
+            for part, half in enumerate(halves)
+        ]
+        error = (split_half_error(*kernels), rows.shape[0])
+        if dense:
+            return SymmetricOperator.dense((kernels[0] + kernels[1]) / 2, "ntk"), error
+        return self.operator(model, progress), error
+
     def trace(self, model: nn.Module, progress: ProgressFn | None = None) -> float:
         """``tr Θ`` exactly, from small dense diagonal blocks (no ``n × n``); ``progress`` counts blocks."""
         diagonal = ntk_diagonal(
@@ -134,6 +166,17 @@ class NTKProbe:
                 )(u)
 
         return SymmetricOperator.from_products(apply, self.inputs.shape[0], name="Θ_0")
+
+
+def _part_of(progress: ProgressFn | None, part: int, parts: int) -> ProgressFn | None:
+    """``progress`` for the ``part``-th of ``parts`` equal computations: one count from 0 to the whole."""
+    if progress is None:
+        return None
+
+    def hook(done: int, total: int) -> None:
+        progress(part * total + done, parts * total)
+
+    return hook
 
 
 @dataclass
@@ -166,6 +209,7 @@ class InitFit:
     theta0: SymmetricOperator
     norm0: float
     choice: DataKernelChoice
+    sketch_error: tuple[float, int] | None = None  # a sketched Θ_0's estimated error and on how many examples
 
     @property
     def kernel(self) -> AffineKernel:
@@ -178,15 +222,24 @@ def fit_at_init(
     candidates: Sequence[tuple[str, FeaturesFn | None]],
     inputs: Tensor,
     progress: ProgressFn | None = None,
+    halves: tuple[OutputFn, OutputFn] | None = None,
 ) -> InitFit:
     """``Θ_0``, computed once, and the centred affine fit of every candidate data kernel; the best is kept.
+
+    ``halves``: the two halves of an output sketch's directions (``ntk.output_fn`` is the whole
+    sketch). ``Θ_0`` is then their kernels' mean, and :attr:`InitFit.sketch_error` their
+    split-half error estimate (:func:`lin_probe.ntk.sketch.split_half_error`).
 
     The caller runs it under :func:`lin_probe.monitor.batch_statistics.probe_batch_statistics`, so
     ``Θ_0`` is the kernel of the network train mode runs (BatchNorm on the probe's statistics); the
     step-0 check reuses this ``Θ_0`` when dense (:meth:`lin_probe.monitor.core.RegimeProbe.measure`).
     ``progress(done, total)`` follows the NTK's work (the start-up's long part; raise to abort).
     """
-    theta0 = ntk.operator(model, progress)
+    sketch_error = None
+    if halves is None:
+        theta0 = ntk.operator(model, progress)
+    else:
+        theta0, sketch_error = ntk.split_halves(model, halves, progress)
     norm0 = theta0.norm()
     if not norm0 > 0:
         raise ValueError("The model's NTK on the probe set is zero: nothing trainable reaches its output.")
@@ -207,7 +260,7 @@ def fit_at_init(
             return fit_affine_kernel_matrix_free(op, rows, trace=trace, centered_fit=True, **norms)
 
     choice = choose_data_kernel(theta0, candidates, inputs, fit=fit)
-    return InitFit(theta0, norm0, choice)
+    return InitFit(theta0, norm0, choice, sketch_error)
 
 
 def ntk_reference(

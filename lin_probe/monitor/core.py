@@ -140,15 +140,16 @@ class RegimeProbe:
         # Everything measured at init sees the network train mode runs (BatchNorm on the probe's
         # statistics): lin_probe.monitor.batch_statistics.
         with probe_batch_statistics(model, probe.inputs):
-            outputs = choose_kernel_outputs(
-                config.outputs, model, probe.inputs, config.output_fn, memory_budget=config.plan.memory_budget
-            )
+            outputs = choose_kernel_outputs(config.outputs, model, probe.inputs, config.output_fn)
             kernel_output_fn = outputs.output_fn(config.output_fn, model, probe.inputs)
             ntk = NTKProbe(
                 probe.inputs, kernel_output_fn, learning_rate_weights(model, optimizer), config.plan
             )
             progress = host.progress(f"NTK at init on {len(probe)} probe examples")
-            init = fit_at_init(model, ntk, candidates, probe.inputs, progress)
+            halves = outputs.half_output_fns(config.output_fn, model, probe.inputs)
+            init = fit_at_init(model, ntk, candidates, probe.inputs, progress, halves)
+            if init.sketch_error is not None:
+                outputs = outputs.with_error(*init.sketch_error)
             if ntk.method_choice is not None and ntk.method_choice.estimates:
                 host.info(f"lin_probe: {ntk.method_choice.explain()}.")  # what auto timed and chose
             kernel, theta0, features_fn = init.kernel, init.theta0, init.choice.features_fn

@@ -5,15 +5,18 @@ classifier, not for a language model (``C = T·V`` ≈ 1,000). With ``outputs="a
 models with more than :data:`SKETCH_ABOVE_OUTPUTS` outputs per example get the output sketch of
 :mod:`lin_probe.ntk.sketch` (``S`` random directions, exactly unbiased); ``"exact"`` and
 ``"sketch"`` force either. One set of directions serves the whole run, so ``Θ_t − Θ_0`` compares
-kernels sketched alike, and the fit card states ``S`` and the relative spectral error measured
-against the exact kernel on a subsample. Only the kernel is sketched: predictions, ``f_0`` and the
-shadows use every output.
+kernels sketched alike, and the fit card states ``S`` and the relative spectral error of ``Θ_0``,
+estimated from ``Θ_0`` itself: its two halves of directions are computed apart and their difference
+gives the error (:func:`lin_probe.ntk.sketch.split_half_error`), at no extra backward passes. (The
+exact kernel this used to be checked against cost ``C`` passes per example: 56 s of a 68 s start-up
+on Lightning's demo Transformer.) Only the kernel is sketched: predictions, ``f_0`` and the shadows
+use every output.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import torch
@@ -21,7 +24,7 @@ from torch import Tensor, nn
 
 from lin_probe._model_state import floating_dtype
 from lin_probe.ntk._plumbing import OutputFn
-from lin_probe.ntk.sketch import OutputSketch, output_count, projections_for, sketch_error
+from lin_probe.ntk.sketch import OutputSketch, output_count, projections_for
 
 OUTPUTS: Final[tuple[str, ...]] = ("auto", "exact", "sketch")
 SKETCH_ABOVE_OUTPUTS: Final[int] = 64
@@ -29,7 +32,6 @@ SKETCH_ABOVE_OUTPUTS: Final[int] = 64
 MIN_PROJECTIONS: Final[int] = 32
 """Fewest directions a sketch uses: the variance rule of ``projections_for`` assumes a dominant
 kernel mode; a floor keeps kernels without one usable (the fit card shows the measured error)."""
-ERROR_SUBSAMPLE: Final[int] = 16
 
 
 def check_outputs(outputs: Any) -> None:
@@ -39,11 +41,16 @@ def check_outputs(outputs: Any) -> None:
 
 @dataclass(frozen=True)
 class KernelOutputs:
-    """The outputs the NTK is taken over: ``sketch`` (``None``: exact) for a model with ``outputs`` per example."""
+    """The outputs the NTK is taken over: ``sketch`` (``None``: exact) for a model with ``outputs`` per example.
+
+    ``error`` is the sketch's estimated relative spectral error on ``error_examples`` probe
+    examples (``None`` until ``Θ_0`` is measured, and always for the exact kernel).
+    """
 
     outputs: int
     sketch: OutputSketch | None = None
     error: float | None = None
+    error_examples: int | None = None
 
     def output_fn(self, base: OutputFn | None, model: nn.Module, inputs: Tensor) -> OutputFn | None:
         """The ``output_fn`` the NTK paths get: ``base`` itself when exact."""
@@ -52,6 +59,22 @@ class KernelOutputs:
         dtype = floating_dtype(model) or torch.get_default_dtype()
         return self.sketch.output_fn(base, self.outputs, device=inputs.device, dtype=dtype)
 
+    def half_output_fns(
+        self, base: OutputFn | None, model: nn.Module, inputs: Tensor
+    ) -> tuple[OutputFn, OutputFn] | None:
+        """The two halves of the sketch's directions (their kernels' mean is the sketch's); ``None`` when exact."""
+        if self.sketch is None:
+            return None
+        dtype = floating_dtype(model) or torch.get_default_dtype()
+        first, second = (
+            self.sketch.output_fn(base, self.outputs, device=inputs.device, dtype=dtype, half=half)
+            for half in (0, 1)
+        )
+        return first, second
+
+    def with_error(self, error: float, examples: int) -> KernelOutputs:
+        return replace(self, error=float(error), error_examples=int(examples))
+
     def describe(self) -> str:
         """The fit card's line."""
         if self.sketch is None:
@@ -59,7 +82,8 @@ class KernelOutputs:
         error = (
             ""
             if self.error is None
-            else f"; relative spectral error {self.error:.3g} vs exact on {ERROR_SUBSAMPLE} probe examples"
+            else f"; estimated relative spectral error {self.error:.3g} on {self.error_examples} probe "
+            "examples, from the spread between its two halves of directions"
         )
         return (
             f"NTK over outputs sketched: {self.sketch.projections} random projections of the {self.outputs} "
@@ -73,39 +97,40 @@ class KernelOutputs:
             if sketch is None
             else {"projections": sketch.projections, "seed": sketch.seed, "kind": sketch.kind}
         )
-        return {"outputs": self.outputs, "sketch": saved, "error": self.error}
+        return {
+            "outputs": self.outputs,
+            "sketch": saved,
+            "error": self.error,
+            "error_examples": self.error_examples,
+        }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any] | None, outputs: int) -> KernelOutputs:
         if state is None:  # a checkpoint from before sketches: exact
             return cls(outputs)
         sketch = None if state["sketch"] is None else OutputSketch(**state["sketch"])
-        return cls(int(state["outputs"]), sketch, state.get("error"))
+        return cls(int(state["outputs"]), sketch, state.get("error"), state.get("error_examples"))
 
 
 def choose_kernel_outputs(
-    setting: str, model: nn.Module, inputs: Tensor, base: OutputFn | None, **ntk_options: Any
+    setting: str, model: nn.Module, inputs: Tensor, base: OutputFn | None
 ) -> KernelOutputs:
-    """Exact or sketched, per ``setting`` and the model's output count; a sketch's error is measured here."""
+    """Exact or sketched, per ``setting`` and the model's output count (one forward of one example).
+
+    The sketch's error is not measured here: the fit at init measures it on ``Θ_0``
+    (:meth:`KernelOutputs.half_output_fns`, :meth:`KernelOutputs.with_error`).
+    """
     check_outputs(setting)
-    c = output_count(model, inputs, base)
-    n = int(inputs.shape[0])
-    unmeasured = outputs_without_error(setting, c, n)
-    sketch = unmeasured.sketch
-    if sketch is None:
-        return unmeasured
-    error = sketch_error(
-        model, inputs, sketch, output_fn=base, subsample=min(n, ERROR_SUBSAMPLE), **ntk_options
-    )
-    return KernelOutputs(c, sketch, error)
+    return outputs_without_error(setting, output_count(model, inputs, base), int(inputs.shape[0]))
 
 
 def outputs_without_error(setting: str, c: int, n: int) -> KernelOutputs:
     """The exact or sketched outputs ``setting`` gives ``c`` outputs on ``n`` examples, the sketch's error
-    not measured (:func:`choose_kernel_outputs` measures it; the budget's timings need only the cost)."""
+    not yet measured. A sketch's projections are even, for its two halves."""
     check_outputs(setting)
     wanted = setting == "sketch" or (setting == "auto" and c > SKETCH_ABOVE_OUTPUTS)
     projections = min(c, max(MIN_PROJECTIONS, projections_for(c, n)))
+    projections += projections % 2
     if not wanted or projections >= c:
         return KernelOutputs(c)
     return KernelOutputs(c, OutputSketch(projections))

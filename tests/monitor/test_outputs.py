@@ -50,7 +50,7 @@ def test_auto_sketches_a_language_model_and_states_it() -> None:
     outputs = probe.kernel_outputs
     assert outputs is not None and outputs.outputs == LENGTH * VOCAB > SKETCH_ABOVE_OUTPUTS
     assert outputs.sketch is not None and outputs.sketch.projections < outputs.outputs
-    assert outputs.error is not None and 0.0 < outputs.error < 0.3
+    assert outputs.sketch.projections % 2 == 0  # two equal halves
     line = outputs.describe()
     assert f"{outputs.sketch.projections} random projections of the {LENGTH * VOCAB} outputs" in line
     # Θ_0 the monitor fitted is the sketch: close to, and not equal to, the exact kernel
@@ -58,6 +58,14 @@ def test_auto_sketches_a_language_model_and_states_it() -> None:
     exact = empirical_ntk(model, tokens).double()
     error = float(torch.linalg.matrix_norm(theta0 - exact, ord=2) / torch.linalg.matrix_norm(exact, ord=2))
     assert 0.0 < error < 0.3
+    # The stated error is the split-half estimate on the whole probe: one draw of a noise matrix's norm,
+    # which scatters by up to ~2× around the true error (tests/ntk/test_sketch.py), so within 3×.
+    assert outputs.error is not None and outputs.error_examples == N
+    assert error / 3 <= outputs.error <= 3 * error, (outputs.error, error)
+    assert f"estimated relative spectral error {outputs.error:.3g} on {N} probe examples" in line
+    # Θ_0 from the two halves is the whole sketch's kernel, which the later checks compute in one pass
+    whole = probe.ntk.operator(model).matrix
+    torch.testing.assert_close(theta0, whole, rtol=1e-5, atol=1e-6 * float(whole.abs().max()))
 
 
 def test_exact_outputs_give_the_exact_kernel() -> None:
