@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -36,6 +37,8 @@ def main() -> None:
     parser.add_argument("--no-monitor", action="store_true")
     parser.add_argument("--planned", action="store_true", help="the budget plans probe and schedule")
     args = parser.parse_args()
+    if args.planned:
+        _make_the_ranks_pilots_disagree()
 
     x, y = sphere_data(N_TRAIN + N_VAL, D)
     train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], PER_RANK_BATCH)
@@ -74,6 +77,27 @@ def main() -> None:
         "schedule": repr(monitor.schedule),
     }
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def _make_the_ranks_pilots_disagree() -> None:
+    """Rank 0's pilot reports a free NTK, rank 1's one far over any budget, so left alone the ranks
+    would plan differently (linear NTK checks against the minimal plan) and their collectives would
+    not pair up: the test then sees rank zero's plan on both ranks only if it is broadcast."""
+    from dataclasses import replace
+
+    import torch.distributed as dist
+
+    from lin_probe.lightning import callback
+
+    measured = callback.measure_costs
+
+    def disagreeing(*args: Any, **kwargs: Any) -> Any:
+        costs = measured(*args, **kwargs)
+        dear = dist.is_initialized() and dist.get_rank() == 1
+        # 10-s steps: a budget of ~6 s, which the free NTK fits with checks to spare and the dear one not at all
+        return replace(costs, ntk_linear=0.0, ntk_quadratic=10.0 if dear else 1e-12, step_s=10.0)
+
+    callback.measure_costs = disagreeing  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

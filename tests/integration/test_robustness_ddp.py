@@ -133,10 +133,14 @@ def test_ddp_user_parameters_identical_with_and_without_monitor(ddp_runs) -> Non
 def test_a_planned_monitor_runs_rank_zeros_plan_on_every_rank(tmp_path: Path) -> None:
     """With the budget planning (no n_probe / every_n_steps), each rank times its own parts; the ranks
     must still measure the same probe on the same schedule, or their collectives would not pair up:
-    rank zero's plan is broadcast. Same checks, same records, same training on both ranks."""
+    rank zero's plan is broadcast. The worker makes the ranks' pilots disagree (rank 0: a free NTK,
+    rank 1: one over any budget, whose own plan would be the minimal one, NTK at step 0 only). Same
+    checks, same records, same training on both ranks, and they are rank zero's."""
     ranks = _run_worker(tmp_path, "--planned")
     assert ranks[0]["probe_size"] == ranks[1]["probe_size"] is not None
     assert ranks[0]["schedule"] == ranks[1]["schedule"]
+    for rank in (0, 1):  # rank zero's plan: NTK checks after step 0 (the minimal plan has none)
+        assert [r["step"] for r in ranks[rank]["history"] if "ntk_gap" in r][:3] == [0, 1, 2], rank
     assert [r["step"] for r in ranks[0]["history"]] == [r["step"] for r in ranks[1]["history"]]
     assert ranks[0]["history"] == ranks[1]["history"]
     assert ranks[0]["params"] == ranks[1]["params"]
