@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -112,8 +113,9 @@ class LinearRegimeMonitor(Callback):
         outputs: what the NTK is taken over: ``"exact"`` (every output, ``C`` backward passes per probe
             example), ``"sketch"`` (an unbiased random projection of the outputs; the fit card gives the
             number of projections and its estimated error, from the spread between the kernels of its
-            two halves of directions: no exact kernel is computed), or ``"auto"``: the sketch for models with more than 64 outputs per example
-            (language models), exact otherwise.
+            two halves of directions: no exact kernel is computed), or ``"auto"``: exact up to 64
+            outputs per example; above (language models) the sketch, unless the ``max_overhead``
+            budget affords the exact kernel at the same probe size (the plan line says which).
         max_overhead: the monitor's budget, as a share of the run's wall time (default 5 %;
             ``None``: no budget, the fixed defaults above). At train start the monitor times its parts and
             plans what fits the run's length (``trainer.estimated_stepping_batches``): the probe size,
@@ -276,13 +278,14 @@ class LinearRegimeMonitor(Callback):
         probe = _bridge.gather_probe(trainer, self.probe, self._gathered_n, self.batch_to_xy)
         _check_probe(model, probe.inputs, self.forward_fn is not None)
         try:
+            config = self.config
             if self.budget is not None:
-                probe = self._plan(trainer, model, probe, optimizer)
+                probe, config = self._plan(trainer, model, probe, optimizer)
             self.core = RegimeProbe.start(
                 model,
                 probe,
                 optimizer,
-                self.config,
+                config,
                 train_size=_bridge.train_set_length(trainer),
                 host=host,
             )
@@ -422,9 +425,12 @@ class LinearRegimeMonitor(Callback):
             )
         )
 
-    def _plan(self, trainer: pl.Trainer, model: nn.Module, probe: ProbeSet, optimizer: Any) -> ProbeSet:
+    def _plan(
+        self, trainer: pl.Trainer, model: nn.Module, probe: ProbeSet, optimizer: Any
+    ) -> tuple[ProbeSet, MonitorConfig]:
         """Time the monitor's parts, plan within ``max_overhead`` (rank zero's plan on every rank) and
-        adopt it: the probe's first ``n`` examples, the schedule, when to stop after the exit."""
+        adopt it: the probe's first ``n`` examples, the schedule, when to stop after the exit, and
+        (``outputs="auto"`` on a many-output model) the exact kernel or the sketch."""
         assert self.budget is not None
         costs = measure_costs(
             model,
@@ -439,7 +445,8 @@ class LinearRegimeMonitor(Callback):
         )
         plan = self.budget.start(costs, horizon=_bridge.horizon(trainer), n_available=len(probe))
         plan = self._adopt(trainer, plan)
-        return probe.head(plan.n_probe)
+        config = self.config if plan.outputs is None else replace(self.config, outputs=plan.outputs)
+        return probe.head(plan.n_probe), config
 
     @property
     def _gathered_n(self) -> int:

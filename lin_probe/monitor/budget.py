@@ -15,7 +15,9 @@ A monitoring callback that costs more than the training it watches gets switched
   dynamics are log-scaled, and this is where the exit is) — and spends what is left on linear
   checks (every ``m`` steps, ``m`` a round number); when not even that fits, the NTK's log-spaced
   checks are cut from the late end, down to the *minimal plan* (the smallest probe, the NTK at step 0
-  only, functional checks log-spaced), which runs anyway with a warning that gives the numbers.
+  only, functional checks log-spaced), which runs anyway with a warning that gives the numbers;
+* a model whose many outputs ``outputs="auto"`` would sketch is planned both ways: the exact kernel
+  (``C/S`` times the sketch's timed cost) when it fits with as large a probe, the sketch otherwise.
 
 Settings the user passed (``n_probe``, ``every_n_steps``, ``ntk_every_n_steps``) are kept, not
 planned; the planner then only estimates their cost, so the caller can warn when it exceeds the
@@ -81,6 +83,24 @@ class Costs:
     shadow_step_s: float
     shadow_cached_s: float
     steps_per_epoch: int | None = None
+    exact_ntk_factor: float | None = None
+    """Set when the NTK was timed over the output sketch ``outputs="auto"`` takes (``C`` outputs,
+    ``S`` directions): ``C/S``, how many times the exact kernel would cost. The planner then chooses
+    between the two (:func:`plan_within_budget`). An upper bound: the forward and the per-example
+    work that does not grow with the outputs are counted ``C/S`` times too."""
+
+    def settled(self, *, exact: bool) -> Costs:
+        """These costs with the outputs chosen: the exact kernel's (``exact``: the NTK scaled by
+        :attr:`exact_ntk_factor`, when set) or as timed."""
+        if exact and self.exact_ntk_factor is not None:
+            factor = self.exact_ntk_factor
+            return replace(
+                self,
+                ntk_linear=self.ntk_linear * factor,
+                ntk_quadratic=self.ntk_quadratic * factor,
+                exact_ntk_factor=None,
+            )
+        return replace(self, exact_ntk_factor=None)
 
     def ntk_s(self, n: int) -> float:
         return self.ntk_linear * n + self.ntk_quadratic * n * n
@@ -130,6 +150,9 @@ class MonitorPlan:
     stop_after_exit: int | None
     fits: bool
     minimal: bool = False
+    outputs: str | None = None
+    """``"exact"`` or ``"sketch"`` when the budget chose the NTK's outputs (``outputs="auto"`` on a model
+    with more than 64 outputs); ``None`` when the setting decided alone."""
 
     @property
     def share(self) -> float:
@@ -143,9 +166,15 @@ class MonitorPlan:
         horizon = (
             f"{self.horizon:,} steps" if self.horizon_known else f"{self.horizon:,} steps (length unknown)"
         )
+        outputs = {
+            "exact": "NTK over every output (the budget affords the exact kernel)",
+            "sketch": "NTK over a sketch of the outputs (the exact kernel does not fit the budget)",
+            None: None,
+        }[self.outputs]
         return (
             f"lin_probe plan: probe {self.n_probe}, NTK at steps {self.schedule.ntk_steps_text(self.horizon)}, "
-            f"functional checks at {functional}; planned overhead {100 * self.share:.1f} % of {horizon}"
+            f"functional checks at {functional}{'' if outputs is None else '; ' + outputs}; "
+            f"planned overhead {100 * self.share:.1f} % of {horizon}"
         )
 
     def state_dict(self) -> dict[str, object]:
@@ -157,6 +186,7 @@ class MonitorPlan:
             "log_spaced": schedule.log_spaced,
             "ntk_log_until": schedule.ntk_log_until,
             "stop_after_exit": self.stop_after_exit,
+            "outputs": self.outputs,
         }
 
 
@@ -175,7 +205,25 @@ def plan_within_budget(
     ``n_probe`` / ``schedule`` given: kept as they are (only the rest is planned). ``n_available``:
     probe examples there are (a smaller user probe caps the size). ``horizon``: optimizer steps of
     the run (``None``: unknown, :data:`UNKNOWN_HORIZON_STEPS` are planned for).
+
+    Costs timed over an ``outputs="auto"`` sketch (:attr:`Costs.exact_ntk_factor`): the exact kernel
+    when its plan fits the budget with a probe as large as the sketch's plan would get (then the
+    sketch's noise would buy nothing), the sketch otherwise; :attr:`MonitorPlan.outputs` says which.
     """
+    if costs.exact_ntk_factor is not None:
+        options = {
+            "horizon": horizon,
+            "max_overhead": max_overhead,
+            "n_available": n_available,
+            "n_probe": n_probe,
+            "schedule": schedule,
+            "stop_after_exit": stop_after_exit,
+        }
+        sketched = plan_within_budget(costs.settled(exact=False), **options)  # type: ignore[arg-type]
+        exact = plan_within_budget(costs.settled(exact=True), **options)  # type: ignore[arg-type]
+        if exact.fits and exact.n_probe >= sketched.n_probe:
+            return replace(exact, outputs="exact")
+        return replace(sketched, outputs="sketch")
     check_max_overhead(max_overhead)
     check_int("n_available", n_available, minimum=1)
     known = horizon is not None and math.isfinite(horizon) and horizon > 0

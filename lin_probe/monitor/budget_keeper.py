@@ -11,6 +11,7 @@ horizon and batch size from the Trainer and hands them in.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Final
 
 from lin_probe.monitor.budget import (
@@ -65,8 +66,12 @@ class BudgetKeeper:
 
     def start(self, costs: Costs, *, horizon: int | None, n_available: int) -> MonitorPlan:
         """The plan at train start, said in one line; warns when it does not fit (module docstring)."""
-        self.costs, self.horizon, self.n_available = costs, horizon, n_available
+        self.horizon, self.n_available = horizon, n_available
         self.plan = self._plan(costs, self.n_probe)
+        # The outputs are settled for the run (Θ_t − Θ_0 compares kernels over the same outputs): the
+        # re-plan reads the costs of the ones chosen.
+        costs = costs.settled(exact=self.plan.outputs == "exact")
+        self.costs = costs
         self.info(self.plan.line())
         self._warn_if_over(self.plan, costs)
         return self.plan
@@ -100,7 +105,7 @@ class BudgetKeeper:
             shadow_samples=self.shadow_seconds,
         )
         self.costs = measured
-        plan = self._plan(measured, self.plan.n_probe)
+        plan = replace(self._plan(measured, self.plan.n_probe), outputs=self.plan.outputs)  # settled at start
         changed, self.plan = plan.schedule != self.plan.schedule, plan
         if not changed:
             return None

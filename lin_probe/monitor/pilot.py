@@ -21,7 +21,7 @@ from lin_probe._model_state import eval_semantics
 from lin_probe.monitor.batch_statistics import probe_batch_statistics
 from lin_probe.monitor.budget import PROBE_SIZES, Costs, ntk_cost_curve
 from lin_probe.monitor.checks import NTKProbe
-from lin_probe.monitor.outputs import outputs_without_error
+from lin_probe.monitor.outputs import KernelOutputs, outputs_without_error
 from lin_probe.ntk import predict
 from lin_probe.ntk._plumbing import OutputFn, output_matrix
 from lin_probe.ntk.sketch import output_count
@@ -49,7 +49,9 @@ def measure_costs(
     """Time the monitor's parts on ``model`` and the probe ``inputs`` (module docstring).
 
     The NTK is timed over the outputs the monitor would take at the smallest probe size (exact, or
-    a sketch with the most projections: ``outputs_setting`` is ``MonitorConfig.outputs``).
+    a sketch with the most projections: ``outputs_setting`` is ``MonitorConfig.outputs``). An
+    ``"auto"`` sketch is not final: the plan takes the exact kernel when the budget affords it
+    (:attr:`Costs.exact_ntk_factor`), estimated, not timed (it costs ``C/S`` times the sketch).
     """
     device = inputs.device
     with probe_batch_statistics(model, inputs):
@@ -74,7 +76,15 @@ def measure_costs(
         shadow_step_s=(forward if center else 0.0) + hashing,
         shadow_cached_s=hashing,
         steps_per_epoch=steps_per_epoch if center else None,
+        exact_ntk_factor=_exact_factor(outputs_setting, outputs),
     )
+
+
+def _exact_factor(setting: str, outputs: KernelOutputs) -> float | None:
+    """``C/S`` when ``outputs="auto"`` sketched: the budget may still afford the exact kernel."""
+    if setting != "auto" or outputs.sketch is None:
+        return None
+    return outputs.outputs / outputs.sketch.projections
 
 
 def _distinct(samples: list[tuple[int, float]]) -> list[tuple[int, float]]:

@@ -17,8 +17,9 @@ import pytest
 from _lightning_setups import Regressor, TwoLayerNet, loaders, make_trainer, sphere_data
 
 from lin_probe import LinearRegimeMonitor
+from lin_probe.lightning import callback as callback_module
 from lin_probe.lightning.publishing import Publisher
-from lin_probe.monitor.budget import STOP_AFTER_EXIT
+from lin_probe.monitor.budget import STOP_AFTER_EXIT, Costs
 from lin_probe.monitor.budget_keeper import REPLAN_AT_STEP
 
 D, N_TRAIN, N_VAL = 16, 128, 64
@@ -114,3 +115,29 @@ def test_no_budget_gives_the_fixed_defaults_and_no_plan(
     assert [int(r["step"]) for r in monitor.history] == [0, 1, 2, 4, 8, 10, 16, 20]
     assert all("ntk_gap" in r for r in monitor.history if int(r["step"]) in (0, 10, 20))
     assert all(math.isfinite(r["functional_distance_rel"]) for r in monitor.history)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_many_output_model_gets_the_exact_kernel_only_when_the_budget_affords_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, exact: bool
+) -> None:
+    """96 outputs per example: ``outputs="auto"`` would sketch them (32 directions, so the exact kernel
+    costs 3×). The pilot's timings are fixed here (the choice is the planner's, tested in
+    tests/monitor/test_budget.py; this pins the wiring): a cheap NTK lets the plan take the exact
+    kernel, a dear one keeps the sketch; the line says which and the monitor measures what it says."""
+    ntk_quadratic = 1e-9 if exact else 1.0  # seconds × n²: free, or far over any budget
+    fixed = Costs(1e-2, 0.0, ntk_quadratic, 1e-9, 1e-9, 1e-9, None, exact_ntk_factor=96 / 32)
+    monkeypatch.setattr(callback_module, "measure_costs", lambda *args, **kwargs: fixed)
+    d = 96
+    x, y = sphere_data(N_TRAIN + N_VAL, d, d)
+    train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], 16)
+    monitor = LinearRegimeMonitor(n_probe=16, verbose=False)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dear NTK is over budget, said by OverBudgetWarning
+        make_trainer(tmp_path, [monitor], max_steps=6).fit(Regressor(TwoLayerNet(d, 32, d), 0.1), train, val)
+    line = plan_lines(caplog)[0]
+    said = "NTK over every output" if exact else "NTK over a sketch of the outputs"
+    assert said in line, line
+    assert monitor.core is not None and monitor.core.kernel_outputs is not None
+    assert (monitor.core.kernel_outputs.sketch is None) == exact
+    assert monitor.core.kernel_outputs.outputs == d

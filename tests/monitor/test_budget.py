@@ -199,3 +199,38 @@ def test_max_overhead_is_validated(value: object, error: type[Exception]) -> Non
         check_max_overhead(value)  # type: ignore[arg-type]
     check_max_overhead(None)
     check_max_overhead(0.05)
+
+
+# ------------------------------------------------------------------ exact kernel or sketch, by budget
+
+
+def test_an_affordable_exact_kernel_is_taken_over_the_sketch_and_charged_as_exact() -> None:
+    """NTK timed over an auto sketch with C/S = 4: the exact kernel costs 4× (0.36 s at 256 examples),
+    which still fits the 10.5 s budget with the largest probe, so the plan takes it, charged as exact."""
+    sketched, horizon = costs(ntk_linear=1e-4, ntk_quadratic=1e-6, exact_ntk_factor=4.0), 2000
+    exact = costs(ntk_linear=4e-4, ntk_quadratic=4e-6)
+    plan = plan_within_budget(sketched, horizon=horizon, max_overhead=0.05, n_available=256)
+    assert plan.outputs == "exact" and plan.n_probe == 256 and plan.fits
+    assert plan.planned_s == pytest.approx(walked_cost(exact, 256, plan.schedule, horizon), rel=1e-9)
+    assert "NTK over every output (the budget affords the exact kernel)" in plan.line()
+    assert plan.state_dict()["outputs"] == "exact"
+
+
+def test_an_exact_kernel_that_would_shrink_the_probe_leaves_the_sketch() -> None:
+    """C/S = 100: exact at 256 examples is 9 s per NTK, over budget, so exact would need a smaller
+    probe than the sketch gets; the plan keeps the sketch at 256, charged as timed."""
+    sketched, horizon = costs(ntk_linear=1e-4, ntk_quadratic=1e-6, exact_ntk_factor=100.0), 2000
+    plan = plan_within_budget(sketched, horizon=horizon, max_overhead=0.05, n_available=256)
+    exact_plan = plan_within_budget(
+        costs(ntk_linear=1e-2, ntk_quadratic=1e-4), horizon=horizon, max_overhead=0.05, n_available=256
+    )
+    assert exact_plan.n_probe < 256  # the premise: exact does not fit at 256
+    assert plan.outputs == "sketch" and plan.n_probe == 256
+    plain = costs(ntk_linear=1e-4, ntk_quadratic=1e-6)
+    assert plan.planned_s == pytest.approx(walked_cost(plain, 256, plan.schedule, horizon), rel=1e-9)
+    assert "the exact kernel does not fit the budget" in plan.line()
+
+
+def test_without_an_auto_sketch_the_plan_does_not_choose_outputs() -> None:
+    plan = plan_within_budget(costs(), horizon=1000, max_overhead=0.05, n_available=256)
+    assert plan.outputs is None and "NTK over" not in plan.line()

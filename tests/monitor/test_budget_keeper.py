@@ -88,3 +88,13 @@ def test_a_resumed_run_keeps_its_saved_plan_and_does_not_replan() -> None:
     assert schedule == plan.schedule and stop == plan.stop_after_exit
     assert resumed.replanned and resumed.state_dict()["plan"] == state["plan"]
     assert keeper()[0].load_state_dict({}) is None
+
+
+def test_the_replan_reads_the_costs_of_the_outputs_chosen_at_start() -> None:
+    """Exact chosen (C/S = 4 fits): the kept costs are the exact kernel's, and the choice is settled
+    (the re-plan cannot switch to the sketch: Θ_t − Θ_0 needs one set of outputs for the run)."""
+    budget, _, _ = keeper()
+    plan = budget.start(cheap(exact_ntk_factor=4.0), horizon=2000, n_available=256)
+    assert plan.outputs == "exact"
+    assert budget.costs is not None and budget.costs.exact_ntk_factor is None
+    assert budget.costs.ntk_linear == 4e-4 and budget.costs.ntk_quadratic == 4e-6
