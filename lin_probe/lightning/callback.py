@@ -511,7 +511,8 @@ class LinearRegimeMonitor(Callback):
         # stop_after_exit schedule that gates the shadows' collectives) identical everywhere.
         record = _bridge.from_rank_zero(trainer, measured.record)
         exited = self.core.observe(record)
-        self.core.conclude(model, record)  # the exit's cause, with the kernel at the exit
+        over_budget = self.budget is not None and self.budget.plan is not None and not self.budget.plan.fits
+        self.core.conclude(model, record, kernel_when_explained=not over_budget)  # the exit's cause
         self.publisher.record(trainer, record, measured.eigenvalues, self.core)
         self.publisher.overhead(trainer, self.clock.share(), step)
         self._replan(trainer, step)

@@ -47,6 +47,10 @@ def check_event_file(
         if not ntk and name in ("ntk_gap", "ntk_drift"):
             continue
         values = dashboard.series(name)
+        # A verdict the init fit explains takes no NTK at the exit when the plan is over budget, so
+        # Θ_0's is the only one and the velocity (two NTKs apart) is not logged (RegimeProbe.conclude).
+        if from_start and name == "kernel_velocity" and not values:
+            continue
         assert values and all(math.isfinite(v) for v in values.values()), name
     rel = dashboard.series("functional_distance_rel")
     assert rel[0] == 0.0 and len(rel) >= 4

@@ -92,6 +92,32 @@ def test_a_poor_fit_is_not_in_the_regime_from_the_start_at_any_learning_rate(lr:
     assert monitor.diagnosis.from_start
 
 
+@pytest.mark.parametrize("kernel_when_explained", [True, False])
+def test_a_verdict_the_init_fit_explains_takes_the_exit_kernel_only_when_asked(
+    kernel_when_explained: bool,
+) -> None:
+    """The poor fit's verdict at step 1 (no NTK planned there): its cause is the init fit's either way,
+    and the exit's NTK (Θ_0's cost again) is taken only when the caller can afford it."""
+    x, y = sphere_data(64 + 32, 64)
+    x, y = x.double(), y.double()
+    torch.manual_seed(0)
+    model = TwoLayerNet(64, 8).double()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-7)
+    monitor = RegimeProbe.start(model, (x[64:], y[64:]), opt, MonitorConfig(tolerance=0.1, patience=1))
+    for step in (0, 1):
+        if step:
+            F.mse_loss(model(x[:64]), y[:64]).backward()
+            monitor.accumulate(x[:64], y[:64])
+            monitor.step(0.1)
+            opt.step()
+        record = monitor.measure(model, step, ntk=step == 0).record
+        monitor.observe(record)
+        monitor.conclude(model, record, kernel_when_explained=kernel_when_explained)
+    assert monitor.verdict.state == "outside_from_start"
+    assert monitor.diagnosis is not None and monitor.diagnosis.cause == "never_input_linear"
+    assert ("ntk_drift" in monitor.history[-1]) == kernel_when_explained
+
+
 def test_the_memorizing_shadow_close_on_training_points_diagnoses_memorisation() -> None:
     monitor = _run(64, 4096, 2.0, probe_on_training_set=True, memorization=True)
     assert monitor.kernel.rel_error_centered < 0.1, "the affine kernel itself fits: not a misfit"
