@@ -3,7 +3,12 @@
 Models: :mod:`zoo` (a BatchNorm ResNet on 32×32×3, a token Transformer, a token LSTM, the digits MLP),
 each in ``zoo.Classifier``, an ordinary cross-entropy ``LightningModule`` trained by SGD (lr 0.05, momentum 0.9, batch 32)
 in a ``Trainer`` with a TensorBoard logger, a 256-example validation set checked once per epoch, no
-progress bar or checkpointing. Two runs per model:
+progress bar or checkpointing. And ``demo_lm``: Lightning's own ``LightningTransformer`` unmodified
+(``pytorch_lightning.demos``: an encoder–decoder ``nn.Transformer``, its SGD at lr 0.1, its NLL loss, no
+validation) as a language model on random tokens, vocabulary 33 × length 10, so ``C = T·V = 330``
+outputs per example, which ``outputs="auto"`` sketches; its monitor gets only what calling that
+model needs (``forward_fn``, ``batch_to_xy`` and the demo's own loss), the rest at the defaults.
+Two runs per model:
 
 * ``short`` — 200 optimizer steps in one pass over 6,400 fresh examples (no example is seen twice);
 * ``long`` — 5 epochs over 3,200 examples (100 steps per epoch, 500 steps; ``f_0``'s outputs come
@@ -41,6 +46,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from pytorch_lightning.demos import LightningTransformer
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -52,6 +59,30 @@ from lin_probe import LinearRegimeMonitor
 
 BATCH, N_VAL = 32, 256
 RUNS = {"short": {"train": 200 * BATCH, "epochs": 1}, "long": {"train": 100 * BATCH, "epochs": 5}}
+LM_VOCAB, LM_LENGTH = 33, 10
+MODELS = (*zoo.MODELS, "demo_lm")
+
+
+def demo_lm(n: int) -> tuple[pl.LightningModule, DataLoader, None, LinearRegimeMonitor]:
+    """Lightning's demo ``LightningTransformer`` on ``n`` random token sequences (next-token targets)
+    and the monitor as its user would configure it: how to call it, and its loss."""
+    tokens = torch.randint(0, LM_VOCAB, (n, LM_LENGTH + 1), generator=torch.Generator().manual_seed(0))
+    train = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=BATCH, shuffle=True,
+                       generator=torch.Generator().manual_seed(1))  # fmt: skip
+    torch.manual_seed(0)
+    module = LightningTransformer(vocab_size=LM_VOCAB)
+    module.prepare_data = lambda: None  # the demo downloads WikiText-2 here; these tokens are synthetic
+
+    def nll(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(pred.reshape(-1, LM_VOCAB), target.reshape(-1))
+
+    monitor = LinearRegimeMonitor(
+        batch_to_xy=lambda batch: (torch.stack(batch, dim=1), batch[1]),
+        forward_fn=lambda module, x: module(x[:, 0], x[:, 1]).reshape(x.shape[0], -1),
+        loss=nll,
+        verbose=False,
+    )
+    return module, train, None, monitor
 
 
 def fit_seconds(
@@ -60,18 +91,25 @@ def fit_seconds(
     """One whole ``trainer.fit`` (fresh seeded module and loaders): its wall time, the monitor and the
     monitor's own last logged ``lin_probe/overhead`` (NaN without it)."""
     spec = RUNS[run]
-    net, x, y = zoo.build(model, spec["train"] + N_VAL, seed=0)
-    train = DataLoader(TensorDataset(x[N_VAL:], y[N_VAL:]), batch_size=BATCH, shuffle=True,
-                       generator=torch.Generator().manual_seed(1))  # fmt: skip
-    val = DataLoader(TensorDataset(x[:N_VAL], y[:N_VAL]), batch_size=N_VAL)
-    monitor = LinearRegimeMonitor(verbose=False) if monitored else None
+    module: pl.LightningModule
+    val: DataLoader | None
+    if model == "demo_lm":
+        module, train, val, lm_monitor = demo_lm(spec["train"])
+        monitor = lm_monitor if monitored else None
+    else:
+        net, x, y = zoo.build(model, spec["train"] + N_VAL, seed=0)
+        train = DataLoader(TensorDataset(x[N_VAL:], y[N_VAL:]), batch_size=BATCH, shuffle=True,
+                           generator=torch.Generator().manual_seed(1))  # fmt: skip
+        val = DataLoader(TensorDataset(x[:N_VAL], y[:N_VAL]), batch_size=N_VAL)
+        module = zoo.Classifier(net)
+        monitor = LinearRegimeMonitor(verbose=False) if monitored else None
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=spec["epochs"], logger=TensorBoardLogger(str(root), name=model),
         callbacks=[monitor] if monitor else [], enable_progress_bar=False, enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
     )  # fmt: skip
     start = time.perf_counter()
-    trainer.fit(zoo.Classifier(net), train, val)
+    trainer.fit(module, train, val)
     seconds = time.perf_counter() - start
     logged = trainer.callback_metrics.get("lin_probe/overhead")
     return seconds, monitor, float("nan") if logged is None else float(logged)
@@ -112,7 +150,7 @@ def profile(models: list[str], runs: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(zoo.MODELS), choices=list(zoo.MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
