@@ -50,7 +50,7 @@ from lin_probe.monitor.checks import (
 from lin_probe.monitor.config import Host, MonitorConfig
 from lin_probe.monitor.diagnosis import Diagnosis, Verdict, diagnose
 from lin_probe.monitor.kernel_measures import target_matrix
-from lin_probe.monitor.outputs import KernelOutputs, choose_kernel_outputs
+from lin_probe.monitor.outputs import NOISY_SKETCH_ERROR, KernelOutputs, choose_kernel_outputs
 from lin_probe.monitor.probe import ProbeSet, probe_from_argument
 from lin_probe.monitor.runs import LINEARIZED, MEMO, PAPER, ShadowRun, build_runs
 from lin_probe.ntk import predict
@@ -578,6 +578,17 @@ class RegimeProbe:
                 "architecture (expect 'not in the linear regime from the start'), so distances from it say "
                 "little about the network's own kernel regime; watch `lin_probe/ntk_drift` and "
                 "`lin_probe/kernel_distance`, or pass linearized=True.",
+            )
+        outputs = self.kernel_outputs
+        if outputs is not None and outputs.error is not None and outputs.error > NOISY_SKETCH_ERROR:
+            assert outputs.sketch is not None
+            self.warn_once(
+                "noisy_sketch",
+                f"The NTK is sketched over {outputs.sketch.projections} random projections of the model's "
+                f"{outputs.outputs} outputs, and its estimated relative spectral error is {outputs.error:.2f} "
+                f"> {NOISY_SKETCH_ERROR}: kernel values (ntk_gap, ntk_drift, the affine fit) carry noise of "
+                'about that size. outputs="exact" takes the exact kernel, at about '
+                f"{outputs.outputs / outputs.sketch.projections:.0f}× the NTK's cost.",
             )
         if not self.reference.drift_available:
             self.warn_once(

@@ -28,6 +28,9 @@ from lin_probe.ntk._plumbing import OutputFn
 from lin_probe.ntk.sketch import OutputSketch, output_count, projections_for
 
 OUTPUTS: Final[tuple[str, ...]] = ("auto", "exact", "sketch")
+NOISY_SKETCH_ERROR: Final[float] = 0.1
+"""A sketch whose estimated error is above this gets a warning: the diagnosis reads a kernel drift of
+0.1 (``KERNEL_MOVED_DRIFT``) as "moved", so noise of that size can decide it."""
 SKETCH_ABOVE_OUTPUTS: Final[int] = 64
 """``outputs="auto"`` sketches models with more outputs per example than this."""
 MIN_PROJECTIONS: Final[int] = 32
@@ -138,6 +141,7 @@ def outputs_without_error(setting: str, c: int, n: int) -> KernelOutputs:
 
 
 __all__ = [
+    "NOISY_SKETCH_ERROR",
     "OUTPUTS",
     "SKETCH_ABOVE_OUTPUTS",
     "KernelOutputs",
