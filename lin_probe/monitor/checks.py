@@ -42,6 +42,7 @@ from lin_probe.ntk import (
     NTKMethod,
     ProgressFn,
     choose_method,
+    empirical_ntk,
     ntk_diagonal,
     ntk_matvec,
     ntk_operator,
@@ -121,16 +122,16 @@ class NTKProbe:
         dense = self.plan.dense(n)
         rows = self.inputs if dense else self.inputs[:_DIAGONAL_BLOCK]
         method = self.method(model, progress)
-        kernels = [
-            ntk_operator(
+        kernels = [  # dense blocks even when the plan is matrix-free: at most 64 × 64
+            empirical_ntk(
                 model,
                 rows,
-                plan=self.plan,
                 method=method,
                 progress=_part_of(progress, part, 2),
                 output_fn=half,
                 param_weights=self.param_weights,
-            ).matrix
+                memory_budget=self.plan.memory_budget,
+            ).detach()
             for part, half in enumerate(halves)
         ]
         error = (split_half_error(*kernels), rows.shape[0])

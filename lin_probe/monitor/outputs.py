@@ -5,8 +5,8 @@ classifier, not for a language model (``C = T·V`` ≈ 1,000). With ``outputs="a
 models with more than :data:`SKETCH_ABOVE_OUTPUTS` outputs per example get the output sketch of
 :mod:`lin_probe.ntk.sketch` (``S`` random directions, exactly unbiased), unless the overhead budget
 affords the exact kernel (:func:`lin_probe.monitor.budget.plan_within_budget` decides, and the
-callback then passes ``"exact"``); ``"exact"`` and ``"sketch"`` force either. One set of directions serves the whole run, so ``Θ_t − Θ_0`` compares
-kernels sketched alike, and the fit card states ``S`` and the relative spectral error of ``Θ_0``,
+callback then passes ``"exact"``); ``"exact"`` and ``"sketch"`` force either. One set of
+directions serves the whole run, so ``Θ_t − Θ_0`` compares kernels sketched alike, and the fit card states ``S`` and the relative spectral error of ``Θ_0``,
 estimated from ``Θ_0`` itself: its two halves of directions are computed apart and their difference
 gives the error (:func:`lin_probe.ntk.sketch.split_half_error`), at no extra backward passes. (The
 exact kernel this used to be checked against cost ``C`` passes per example: 56 s of a 68 s start-up

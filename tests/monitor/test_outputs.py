@@ -16,6 +16,8 @@ from lin_probe.monitor.config import MonitorConfig
 from lin_probe.monitor.core import RegimeProbe
 from lin_probe.monitor.outputs import NOISY_SKETCH_ERROR, SKETCH_ABOVE_OUTPUTS, check_outputs
 from lin_probe.ntk import empirical_ntk
+from lin_probe.ntk.sketch import split_half_error
+from lin_probe.plan import ComputePlan
 
 VOCAB, LENGTH, N = 32, 8, 24
 
@@ -122,3 +124,25 @@ def test_a_noisy_sketch_is_warned_about_once_with_its_error_and_the_way_out(
     assert len(noisy) == 1, noisy
     assert f"estimated relative spectral error is {error:.2f} > 0.01" in noisy[0]
     assert f"{LENGTH * VOCAB} outputs" in noisy[0] and 'outputs="exact"' in noisy[0]
+
+
+def test_a_matrix_free_probe_estimates_the_sketch_error_on_its_first_block() -> None:
+    """A probe too large for dense kernels (here: dense only up to 8 examples) keeps Θ_0 as products;
+    the halves are then taken on a dense block of the first examples, whose estimate is the same
+    split-half figure a dense start on those examples states."""
+    torch.manual_seed(0)
+    model = TokenLM()
+    tokens = torch.randint(0, VOCAB, (N, LENGTH), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, VOCAB, (N, LENGTH), generator=torch.Generator().manual_seed(2))
+    config = MonitorConfig(loss=_lm_loss, outputs="auto", center=False, plan=ComputePlan(dense_max_n=8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = RegimeProbe.start(model, (tokens, targets), optimizer, config)
+    outputs = probe.kernel_outputs
+    assert outputs is not None and outputs.sketch is not None and not probe.reference.dense
+    assert outputs.error_examples == N  # the first block of 64 holds the whole probe of 24
+    halves = outputs.half_output_fns(None, model, tokens)
+    assert halves is not None
+    a, b = (empirical_ntk(model, tokens, output_fn=half) for half in halves)
+    assert outputs.error == pytest.approx(split_half_error(a, b), rel=1e-4)
