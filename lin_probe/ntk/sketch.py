@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lin_probe._model_state import floating_dtype
 from lin_probe._validation import check_int
 from lin_probe.ntk._plumbing import OutputFn, output_matrix
 from lin_probe.ntk.dense import empirical_ntk, predict
@@ -155,16 +156,9 @@ def sketched_ntk_with_error(
     **ntk_options: Any,
 ) -> tuple[Tensor, float]:
     """``Θ_S`` and its :func:`split_half_error`, from the two halves' kernels (about the cost of ``Θ_S``)."""
-    c = output_count(model, inputs, output_fn)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     first, second = (
-        empirical_ntk(
-            model,
-            inputs,
-            output_fn=sketch.output_fn(output_fn, c, device=inputs.device, dtype=dtype, half=half),
-            **ntk_options,
-        )
-        for half in (0, 1)
+        empirical_ntk(model, inputs, output_fn=fn, **ntk_options)
+        for fn in _sketched_output_fns(model, inputs, sketch, output_fn, halves=(0, 1))
     )
     return (first + second) / 2, split_half_error(first, second)
 
@@ -183,10 +177,22 @@ def sketched_ntk(
     **ntk_options: Any,
 ) -> Tensor:
     """``Θ_S``: :func:`~lin_probe.ntk.empirical_ntk` of the sketched outputs (``C`` read from the model)."""
-    c = output_count(model, inputs, output_fn)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    fn = sketch.output_fn(output_fn, c, device=inputs.device, dtype=dtype)
+    (fn,) = _sketched_output_fns(model, inputs, sketch, output_fn, halves=(None,))
     return empirical_ntk(model, inputs, output_fn=fn, **ntk_options)
+
+
+def _sketched_output_fns(
+    model: nn.Module,
+    inputs: Tensor,
+    sketch: OutputSketch,
+    output_fn: OutputFn | None,
+    *,
+    halves: tuple[int | None, ...],
+) -> list[OutputFn]:
+    """The sketch's ``output_fn`` for each of ``halves`` (``None``: every direction), ``C`` read once."""
+    c = output_count(model, inputs, output_fn)
+    dtype = floating_dtype(model) or torch.get_default_dtype()
+    return [sketch.output_fn(output_fn, c, device=inputs.device, dtype=dtype, half=half) for half in halves]
 
 
 def sketch_error(
