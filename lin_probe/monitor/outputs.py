@@ -6,9 +6,9 @@ models with more than :data:`SKETCH_ABOVE_OUTPUTS` outputs per example get the o
 :mod:`lin_probe.ntk.sketch` (``S`` random directions, exactly unbiased), unless the overhead budget
 affords the exact kernel (:func:`lin_probe.monitor.budget.plan_within_budget` decides, and the
 callback then passes ``"exact"``); ``"exact"`` and ``"sketch"`` force either. One set of
-directions serves the whole run, so ``Θ_t − Θ_0`` compares kernels sketched alike, and the fit card states ``S`` and the relative spectral error of ``Θ_0``,
-estimated from ``Θ_0`` itself: its two halves of directions are computed apart and their difference
-gives the error (:func:`lin_probe.ntk.sketch.split_half_error`), at no extra backward passes. (The
+directions serves the whole run, so ``Θ_t − Θ_0`` compares kernels sketched alike, and the fit card
+states ``S`` and the relative spectral error of ``Θ_0``, estimated from ``Θ_0`` itself: its two
+halves of directions are computed apart and their difference gives the error (:func:`lin_probe.ntk.sketch.split_half_error`), at no extra backward passes. (The
 exact kernel this used to be checked against cost ``C`` passes per example: 56 s of a 68 s start-up
 on Lightning's demo Transformer.) Only the kernel is sketched: predictions, ``f_0`` and the shadows
 use every output.
@@ -56,12 +56,14 @@ class KernelOutputs:
     error: float | None = None
     error_examples: int | None = None
 
-    def output_fn(self, base: OutputFn | None, model: nn.Module, inputs: Tensor) -> OutputFn | None:
-        """The ``output_fn`` the NTK paths get: ``base`` itself when exact."""
+    def output_fn(
+        self, base: OutputFn | None, model: nn.Module, inputs: Tensor, *, half: int | None = None
+    ) -> OutputFn | None:
+        """The ``output_fn`` the NTK paths get: ``base`` itself when exact (``half``: one half of a sketch)."""
         if self.sketch is None:
             return base
         dtype = floating_dtype(model) or torch.get_default_dtype()
-        return self.sketch.output_fn(base, self.outputs, device=inputs.device, dtype=dtype)
+        return self.sketch.output_fn(base, self.outputs, device=inputs.device, dtype=dtype, half=half)
 
     def half_output_fns(
         self, base: OutputFn | None, model: nn.Module, inputs: Tensor
@@ -69,11 +71,8 @@ class KernelOutputs:
         """The two halves of the sketch's directions (their kernels' mean is the sketch's); ``None`` when exact."""
         if self.sketch is None:
             return None
-        dtype = floating_dtype(model) or torch.get_default_dtype()
-        first, second = (
-            self.sketch.output_fn(base, self.outputs, device=inputs.device, dtype=dtype, half=half)
-            for half in (0, 1)
-        )
+        first, second = (self.output_fn(base, model, inputs, half=half) for half in (0, 1))
+        assert first is not None and second is not None
         return first, second
 
     def with_error(self, error: float, examples: int) -> KernelOutputs:
