@@ -39,13 +39,13 @@ def _lm_loss(pred: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(pred.reshape(-1, VOCAB), target.reshape(-1))
 
 
-def _start(outputs: str) -> tuple[RegimeProbe, nn.Module, Tensor]:
+def _start(outputs: str, plan: ComputePlan | None = None) -> tuple[RegimeProbe, nn.Module, Tensor]:
     torch.manual_seed(0)
     model = TokenLM()
     tokens = torch.randint(0, VOCAB, (N, LENGTH), generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, VOCAB, (N, LENGTH), generator=torch.Generator().manual_seed(2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = MonitorConfig(loss=_lm_loss, outputs=outputs, center=False)
+    config = MonitorConfig(loss=_lm_loss, outputs=outputs, center=False, plan=plan or ComputePlan())
     return RegimeProbe.start(model, (tokens, targets), optimizer, config), model, tokens
 
 
@@ -130,15 +130,9 @@ def test_a_matrix_free_probe_estimates_the_sketch_error_on_its_first_block() -> 
     """A probe too large for dense kernels (here: dense only up to 8 examples) keeps Θ_0 as products;
     the halves are then taken on a dense block of the first examples, whose estimate is the same
     split-half figure a dense start on those examples states."""
-    torch.manual_seed(0)
-    model = TokenLM()
-    tokens = torch.randint(0, VOCAB, (N, LENGTH), generator=torch.Generator().manual_seed(1))
-    targets = torch.randint(0, VOCAB, (N, LENGTH), generator=torch.Generator().manual_seed(2))
-    config = MonitorConfig(loss=_lm_loss, outputs="auto", center=False, plan=ComputePlan(dense_max_n=8))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        probe = RegimeProbe.start(model, (tokens, targets), optimizer, config)
+        probe, model, tokens = _start("auto", ComputePlan(dense_max_n=8))
     outputs = probe.kernel_outputs
     assert outputs is not None and outputs.sketch is not None and not probe.reference.dense
     assert outputs.error_examples == N  # the first block of 64 holds the whole probe of 24

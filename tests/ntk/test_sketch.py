@@ -207,13 +207,12 @@ def test_split_half_error_tracks_the_true_error_over_seeds() -> None:
     the errors Gaussian: their means within [0.6, 1.6] (measured 0.97–1.2 at S = 4, 8)."""
     model = _mlp()
     x = torch.randn(12, 5, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
-    exact = brute_force_ntk(model, x)
+    exact, c = brute_force_ntk(model, x), output_count(model, x)
     for s in (4, 8):
         estimated, true, estimated_f, true_f = [], [], [], []
         for seed in range(40):
             sketch = OutputSketch(s, seed=seed)
             theta, error = sketched_ntk_with_error(model, x, sketch)
-            c = output_count(model, x)
             a, b = (
                 empirical_ntk(
                     model, x, output_fn=sketch.output_fn(None, c, device="cpu", dtype=DTYPE, half=h)
