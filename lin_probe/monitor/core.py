@@ -588,7 +588,7 @@ class RegimeProbe:
                 f"{outputs.outputs} outputs, and its estimated relative spectral error is {outputs.error:.2f} "
                 f"> {NOISY_SKETCH_ERROR}: kernel values (ntk_gap, ntk_drift, the affine fit) carry noise of "
                 'about that size. outputs="exact" takes the exact kernel, at about '
-                f"{outputs.outputs / outputs.sketch.projections:.0f}× the NTK's cost.",
+                f"{outputs.exact_cost_factor:.0f}× the NTK's cost.",
             )
         if not self.reference.drift_available:
             self.warn_once(

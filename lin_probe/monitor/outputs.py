@@ -75,6 +75,11 @@ class KernelOutputs:
         assert first is not None and second is not None
         return first, second
 
+    @property
+    def exact_cost_factor(self) -> float | None:
+        """``C/S``: how many times a sketched NTK the exact one costs; ``None`` when exact already."""
+        return None if self.sketch is None else self.outputs / self.sketch.projections
+
     def with_error(self, error: float, examples: int) -> KernelOutputs:
         return replace(self, error=float(error), error_examples=int(examples))
 

@@ -82,9 +82,7 @@ def measure_costs(
 
 def _exact_factor(setting: str, outputs: KernelOutputs) -> float | None:
     """``C/S`` when ``outputs="auto"`` sketched: the budget may still afford the exact kernel."""
-    if setting != "auto" or outputs.sketch is None:
-        return None
-    return outputs.outputs / outputs.sketch.projections
+    return outputs.exact_cost_factor if setting == "auto" else None
 
 
 def _distinct(samples: list[tuple[int, float]]) -> list[tuple[int, float]]:
