@@ -8,10 +8,11 @@ affords the exact kernel (:func:`lin_probe.monitor.budget.plan_within_budget` de
 callback then passes ``"exact"``); ``"exact"`` and ``"sketch"`` force either. One set of
 directions serves the whole run, so ``Θ_t − Θ_0`` compares kernels sketched alike, and the fit card
 states ``S`` and the relative spectral error of ``Θ_0``, estimated from ``Θ_0`` itself: its two
-halves of directions are computed apart and their difference gives the error (:func:`lin_probe.ntk.sketch.split_half_error`), at no extra backward passes. (The
-exact kernel this used to be checked against cost ``C`` passes per example: 56 s of a 68 s start-up
-on Lightning's demo Transformer.) Only the kernel is sketched: predictions, ``f_0`` and the shadows
-use every output.
+halves of directions are computed apart and their difference gives the error
+(:func:`lin_probe.ntk.sketch.split_half_error`), at no extra backward passes. (The exact kernel
+this used to be checked against costs ``C`` passes per example: 307 s on 16 examples of Lightning's
+demo Transformer as a token LM, ``benchmarks/sketch_lm.py``.) Only the kernel is sketched:
+predictions, ``f_0`` and the shadows use every output.
 """
 
 from __future__ import annotations
