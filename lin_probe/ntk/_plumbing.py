@@ -82,14 +82,18 @@ def saved_bytes(exclude: Iterable[Tensor]) -> Iterator[list[int]]:
 
     The count stands in for the activation memory of one example when sizing chunks. Tensors
     sharing storage with ``exclude`` (parameters, buffers) are not counted: they exist once,
-    whatever the chunk size.
+    whatever the chunk size. What is counted is storage, once each: a tensor saved by several
+    operations, or a stride-0 expansion (matmul saves a weight expanded over positions as a view),
+    holds no more memory than its storage.
     """
-    shared = {t.untyped_storage().data_ptr() for t in exclude}
+    counted = {t.untyped_storage().data_ptr() for t in exclude}
     total = [0]
 
     def pack(t: Tensor) -> Tensor:
-        if t.untyped_storage().data_ptr() not in shared:
-            total[0] += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in counted:
+            counted.add(storage.data_ptr())
+            total[0] += storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from lin_probe.ntk._plumbing import measure_one_example, output_matrix, slices, stream_block_pairs
+from lin_probe.ntk._plumbing import (
+    measure_one_example,
+    output_matrix,
+    saved_bytes,
+    slices,
+    stream_block_pairs,
+)
 
 
 def test_output_matrix_flattens_per_example() -> None:
@@ -72,3 +78,13 @@ def test_saved_bytes_exclude_parameters() -> None:
     width, saved = measure_one_example(forward, params, torch.randn(1, 5, dtype=torch.float64))
     assert width == 4
     assert saved == (5 + 4) * 8  # x (1×5) and tanh(xWᵀ) (1×4), float64
+
+
+def test_saved_bytes_count_storage_once() -> None:
+    """An expanded (stride-0) view saved for backward holds its storage only, and a tensor saved by two
+    operations is counted once: ``x·e`` and ``x·x`` save ``x`` (5 numbers) and ``e``'s one number."""
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(1, dtype=torch.float64).expand(5)  # 5 elements, 1 stored
+    with saved_bytes([]) as saved:
+        _ = (x * e).sum() + (x * x).sum()
+    assert saved[0] == (5 + 1) * 8
