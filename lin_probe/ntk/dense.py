@@ -29,8 +29,9 @@ so a roomier budget is faster. ``chunk_size`` forces ``b``.
 
 *Structured layers* (:attr:`NTKMethod.STRUCTURED`, and :attr:`NTKMethod.AUTO` where it is faster).
 ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers, the affine parameters of BatchNorm1d/2d
-(running statistics), LayerNorm and GroupNorm, and ``nn.Embedding`` get their exact Gram block from
-layer inputs and output cotangents (:mod:`lin_probe.ntk.structured`, which documents its own memory
+(running statistics), LayerNorm and GroupNorm, ``nn.Embedding`` and ``nn.MultiheadAttention``'s
+projections (:mod:`lin_probe.ntk.attention`) get their exact Gram block from layer inputs and output
+cotangents (:mod:`lin_probe.ntk.structured`, which documents its own memory
 estimate under the same budget); every other differentiated parameter goes through the dense path
 above and the two parts add.
 

@@ -1,7 +1,9 @@
 """Exact NTK blocks of Linear / Conv / normalisation / Embedding layers without per-example Jacobians.
 
 Covered: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` (weight and bias), the affine parameters of
-``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` / ``nn.GroupNorm``, and ``nn.Embedding``.
+``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` / ``nn.GroupNorm``, ``nn.Embedding``, and
+``nn.MultiheadAttention``'s input and output projections (Linear layers on sequences, made visible
+to the hooks by :mod:`lin_probe.ntk.attention`).
 Everything else (and anything failing a guard below) goes to the generic torch.func path.
 
 **Linear / Conv.**
@@ -43,9 +45,10 @@ forward hook and the gradient with respect to it is ``Δ``.
 Exactness guards (any failure sends the layer's parameters back to the generic torch.func path):
 the module's class keeps its supported base class's ``forward`` (and ``_conv_forward`` /
 ``_check_input_dim``), so e.g. ``NonDynamicallyQuantizableLinear`` qualifies; it must actually be
-called (``MultiheadAttention.out_proj`` is read by the functional attention, never called, so it
-stays generic); no parametrizations; called exactly once per forward (weight sharing by repeated
-calls); batched inputs whose leading dimension indexes the examples (and is not normalised over);
+called (``MultiheadAttention.out_proj`` is called only where :mod:`lin_probe.ntk.attention` supports
+the attention module; an attention's three input projections are kept all or none); no
+parametrizations; called once per forward, or (Linear, Embedding) several times alike, a weight
+shared by repeated calls whose calls stack as extra positions (:func:`_repeatable`); batched inputs whose leading dimension indexes the examples (and is not normalised over);
 a tensor tied to another module (e.g. an embedding tied to the output layer) goes generic on its
 own. Like :func:`lin_probe.ntk.predict`, the recorded forward is batched, so examples must not
 interact in eval mode (the generic path evaluates each example alone). A parameter read outside its module's
@@ -80,6 +83,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from lin_probe._model_state import eval_semantics
+from lin_probe.ntk import attention
 from lin_probe.ntk._plumbing import (
     Progress,
     clamp,
@@ -144,9 +148,10 @@ class _Layer:
     bias: str | None
     w_weight: float
     w_bias: float
-    in_shape: tuple[int, ...] = ()
+    in_shape: tuple[int, ...] = ()  # per example; a layer called k > 1 times: (k, *one call's)
     out_shape: tuple[int, ...] = ()
     strategy: str = ""
+    repeats: int = 1  # calls per forward
 
     @property
     def kind(self) -> str:
@@ -186,11 +191,21 @@ class _Features:
 
 @dataclass
 class _Recording:
-    """What the forward hooks saw in one pass."""
+    """What the forward hooks saw in one pass: per layer, every call's input and output tap."""
 
     calls: dict[str, int] = field(default_factory=dict)
-    inputs: dict[str, Tensor] = field(default_factory=dict)
-    taps: dict[str, Tensor] = field(default_factory=dict)
+    inputs: dict[str, list[Tensor]] = field(default_factory=dict)
+    taps: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def uniform(self, name: str) -> bool:
+        """Every call of layer ``name`` took inputs of one shape and gave outputs of one shape."""
+        return all(len({tuple(t.shape) for t in tensors[name]}) == 1 for tensors in (self.inputs, self.taps))
+
+    def stacked_input(self, name: str) -> Tensor:
+        """The input of a layer called once; of one called ``k`` times, the ``k`` inputs on dimension 1,
+        as ``k`` times the positions (:func:`_repeatable`)."""
+        inputs = self.inputs[name]
+        return inputs[0] if len(inputs) == 1 else torch.stack(inputs, dim=1)
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -404,6 +419,9 @@ def candidate_layers(
         owners[id(p)] = owners.get(id(p), 0) + 1
     layers = []
     for name, module in model.named_modules():
+        if attention.supported(module) and not parametrize.is_parametrized(module):
+            layers.extend(_in_projection_layers(name, module, params, weights, owners))
+            continue
         if _structured_base(module) is None or parametrize.is_parametrized(module):
             continue
         if not _supported_config(module):
@@ -434,6 +452,36 @@ def candidate_layers(
     return layers
 
 
+def _in_projection_layers(
+    name: str,
+    module: nn.MultiheadAttention,
+    params: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    owners: Mapping[int, int],
+) -> list[_Layer]:
+    """The q, k, v projections of a supported attention module as three Linear layers sharing its packed
+    ``in_proj_weight``/``in_proj_bias`` (disjoint rows: their Gram blocks add up to the parameters')."""
+    prefix = f"{name}." if name else ""
+    picked = {}
+    for key in ("in_proj_weight", "in_proj_bias"):
+        tensor = getattr(module, key)
+        differentiated = tensor is not None and prefix + key in params and owners[id(tensor)] == 1
+        picked[key] = prefix + key if differentiated else None
+    if picked["in_proj_weight"] is None and picked["in_proj_bias"] is None:
+        return []
+    return [
+        _Layer(
+            name=f"{prefix}in_proj[{part}]",
+            module=projection,
+            weight=picked["in_proj_weight"],
+            bias=picked["in_proj_bias"],
+            w_weight=float(weights.get(picked["in_proj_weight"] or "", 1.0)),
+            w_bias=float(weights.get(picked["in_proj_bias"] or "", 1.0)),
+        )
+        for part, projection in zip(attention.PARTS, attention.in_projections(module), strict=True)
+    ]
+
+
 # -------------------------------------------------------------------------------------- recording
 
 
@@ -450,16 +498,17 @@ def _record(
     def make_hook(name: str) -> Callable[..., Tensor]:
         def hook(_module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
             rec.calls[name] += 1
-            rec.inputs[name] = args[0].detach() if args and isinstance(args[0], Tensor) else torch.empty(0)
+            first = args[0].detach() if args and isinstance(args[0], Tensor) else torch.empty(0)
+            rec.inputs.setdefault(name, []).append(first)
             tap = torch.zeros_like(out, requires_grad=True)
-            rec.taps[name] = tap
+            rec.taps.setdefault(name, []).append(tap)
             return out + tap
 
         return hook
 
     handles = [ly.module.register_forward_hook(make_hook(ly.name), prepend=True) for ly in layers]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), attention.tapped(ly.module for ly in layers):
             out = to_matrix(functional_call(model, constants, (x,)), x.shape[0])
     finally:
         for handle in handles:
@@ -470,7 +519,8 @@ def _record(
 def _probe(
     model: nn.Module, constants: dict[str, Tensor], layers: list[_Layer], first: Tensor, to_matrix: ToMatrix
 ) -> tuple[list[_Layer], int, int]:
-    """Record one example: keep layers called once on a batched input; the width ``C`` and saved bytes ``a``.
+    """Record one example: keep layers called on a batched input (once, or alike several times where
+    :func:`_repeatable`); the width ``C`` and saved bytes ``a``.
 
     Saved tensors that are parameters or buffers are not counted (they exist once, whatever the chunk).
     """
@@ -478,15 +528,30 @@ def _probe(
         out, rec = _record(model, constants, layers, first, to_matrix)
     kept = []
     for ly in layers:
-        if rec.calls[ly.name] != 1:
-            continue  # unused or weight-shared by repeated calls: generic path
-        a, y = rec.inputs[ly.name], rec.taps[ly.name]
+        calls = rec.calls[ly.name]
+        if calls == 0 or (calls > 1 and not (_repeatable(ly) and rec.uniform(ly.name))):
+            continue  # unused, or weight-shared by repeated calls the rules cannot stack: generic path
+        a, y = rec.inputs[ly.name][0], rec.taps[ly.name][0]
         if not _batched_shapes(ly.module, a, y):
             continue
-        ly.in_shape, ly.out_shape = tuple(a.shape[1:]), tuple(y.shape[1:])
+        ly.repeats = calls
+        repeat = (calls,) if calls > 1 else ()
+        ly.in_shape, ly.out_shape = (*repeat, *a.shape[1:]), (*repeat, *y.shape[1:])
         kept.append(ly)
+    kept = _whole_attentions(kept)
     outside = _read_outside_own_call(model, constants, kept, first)
-    return [ly for ly in kept if ly.name not in outside], out.shape[1], saved[0]
+    return _whole_attentions([ly for ly in kept if ly.name not in outside]), out.shape[1], saved[0]
+
+
+def _whole_attentions(layers: list[_Layer]) -> list[_Layer]:
+    """``layers`` without the input projections of an attention module missing one of its three: they
+    share ``in_proj_weight``, whose kernel block is complete only with all of them."""
+    whole = attention.complete(ly.module for ly in layers)
+    return [
+        ly
+        for ly in layers
+        if not isinstance(ly.module, attention.InProjection) or id(ly.module.attention) in whole
+    ]
 
 
 class _ParameterReads(TorchFunctionMode):
@@ -495,7 +560,7 @@ class _ParameterReads(TorchFunctionMode):
     a custom ``forward`` using ``self.fc.weight``): hooks cannot see those reads, so such a layer's
     gradient would be incomplete on this path."""
 
-    def __init__(self, owners: dict[int, str]) -> None:
+    def __init__(self, owners: dict[int, set[str]]) -> None:
         super().__init__()
         self.owners = owners
         self.running: list[str] = []
@@ -505,9 +570,9 @@ class _ParameterReads(TorchFunctionMode):
         kwargs = kwargs or {}
         for value in (*args, *kwargs.values()):
             for item in value if isinstance(value, list | tuple) else (value,):
-                name = self.owners.get(id(item)) if isinstance(item, Tensor) else None
-                if name is not None and name not in self.running:
-                    self.outside.add(name)
+                names = self.owners.get(id(item), set()) if isinstance(item, Tensor) else set()
+                if names and names.isdisjoint(self.running):  # a shared tensor: any owner's call counts
+                    self.outside.update(names)
         return func(*args, **kwargs)
 
 
@@ -515,7 +580,11 @@ def _read_outside_own_call(
     model: nn.Module, constants: dict[str, Tensor], layers: list[_Layer], first: Tensor
 ) -> set[str]:
     """Names of ``layers`` whose parameters the one-example forward reads outside their module's call."""
-    owners = {id(constants[p]): ly.name for ly in layers for p in (ly.weight, ly.bias) if p is not None}
+    owners: dict[int, set[str]] = {}
+    for ly in layers:
+        for p in (ly.weight, ly.bias):
+            if p is not None:
+                owners.setdefault(id(constants[p]), set()).add(ly.name)
     if not owners:
         return set()
     mode = _ParameterReads(owners)
@@ -529,7 +598,7 @@ def _read_outside_own_call(
     handles = [h for ly in layers for h in (ly.module.register_forward_pre_hook(enter(ly.name)),
                                              ly.module.register_forward_hook(leave))]  # fmt: skip
     try:
-        with torch.no_grad(), mode:
+        with torch.no_grad(), attention.tapped(ly.module for ly in layers), mode:
             functional_call(model, constants, (first,))
     finally:
         for handle in handles:
@@ -590,30 +659,42 @@ def _chunk_features(
     """Record a chunk, get every layer's ``Δ`` and reduce each layer to its strategy's features."""
     out, rec = _record(model, constants, layers, x, to_matrix)
     b = x.shape[0]
+    inputs = {}
     for ly in layers:
-        a, y = rec.inputs.get(ly.name), rec.taps.get(ly.name)
-        if (
-            rec.calls[ly.name] != 1
-            or a is None
-            or y is None
-            or tuple(a.shape) != (b, *ly.in_shape)
-            or tuple(y.shape) != (b, *ly.out_shape)
-            or out.shape[1] != width
-        ):
-            raise NotStructurable(f"layer {ly.name!r} behaved differently on a batch than on one example")
-    deltas = _cotangents(out, [rec.taps[ly.name] for ly in layers])
+        if rec.calls[ly.name] == ly.repeats and rec.uniform(ly.name) and out.shape[1] == width:
+            inputs[ly.name] = rec.stacked_input(ly.name)
+            one_call = ly.out_shape[1:] if ly.repeats > 1 else ly.out_shape
+            if inputs[ly.name].shape == (b, *ly.in_shape) and rec.taps[ly.name][0].shape == (b, *one_call):
+                continue
+        raise NotStructurable(f"layer {ly.name!r} behaved differently on a batch than on one example")
+    flat = _cotangents(out, [tap for ly in layers for tap in rec.taps[ly.name]])
     feats = []
-    for ly, delta in zip(layers, deltas, strict=True):
+    for ly in layers:
+        calls, flat = flat[: ly.repeats], flat[ly.repeats :]
+        delta = (calls[0] if ly.repeats == 1 else torch.stack(calls, dim=2)).to(dtype)  # (C, b, [k,] *y)
         if ly.kind == "norm":
-            feats.append(_norm_features(ly, delta.to(dtype), rec.inputs[ly.name].to(dtype)))
+            feats.append(_norm_features(ly, delta, inputs[ly.name].to(dtype)))
             continue
         if ly.kind == "embedding":
-            feats.append(_embedding_features(ly, delta.to(dtype), rec.inputs[ly.name]))
+            feats.append(_embedding_features(ly, delta, inputs[ly.name]))
             continue
-        std = _standard_delta(ly, delta.to(dtype))
-        patches = _patches(ly, rec.inputs[ly.name].to(dtype)) if ly.weight is not None else None
+        std = _standard_delta(ly, delta)
+        patches = _patches(ly, inputs[ly.name].to(dtype)) if ly.weight is not None else None
         feats.append(_reduce(ly, std, patches))
     return feats
+
+
+def _repeatable(ly: _Layer) -> bool:
+    """Layers whose calls can be stacked as extra positions.
+
+    A weight shared by ``k`` calls has the gradient ``Σ_calls Σ_l Δ_{call,l} ⊗ P_{call,l}`` (each
+    call's ``Δ`` is the total derivative through the later calls: the chain rule for a reused
+    weight), which is the one-call rule over ``k·L`` positions. The Linear and Embedding algebra
+    flattens every dimension but the last into positions, so stacking the calls on dimension 1 is
+    all it needs; convolutions and normalisation layers read positions off fixed dimensions and stay
+    generic when reused.
+    """
+    return isinstance(ly.module, nn.Linear | nn.Embedding)
 
 
 # ---------------------------------------------------------------------------------- layer algebra

@@ -187,8 +187,48 @@ class SharedTwice(nn.Module):
         return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
 
 
-def test_layer_called_twice_falls_back_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_called_twice_is_structured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second call feeds on the first: each call's Δ is its total derivative, the calls stack."""
     model, x = SharedTwice().to(DTYPE), torch.randn(6, 4, dtype=DTYPE)
+    calls = spy_generic(monkeypatch)
+    theta = empirical_ntk(model, x, method="structured")
+    assert calls == []
+    assert_close(theta, brute_force_ntk(model, x))
+
+
+class ConvTwice(nn.Module):
+    """One convolution applied twice: convolutions do not stack their calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+
+def test_conv_called_twice_falls_back_and_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = ConvTwice().to(DTYPE), torch.randn(5, 2, 6, dtype=DTYPE)
+    calls = spy_generic(monkeypatch)
+    theta = empirical_ntk(model, x)
+    assert calls == [{"conv.weight", "conv.bias"}]
+    assert_close(theta, brute_force_ntk(model, x))
+
+
+def test_layer_called_unlike_on_each_call_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two calls of one Linear on inputs of different shapes cannot stack."""
+
+    class Unlike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.inner(x).mean(dim=1) + self.inner(x[:, :2]).mean(dim=1))
+
+    model, x = Unlike().to(DTYPE), torch.randn(5, 3, 4, dtype=DTYPE)
     calls = spy_generic(monkeypatch)
     theta = empirical_ntk(model, x)
     assert calls == [{"inner.weight", "inner.bias"}]
