@@ -147,19 +147,13 @@ def tapped(projections: Iterable[nn.Module]) -> Iterator[None]:
     Its three :class:`InProjection` modules are found among ``projections`` (one missing: the
     module's own forward stays). The MHA fast path is off, as it would skip the calls. Restored on exit.
     """
-    by_attention: dict[int, dict[int, InProjection]] = {}
-    owners: dict[int, nn.MultiheadAttention] = {}
-    for proj in projections:
-        if isinstance(proj, InProjection):
-            by_attention.setdefault(id(proj.attention), {})[proj.part] = proj
-            owners[id(proj.attention)] = proj.attention
     patched = []
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        for key, parts in by_attention.items():
+        for parts in _by_attention(projections).values():
             if len(parts) == len(PARTS):
-                attention = owners[key]
+                attention = parts[0].attention
                 attention.forward = partial(_tapped_forward, attention, tuple(parts[i] for i in range(3)))
                 patched.append(attention)
         yield
@@ -171,11 +165,16 @@ def tapped(projections: Iterable[nn.Module]) -> Iterator[None]:
 
 def complete(projections: Iterable[Any]) -> set[int]:
     """``id``s of the attention modules all of whose three projections are in ``projections``."""
-    parts: dict[int, set[int]] = {}
+    return {key for key, parts in _by_attention(projections).items() if len(parts) == len(PARTS)}
+
+
+def _by_attention(projections: Iterable[Any]) -> dict[int, dict[int, InProjection]]:
+    """The :class:`InProjection` modules among ``projections``: attention module ``id`` → part → projection."""
+    grouped: dict[int, dict[int, InProjection]] = {}
     for proj in projections:
         if isinstance(proj, InProjection):
-            parts.setdefault(id(proj.attention), set()).add(proj.part)
-    return {key for key, seen in parts.items() if len(seen) == len(PARTS)}
+            grouped.setdefault(id(proj.attention), {})[proj.part] = proj
+    return grouped
 
 
 __all__ = ["PARTS", "InProjection", "complete", "in_projections", "supported", "tapped"]

@@ -48,7 +48,8 @@ the module's class keeps its supported base class's ``forward`` (and ``_conv_for
 called (``MultiheadAttention.out_proj`` is called only where :mod:`lin_probe.ntk.attention` supports
 the attention module; an attention's three input projections are kept all or none); no
 parametrizations; called once per forward, or (Linear, Embedding) several times alike, a weight
-shared by repeated calls whose calls stack as extra positions (:func:`_repeatable`); batched inputs whose leading dimension indexes the examples (and is not normalised over);
+shared by repeated calls whose calls stack as extra positions (:func:`_repeatable`); batched
+inputs whose leading dimension indexes the examples (and is not normalised over);
 a tensor tied to another module (e.g. an embedding tied to the output layer) goes generic on its
 own. Like :func:`lin_probe.ntk.predict`, the recorded forward is batched, so examples must not
 interact in eval mode (the generic path evaluates each example alone). A parameter read outside its module's
@@ -428,28 +429,44 @@ def candidate_layers(
             continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             continue  # shapes unknown until the first call; a materialised lazy layer is its base class
-        own = dict(module.named_parameters(recurse=False))
-        prefix = f"{name}." if name else ""
-        # a tensor tied to another module has gradient terms from both: leave it to the generic path
-        picked = {
-            key: prefix + key
-            if own.get(key) is not None and prefix + key in params and owners[id(own[key])] == 1
-            else None
-            for key in ("weight", "bias")
-        }
-        if picked["weight"] is None and picked["bias"] is None:
-            continue
-        layers.append(
-            _Layer(
-                name=name,
-                module=module,
-                weight=picked["weight"],
-                bias=picked["bias"],
-                w_weight=float(weights.get(picked["weight"] or "", 1.0)),
-                w_bias=float(weights.get(picked["bias"] or "", 1.0)),
-            )
-        )
+        weight, bias = _differentiated(module, name, ("weight", "bias"), params, owners)
+        if weight is not None or bias is not None:
+            layers.append(_layer(name, module, weight, bias, weights))
     return layers
+
+
+def _differentiated(
+    module: nn.Module,
+    name: str,
+    keys: tuple[str, str],
+    params: Mapping[str, Tensor],
+    owners: Mapping[int, int],
+) -> tuple[str | None, str | None]:
+    """The full names of ``module``'s tensors ``keys`` (weight, bias) that are differentiated and untied.
+
+    A tensor tied to another module has gradient terms from both: it is left to the generic path.
+    """
+    prefix = f"{name}." if name else ""
+    picked = []
+    for key in keys:
+        tensor = getattr(module, key, None)
+        untied = isinstance(tensor, Tensor) and owners.get(id(tensor)) == 1
+        picked.append(prefix + key if untied and prefix + key in params else None)
+    return picked[0], picked[1]
+
+
+def _layer(
+    name: str, module: nn.Module, weight: str | None, bias: str | None, weights: Mapping[str, float]
+) -> _Layer:
+    """A structured layer on the differentiated ``weight``/``bias`` names, with their learning-rate weights."""
+    return _Layer(
+        name=name,
+        module=module,
+        weight=weight,
+        bias=bias,
+        w_weight=float(weights.get(weight or "", 1.0)),
+        w_bias=float(weights.get(bias or "", 1.0)),
+    )
 
 
 def _in_projection_layers(
@@ -461,23 +478,12 @@ def _in_projection_layers(
 ) -> list[_Layer]:
     """The q, k, v projections of a supported attention module as three Linear layers sharing its packed
     ``in_proj_weight``/``in_proj_bias`` (disjoint rows: their Gram blocks add up to the parameters')."""
-    prefix = f"{name}." if name else ""
-    picked = {}
-    for key in ("in_proj_weight", "in_proj_bias"):
-        tensor = getattr(module, key)
-        differentiated = tensor is not None and prefix + key in params and owners[id(tensor)] == 1
-        picked[key] = prefix + key if differentiated else None
-    if picked["in_proj_weight"] is None and picked["in_proj_bias"] is None:
+    weight, bias = _differentiated(module, name, ("in_proj_weight", "in_proj_bias"), params, owners)
+    if weight is None and bias is None:
         return []
+    prefix = f"{name}." if name else ""
     return [
-        _Layer(
-            name=f"{prefix}in_proj[{part}]",
-            module=projection,
-            weight=picked["in_proj_weight"],
-            bias=picked["in_proj_bias"],
-            w_weight=float(weights.get(picked["in_proj_weight"] or "", 1.0)),
-            w_bias=float(weights.get(picked["in_proj_bias"] or "", 1.0)),
-        )
+        _layer(f"{prefix}in_proj[{part}]", projection, weight, bias, weights)
         for part, projection in zip(attention.PARTS, attention.in_projections(module), strict=True)
     ]
 
