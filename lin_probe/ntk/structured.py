@@ -65,8 +65,17 @@ gradients: ``C·C_out·(D + 1)``; patch Gram: ``L·G·(C·O + D)``; bias only: `
 recording (``n·r + b·(t + r) ≤ budget`` for ``b ≥ min(n, 4)``) or in half the budget, each chunk is
 recorded once, otherwise two chunks are kept at a time and the others recomputed, as in the
 generic path. Patch Gram products are sub-blocked so their two
-``(sL)²`` matrices stay under a quarter of the budget. A single example over the budget sends the
-whole kernel to the generic path, which can also slice outputs.
+``(sL)²`` matrices stay under a quarter of the budget.
+
+**Output slices.** The kernel is a sum over outputs, and ``t`` and ``r`` shrink with the outputs
+recorded at once. When all ``C`` outputs' features do not fit (recomputation, or not even one
+example), the planner prices recording ``k = C, ⌈C/2⌉, …, 1`` outputs at a time, each with every
+layer's cheapest strategy or with its leanest features, in multiply-adds: per slice, each
+recording's ``1 + k`` forwards (the backward to the layer outputs is one forward per cotangent)
+and feature forming, plus the Gram products; the cheapest wins. A slice repeats the forward;
+recomputation repeats everything, so on a language model sketched to 16 outputs (n = 256, 1 GiB)
+slices of one output record 7× fewer example-equivalents than recomputed chunk pairs of all 16.
+Only when no width fits one example does the whole kernel go to the generic path.
 """
 
 from __future__ import annotations
@@ -226,6 +235,15 @@ class StructuredPlan:
     n: int
     b: int
     cache: bool
+    k: int = 0  # outputs per slice (0: all ``width`` at once)
+
+    def __post_init__(self) -> None:
+        self.k = self.width if self.k <= 0 else min(self.k, self.width)
+
+    @property
+    def output_slices(self) -> list[slice]:
+        """The output slices recorded one after another (one slice of all ``C`` when unsliced)."""
+        return list(slices(self.width, self.k))
 
     @property
     def covered(self) -> set[str]:
@@ -239,12 +257,20 @@ class StructuredPlan:
     @property
     def loads(self) -> int:
         """Chunk recordings (forward + batched backward) the run makes: the progress units."""
-        return stream_loads(self.chunks, cache=self.cache)
+        return len(self.output_slices) * stream_loads(self.chunks, cache=self.cache)
 
     @property
-    def recorded_examples(self) -> int:
-        """Examples recorded in all: ``n`` when every chunk's features are kept, more when recomputed."""
-        return self.n if self.cache or self.chunks <= 1 else self.loads * self.b
+    def recorded_examples(self) -> float:
+        """Example recordings of all ``C`` outputs, in equivalents: ``n`` when nothing is recomputed.
+
+        A recording of ``k`` outputs costs about ``1 + k`` forwards (the batched backward to the
+        layer outputs is one forward's work per cotangent), so each output slice counts its
+        recordings times ``(1 + k)/(1 + C)``: slicing repeats the forward, recomputation everything.
+        """
+        per_slice = (
+            self.n if self.cache or self.chunks <= 1 else self.loads // len(self.output_slices) * self.b
+        )
+        return sum(per_slice * (1 + span(s)) / (1 + self.width) for s in self.output_slices)
 
 
 def plan_structured(
@@ -275,15 +301,86 @@ def plan_structured(
     if not layers:
         return None
     itemsize = dtype_itemsize(dtype)
-    for layer in layers:
-        layer.strategy = _choose_strategy(layer, n, width)
-        if layer.kind == "embedding" and _reduced_numel(layer, width) * itemsize > memory_budget // 4:
-            layer.strategy = "tokens"  # dense per-example rows (C·V·d) would not fit: token Gram
-    transient = (width + 1) * act_bytes + itemsize * sum(_transient_numel(ly, width) for ly in layers)
-    reduced = itemsize * sum(_reduced_numel(ly, width) for ly in layers)
-    if chunk_size is None and transient + 2 * reduced > memory_budget:
+    sizes = _Sizes(n, width, act_bytes, itemsize, memory_budget, chunk_size)
+    option = _option(layers, sizes, width, lean=False)
+    if option is None or not option.cache:  # recomputation or no room: price slicing the outputs
+        options = [
+            _option(layers, sizes, k, lean=lean) for k in _slice_widths(width) for lean in (False, True)
+        ]
+        feasible = [o for o in options if o is not None]
+        if not feasible:
+            return None
+        option = min(feasible, key=lambda o: o.cost)
+    for layer, strategy in zip(layers, option.strategies, strict=True):
+        layer.strategy = strategy
+    return StructuredPlan(layers, width, n, option.b, option.cache, k=option.k)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """What every candidate plan of one call shares: ``n``, ``C``, saved bytes per example, budget."""
+
+    n: int
+    width: int
+    act_bytes: int
+    itemsize: int
+    budget: int
+    chunk_size: int | None
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One candidate plan: outputs per slice, per-layer strategies, chunking and its priced cost."""
+
+    k: int
+    strategies: tuple[str, ...]
+    b: int
+    cache: bool
+    cost: float
+
+
+def _slice_widths(width: int) -> list[int]:
+    """Outputs per slice worth pricing: ``C``, ``⌈C/2⌉``, ``⌈C/4⌉``, … 1."""
+    widths, k = [], width
+    while True:
+        widths.append(k)
+        if k == 1:
+            return widths
+        k = -(-k // 2)
+
+
+def _option(layers: list[_Layer], sizes: _Sizes, k: int, *, lean: bool) -> _Option | None:
+    """The plan recording ``k`` outputs at a time (``lean``: each layer's smallest features), priced.
+
+    ``None`` when one example does not fit the budget at this width. The price is in multiply-adds:
+    per output slice, every recording's ``(1 + k)`` forwards and feature forming, plus the Gram
+    products (:func:`_strategy_macs`). Why counted, not timed: the alternatives differ in how often
+    the same kernels run, which flops rank well, while :mod:`lin_probe.ntk.choice` times the
+    structured path against the generic one.
+    """
+    n = sizes.n
+    strategies = tuple(
+        _leanest_strategy(ly, k) if lean else _default_strategy(ly, n, k, sizes.budget, sizes.itemsize)
+        for ly in layers
+    )
+    transient = (k + 1) * sizes.act_bytes + sizes.itemsize * sum(_transient_numel(ly, k) for ly in layers)
+    reduced = sizes.itemsize * sum(
+        _reduced_numel(ly, k, strategy) for ly, strategy in zip(layers, strategies, strict=True)
+    )
+    if sizes.chunk_size is None and transient + 2 * reduced > sizes.budget:
         return None
-    return StructuredPlan(layers, width, n, *_chunking(n, transient, reduced, memory_budget, chunk_size))
+    b, cache = _chunking(n, transient, reduced, sizes.budget, sizes.chunk_size)
+    chunks = -(-n // b)
+    recorded = n if cache or chunks <= 1 else stream_loads(chunks) * b
+    forward = sum(_forward_macs(ly) for ly in layers)
+    cost = 0.0
+    for outputs in slices(sizes.width, k):
+        kk = span(outputs)
+        macs = [_strategy_macs(ly, s, n, kk) for ly, s in zip(layers, strategies, strict=True)]
+        cost += recorded * ((1 + kk) * forward + sum(form for form, _ in macs)) + sum(
+            gram for _, gram in macs
+        )
+    return _Option(k, strategies, b, cache, cost)
 
 
 CACHE_MIN_CHUNK = 4
@@ -320,18 +417,16 @@ def run_structured(
     dtype: torch.dtype,
     progress: Progress | None = None,
 ) -> Tensor:
-    """``(1/C) Σ_c Σ_{p ∈ plan.covered} w_p J_{c,p} J_{c,p}ᵀ`` as planned; one progress unit per chunk recording."""
+    """``(1/C) Σ_c Σ_{p ∈ plan.covered} w_p J_{c,p} J_{c,p}ᵀ`` as planned; one progress unit per chunk recording.
+
+    A sliced plan records its output slices one after another: the kernel is a sum over outputs.
+    """
     n, width, layers = inputs.shape[0], plan.width, plan.layers
     itemsize = dtype_itemsize(dtype)
     gram_budget = max(1, memory_budget // 4)
     tracker = progress or Progress(None)
     with eval_semantics(model):
         constants = _constants(model)
-
-        def features(rows: slice) -> list[_Features]:
-            feats = _chunk_features(model, constants, layers, inputs[rows], to_matrix, width, dtype)
-            tracker.step()
-            return feats
 
         def gram(fi: list[_Features], fj: list[_Features]) -> Tensor:
             return sum(
@@ -343,8 +438,21 @@ def run_structured(
             )
 
         theta = torch.zeros(n, n, dtype=dtype, device=inputs.device)
-        _pairwise(theta, list(slices(n, plan.b)), features, gram, cache=plan.cache)
+        for outputs in plan.output_slices:
+            sliced = to_matrix if span(outputs) == width else _output_slice(to_matrix, outputs)
+
+            def features(rows: slice, sliced: ToMatrix = sliced, k: int = span(outputs)) -> list[_Features]:
+                feats = _chunk_features(model, constants, layers, inputs[rows], sliced, k, dtype)
+                tracker.step()
+                return feats
+
+            _pairwise(theta, list(slices(n, plan.b)), features, gram, cache=plan.cache)
     return (theta + theta.T) / (2 * width)
+
+
+def _output_slice(to_matrix: ToMatrix, outputs: slice) -> ToMatrix:
+    """``to_matrix`` keeping only the columns ``outputs`` (the backward then runs over those alone)."""
+    return lambda raw, b: to_matrix(raw, b)[:, outputs]
 
 
 def structured_ntk(
@@ -748,28 +856,67 @@ def _padding(module: nn.Conv1d | nn.Conv2d) -> list[tuple[int, int]]:
     return [(int(p), int(p)) for p in module.padding]
 
 
+def _default_strategy(ly: _Layer, n: int, width: int, budget: int, itemsize: int) -> str:
+    """:func:`_choose_strategy`, but an embedding's dense rows over a quarter of the budget take the token Gram."""
+    strategy = _choose_strategy(ly, n, width)
+    if ly.kind == "embedding" and _reduced_numel(ly, width, strategy) * itemsize > budget // 4:
+        return "tokens"  # dense per-example rows (C·V·d) would not fit: token Gram
+    return strategy
+
+
 def _choose_strategy(ly: _Layer, n: int, width: int) -> str:
     """The cheaper contraction by flop count (module docstring); ``"bias"`` when only the bias trains.
 
-    Normalisation layers always reduce to their small per-example gradients (``"norm"``). An
-    embedding's dense per-example gradients (``C·V·d`` numbers) are also dropped for the token Gram
-    by the caller when one example's exceed a quarter of the memory budget.
+    Normalisation layers always reduce to their small per-example gradients (``"norm"``).
     """
+    choices = _strategies(ly)
+    if len(choices) == 1:
+        return choices[0]
+
+    def total(strategy: str) -> float:
+        form, gram = _strategy_macs(ly, strategy, n, width)
+        return n * form + gram
+
+    return min(choices, key=total)
+
+
+def _leanest_strategy(ly: _Layer, width: int) -> str:
+    """The strategy with the fewest numbers kept per example: what a tight budget can afford to keep."""
+    return min(_strategies(ly), key=lambda strategy: _reduced_numel(ly, width, strategy))
+
+
+def _strategies(ly: _Layer) -> tuple[str, ...]:
+    """The contractions a layer has; the first wins ties (the pairwise Gram, as it always has)."""
     if ly.kind == "norm":
-        return "norm"
+        return ("norm",)
+    if ly.kind == "embedding":
+        return ("tokens", "grads")
+    return ("patch", "grads") if ly.weight is not None else ("bias",)
+
+
+def _forward_macs(ly: _Layer) -> int:
+    """Multiply-adds of one example's forward through the layer (its output size for non-affine ones)."""
+    if ly.kind == "affine":
+        return ly.positions * ly.out_channels * ly.patch_size
+    return math.prod(ly.out_shape)
+
+
+def _strategy_macs(ly: _Layer, strategy: str, n: int, width: int) -> tuple[int, int]:
+    """``(per recorded example, Gram products for n²)`` multiply-adds of a strategy at ``width`` outputs."""
+    if strategy == "norm":
+        return width * math.prod(ly.out_shape), n * n * _reduced_numel(ly, width, strategy)
     if ly.kind == "embedding":
         positions, vocab, dim = _embedding_sizes(ly)
-        dense = width * vocab * dim
-        grads = n * positions * width * dim + n * n * dense
-        tokens = n * n * positions * positions * (width * dim + 1)
-        return "grads" if grads < tokens else "tokens"
-    if ly.weight is None:
-        return "bias"
+        if strategy == "grads":
+            return positions * width * dim, n * n * width * vocab * dim
+        return 0, n * n * positions * positions * (width * dim + 1)
+    bias = width * ly.out_channels
+    if strategy == "bias":
+        return 0, n * n * bias
     positions, groups, d = ly.positions, ly.groups, ly.patch_size
-    per_group = ly.out_channels // groups
-    grads = n * width * groups * per_group * positions * d + n * n * width * groups * per_group * d
-    patch = n * n * positions * positions * groups * (width * per_group + d)
-    return "grads" if grads < patch else "patch"
+    if strategy == "grads":
+        return width * ly.out_channels * positions * d, n * n * width * ly.out_channels * d
+    return 0, n * n * positions * positions * groups * (width * (ly.out_channels // groups) + d)
 
 
 def _embedding_sizes(ly: _Layer) -> tuple[int, int, int]:
@@ -789,17 +936,18 @@ def _transient_numel(ly: _Layer, width: int) -> int:
     return width * math.prod(ly.out_shape) + patch
 
 
-def _reduced_numel(ly: _Layer, width: int) -> int:
-    """Per-example numbers a layer keeps for Gram products (module docstring)."""
+def _reduced_numel(ly: _Layer, width: int, strategy: str | None = None) -> int:
+    """Per-example numbers a layer keeps for Gram products under ``strategy`` (default: its own)."""
+    strategy = strategy or ly.strategy
     if ly.kind == "norm":
         return width * sum(p.numel() for p in ly.module.parameters(recurse=False))
     if ly.kind == "embedding":
         positions, vocab, dim = _embedding_sizes(ly)
-        return width * vocab * dim if ly.strategy == "grads" else positions * (width * dim + 1)
+        return width * vocab * dim if strategy == "grads" else positions * (width * dim + 1)
     bias = width * ly.out_channels
-    if ly.strategy == "grads":
+    if strategy == "grads":
         return width * ly.out_channels * ly.patch_size + bias
-    if ly.strategy == "patch":
+    if strategy == "patch":
         return ly.positions * (width * ly.out_channels + ly.groups * ly.patch_size)
     return bias
 

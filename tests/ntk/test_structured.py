@@ -21,6 +21,7 @@ import torch
 from _ntk_reference import assert_close, brute_force_ntk, spy_generic
 from torch import Tensor, nn
 
+import lin_probe.ntk.dense as ntk_module
 import lin_probe.ntk.structured as structured_module
 from lin_probe.ntk import empirical_ntk
 
@@ -289,11 +290,12 @@ def test_param_weights_differ_on_weight_and_bias() -> None:
 # ---------------------------------------------------------------------------------------- memory
 
 # For the net below one float64 example costs ~40 kB (recording plus two copies of its kept
-# features): 200 kB gives 3 chunks whose features all fit half the budget (recorded once, cached);
-# 100 kB gives 5 chunks whose features do not (two resident, the others recomputed). The test
-# asserts which regime ran, so a change in the estimate cannot silently skip one.
+# features): 200 kB gives 3 chunks whose features all fit half the budget (recorded once, cached).
+# Where they do not, the planner prices slicing the outputs and leaner features against
+# recomputing chunk pairs; the streamed case searches down for a budget at which recomputation
+# wins. The test asserts which regime ran, so a change in the estimate cannot silently skip one.
 BUDGET_CACHED = 200_000
-BUDGET_STREAMED = 100_000
+BUDGET_STREAMED = None
 
 
 def _recorded_chunk_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -311,12 +313,14 @@ def _recorded_chunk_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.mark.parametrize(("budget", "mode"), [(BUDGET_CACHED, "cached"), (BUDGET_STREAMED, "streamed")])
 def test_tight_memory_budget_gives_the_same_kernel(
-    budget: int, mode: str, monkeypatch: pytest.MonkeyPatch
+    budget: int | None, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.Flatten(), nn.Linear(16, 3)
     ).to(DTYPE)
     x = torch.randn(13, 2, 6, 6, dtype=DTYPE)
+    if budget is None:
+        budget = _streamed_budget(model, x)
     sizes = _recorded_chunk_sizes(monkeypatch)
     theta = _structured(model, x, memory_budget=budget)
     assert_close(theta, brute_force_ntk(model, x))
@@ -325,6 +329,25 @@ def test_tight_memory_budget_gives_the_same_kernel(
         assert sum(sizes) == x.shape[0]  # every chunk recorded once, features kept
     else:
         assert sum(sizes) > x.shape[0]  # two chunks resident, the others recomputed
+
+
+def _streamed_budget(model: nn.Module, x: Tensor) -> int:
+    """The largest budget (steps of 5 kB below 100 kB) at which the plan recomputes chunk pairs."""
+    params = dict(model.named_parameters())
+    for budget in range(100_000, 5_000, -5_000):
+        plan = structured_module.plan_structured(
+            model,
+            x,
+            params,
+            to_matrix=ntk_module._to_matrix(None),
+            weights=dict.fromkeys(params, 1.0),
+            memory_budget=budget,
+            chunk_size=None,
+            dtype=DTYPE,
+        )
+        if plan is not None and not plan.cache:
+            return budget
+    raise AssertionError("no budget made the structured plan recompute chunk pairs")
 
 
 def test_budget_below_one_example_goes_generic_or_raises() -> None:
