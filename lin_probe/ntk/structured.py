@@ -1144,6 +1144,8 @@ def _gathered(
     gradients written in place (``features(rows, into)``), so the peak stays the plan's
     ``n·r + b·(t + r)`` and the largest features are not copied.
     """
+    if len(chunks) == 1:
+        return features(chunks[0], None)  # already whole: a copy would only cost time
     whole: list[_Features] = []
     for rows in chunks:
         into = [
