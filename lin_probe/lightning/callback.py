@@ -288,6 +288,7 @@ class LinearRegimeMonitor(Callback):
                 config,
                 train_size=_bridge.train_set_length(trainer),
                 host=host,
+                structured_seconds=self._pilot_structured_seconds(),
             )
         except (ValueError, TypeError):
             raise  # lin_probe's configuration errors: they name the argument to change
@@ -447,6 +448,11 @@ class LinearRegimeMonitor(Callback):
         plan = self._adopt(trainer, plan)
         config = self.config if plan.outputs is None else replace(self.config, outputs=plan.outputs)
         return probe.head(plan.n_probe), config
+
+    def _pilot_structured_seconds(self) -> dict[int, float]:
+        """The pilot's structured NTK timings, for ``method="auto"`` at start (none without a budget)."""
+        costs = self.budget.costs if self.budget is not None else None
+        return dict(costs.structured_ntk_s) if costs is not None else {}
 
     @property
     def _gathered_n(self) -> int:

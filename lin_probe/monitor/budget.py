@@ -88,6 +88,9 @@ class Costs:
     ``S`` directions): ``C/S``, how many times the exact kernel would cost. The planner then chooses
     between the two (:func:`plan_within_budget`). An upper bound: the forward and the per-example
     work that does not grow with the outputs are counted ``C/S`` times too."""
+    structured_ntk_s: tuple[tuple[int, float], ...] = ()
+    """``(m, seconds)`` of the pilot's NTKs where they ran the structured path over the exact
+    outputs: ``method="auto"`` at start reuses them instead of timing that path again."""
 
     def settled(self, *, exact: bool) -> Costs:
         """These costs with the outputs chosen: the exact kernel's (``exact``: the NTK scaled by

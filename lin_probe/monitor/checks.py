@@ -81,6 +81,9 @@ class NTKProbe:
     param_weights: Mapping[str, float]
     plan: ComputePlan
     method_choice: MethodChoice | None = field(default=None, compare=False)
+    structured_seconds: Mapping[int, float] = field(default_factory=dict, compare=False)
+    """The structured kernel's seconds on ``inputs[:m]``, timed before (the pilot): ``auto`` then
+    does not probe it again (:func:`lin_probe.ntk.choose_method`)."""
 
     @property
     def _options(self) -> dict[str, Any]:
@@ -94,7 +97,12 @@ class NTKProbe:
             n = self.inputs.shape[0]
             rows = self.inputs if self.plan.dense(n) else self.inputs[:_DIAGONAL_BLOCK]
             self.method_choice = choose_method(
-                model, rows, memory_budget=self.plan.memory_budget, progress=progress, **self._options
+                model,
+                rows,
+                memory_budget=self.plan.memory_budget,
+                progress=progress,
+                structured_seconds=self.structured_seconds,
+                **self._options,
             )
         return self.method_choice.method
 

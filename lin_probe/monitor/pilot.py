@@ -22,7 +22,7 @@ from lin_probe.monitor.batch_statistics import probe_batch_statistics
 from lin_probe.monitor.budget import PROBE_SIZES, Costs, ntk_cost_curve
 from lin_probe.monitor.checks import NTKProbe
 from lin_probe.monitor.outputs import KernelOutputs, outputs_without_error
-from lin_probe.ntk import predict
+from lin_probe.ntk import NTKMethod, predict
 from lin_probe.ntk._plumbing import OutputFn, output_matrix
 from lin_probe.ntk.sketch import output_count
 from lin_probe.plan import ComputePlan
@@ -59,10 +59,12 @@ def measure_costs(
         outputs = outputs_without_error(outputs_setting, count, PROBE_SIZES[-1])
         kernel_output_fn = outputs.output_fn(output_fn, model, inputs)
         samples = []
+        structured = outputs.sketch is None  # a sketch's timings are not the kernel start computes
         for m in PILOT_SIZES:
             m = min(m, inputs.shape[0])
             probe = NTKProbe(inputs[:m], kernel_output_fn, param_weights, plan)
             samples.append((m, _timed(lambda probe=probe: probe.operator(model), device)))
+            structured = structured and _ran_structured(probe)
         functional = _timed(lambda: predict(model, inputs, output_fn=output_fn), device)
         batch = inputs[torch.arange(batch_size, device=device) % inputs.shape[0]]
         forward, step = _training_step_seconds(model, batch, output_fn, device)
@@ -77,7 +79,13 @@ def measure_costs(
         shadow_cached_s=hashing,
         steps_per_epoch=steps_per_epoch if center else None,
         exact_ntk_factor=_exact_factor(outputs_setting, outputs),
+        structured_ntk_s=tuple(_distinct(samples)) if structured else (),
     )
+
+
+def _ran_structured(probe: NTKProbe) -> bool:
+    """The pilot's kernel ran the structured path: ``auto`` below its timing threshold chose it."""
+    return probe.method_choice is not None and probe.method_choice.method is NTKMethod.STRUCTURED
 
 
 def _exact_factor(setting: str, outputs: KernelOutputs) -> float | None:

@@ -69,6 +69,7 @@ def choose_method(
     memory_budget: int | None = None,
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
+    structured_seconds: Mapping[int, float] | None = None,
 ) -> MethodChoice:
     """The faster of the structured rules and the generic Jacobian contraction for this kernel.
 
@@ -76,11 +77,15 @@ def choose_method(
     on a few of ``inputs`` (module docstring) and leaves the model as it was. Pass the result's
     ``method`` to later calls on the same model and inputs to skip the probe. ``progress`` follows
     each timed kernel's units (each run counts afresh), so a caller can abort the probe too.
+    ``structured_seconds`` (``{m: seconds}``): the structured kernel already timed on ``inputs[:m]``
+    for two or more ``m`` (the monitor's pilot); the two largest replace its probe.
     """
     inputs, budget, params, weights = plumbing.prepare_call(
         model, inputs, chunk_size=chunk_size, memory_budget=memory_budget, param_weights=param_weights
     )
-    return choose_prepared(model, inputs, budget, params, weights, output_fn, chunk_size, progress)
+    return choose_prepared(
+        model, inputs, budget, params, weights, output_fn, chunk_size, progress, structured_seconds
+    )
 
 
 def choose_prepared(
@@ -92,6 +97,7 @@ def choose_prepared(
     output_fn: OutputFn | None,
     chunk_size: int | None,
     progress: ProgressFn | None = None,
+    structured_seconds: Mapping[int, float] | None = None,
 ) -> MethodChoice:
     """:func:`choose_method` on checked arguments (as :func:`~lin_probe.ntk.empirical_ntk` has them)."""
     n = inputs.shape[0]
@@ -141,11 +147,20 @@ def choose_prepared(
 
     candidates = (NTKMethod.STRUCTURED, NTKMethod.GENERIC)
     estimates: dict[str, float] = {}
+    known = sorted((size, t) for size, t in (structured_seconds or {}).items() if 1 <= size <= n)[-2:]
+    if len(known) == 2:  # already timed (the pilot): no structured probe
+        (m1, t1), (m2, t2) = known
+        e = [examples(NTKMethod.STRUCTURED, count) for count in (m1, m2, n)]
+        estimates[NTKMethod.STRUCTURED.value] = _extrapolate(t1, t2, m1, m2, *e, n)
     for method in candidates:  # the structured rules first: usually the cheaper probe
+        if method.value in estimates:
+            continue
         best = min(estimates.values(), default=math.inf)
         estimates[method.value] = _estimate(method, m, n, run, examples, give_up_above=PRUNE_FACTOR * best)
     best = min(candidates, key=lambda c: estimates[c.value])
-    return MethodChoice(best, n, estimates, reason=f"timed on {m} and {2 * m} examples")
+    timed = f"structured timed before on {known[0][0]} and {known[1][0]}" if len(known) == 2 else ""
+    probed = f"timed on {m} and {2 * m} examples"
+    return MethodChoice(best, n, estimates, reason=f"{timed}, generic {probed}" if timed else probed)
 
 
 PRUNE_FACTOR = 3.0
@@ -180,15 +195,16 @@ def _estimate(
         t2 = run(method, 2 * m)
     except (NotStructurable, ValueError):
         return math.inf  # the structured rules refused a probe batch
-    return _extrapolate(t1, t2, m, examples(method, m), examples(method, 2 * m), examples(method, n), n)
+    e = [examples(method, count) for count in (m, 2 * m, n)]
+    return _extrapolate(t1, t2, m, 2 * m, *e, n)
 
 
-def _extrapolate(t1: float, t2: float, m: int, e1: float, e2: float, e_n: float, n: int) -> float:
-    """``α·E(n) + β·n²`` through ``(E(m), m², t1)`` and ``(E(2m), 4m², t2)``, with ``α, β ≥ 0``."""
-    det = e1 * 4 * m * m - e2 * m * m
+def _extrapolate(t1: float, t2: float, m1: int, m2: int, e1: float, e2: float, e_n: float, n: int) -> float:
+    """``α·E(n) + β·n²`` through ``(E(m1), m1², t1)`` and ``(E(m2), m2², t2)``, with ``α, β ≥ 0``."""
+    det = e1 * m2 * m2 - e2 * m1 * m1
     alpha = beta = -1.0
     if det > 0:
-        alpha = (t1 * 4 * m * m - t2 * m * m) / det
+        alpha = (t1 * m2 * m2 - t2 * m1 * m1) / det
         beta = (e1 * t2 - e2 * t1) / det
     if alpha < 0 or beta < 0:  # noise: keep the linear term alone, through the larger probe
         alpha, beta = t2 / max(e2, 1.0), 0.0

@@ -12,24 +12,36 @@ import math
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from _lightning_setups import Regressor, TwoLayerNet, loaders, make_trainer, sphere_data
+from torch import nn
 
 from lin_probe import LinearRegimeMonitor
 from lin_probe.lightning import callback as callback_module
 from lin_probe.lightning.publishing import Publisher
 from lin_probe.monitor.budget import STOP_AFTER_EXIT, Costs
 from lin_probe.monitor.budget_keeper import REPLAN_AT_STEP
+from lin_probe.ntk import dense as dense_module
 
 D, N_TRAIN, N_VAL = 16, 128, 64
 
 
-def fit(tmp_path: Path, monitor: LinearRegimeMonitor, *, max_steps: int, width: int = 64, lr: float = 0.5):
+def fit(
+    tmp_path: Path,
+    monitor: LinearRegimeMonitor,
+    *,
+    max_steps: int,
+    width: int = 64,
+    lr: float = 0.5,
+    net: nn.Module | None = None,
+):
     x, y = sphere_data(N_TRAIN + N_VAL, D)
     train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], 16)
     trainer = make_trainer(tmp_path, [monitor], max_steps=max_steps)
-    trainer.fit(Regressor(TwoLayerNet(D, width), lr), train, val)
+    trainer.fit(Regressor(net or TwoLayerNet(D, width), lr), train, val)
     return trainer
 
 
@@ -63,6 +75,34 @@ def test_the_default_monitor_announces_its_plan_and_does_exactly_that(
             assert ("ntk_gap" in record) == schedule.ntk(step)
     overhead = float(trainer.callback_metrics["lin_probe/overhead"])
     assert 0.0 < overhead < 1.0
+
+
+def test_auto_reuses_the_pilots_structured_timings_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pilot already timed the structured kernel on 4 and 8 probe examples; ``auto``'s choice for
+    ``Θ_0`` extrapolates those instead of timing it again on m and 2m (only the generic one is probed)."""
+    structured_sizes: list[int] = []
+    original = dense_module._empirical_ntk
+
+    def spy(model: Any, inputs: Any, method: Any, *args: Any, **kwargs: Any) -> Any:
+        if method.value == "structured":
+            structured_sizes.append(inputs.shape[0])
+        return original(model, inputs, method, *args, **kwargs)
+
+    monkeypatch.setattr(dense_module, "_empirical_ntk", spy)
+    monitor = LinearRegimeMonitor(verbose=False)
+    torch.manual_seed(0)
+    fit(tmp_path, monitor, max_steps=2, net=nn.Sequential(nn.Linear(D, 64), nn.Tanh(), nn.Linear(64, 1)))
+    assert monitor.core is not None
+    n = len(monitor.core.probe)
+    choice = monitor.core.ntk.method_choice
+    assert n >= 32 and choice is not None
+    assert "structured timed before on 4 and 8" in choice.reason
+    # the pilot's two kernels, then Θ_0 on the probe (reused by the step-0 check); no probe of 2 or 4
+    assert structured_sizes[:3] == [4, 8, n]
+    m = max(2, min(n // 32, 8))  # the sizes auto's own probe would time (lin_probe.ntk.choice)
+    assert not {m, 2 * m} & set(structured_sizes[2:])
 
 
 def test_the_plan_stops_measuring_a_few_checks_after_the_verdict(

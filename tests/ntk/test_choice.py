@@ -128,13 +128,37 @@ def test_choice_avoids_the_slow_candidate(slow: str, monkeypatch: pytest.MonkeyP
 
 
 def test_extrapolation_recovers_linear_and_quadratic_terms() -> None:
-    alpha, beta, m, n = 0.003, 0.0002, 4, 256
-    for e1, e2, e_n in [(m, 2 * m, n), (m, 2 * m, 3 * n)]:  # E(n) > n: recomputation under the budget
-        t1, t2 = alpha * e1 + beta * m * m, alpha * e2 + beta * 4 * m * m
-        got = choice_module._extrapolate(t1, t2, m, e1, e2, e_n, n)
-        assert got == pytest.approx(alpha * e_n + beta * n * n, rel=1e-9)
+    alpha, beta, n = 0.003, 0.0002, 256
+    for m1, m2 in [(4, 8), (4, 16)]:  # the probe's m, 2m, or the pilot's two sizes
+        for e1, e2, e_n in [(m1, m2, n), (m1, m2, 3 * n)]:  # E(n) > n: recomputation under the budget
+            t1, t2 = alpha * e1 + beta * m1 * m1, alpha * e2 + beta * m2 * m2
+            got = choice_module._extrapolate(t1, t2, m1, m2, e1, e2, e_n, n)
+            assert got == pytest.approx(alpha * e_n + beta * n * n, rel=1e-9)
     # noisy times implying β < 0: linear through the larger probe, never negative
-    assert choice_module._extrapolate(1.0, 1.5, m, m, 2 * m, n, n) == pytest.approx(1.5 / (2 * m) * n)
+    m = 4
+    assert choice_module._extrapolate(1.0, 1.5, m, 2 * m, m, 2 * m, n, n) == pytest.approx(1.5 / (2 * m) * n)
+
+
+def test_known_structured_seconds_replace_its_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seconds timed before (the monitor's pilot) are extrapolated as the probe's would be; only generic runs."""
+    ran: list[tuple[str, int]] = []
+    original = dense_module._empirical_ntk
+
+    def spy(model: nn.Module, inputs: torch.Tensor, method: Any, *args: Any, **kwargs: Any) -> Any:
+        ran.append((method.value, inputs.shape[0]))
+        return original(model, inputs, method, *args, **kwargs)
+
+    monkeypatch.setattr(dense_module, "_empirical_ntk", spy)
+    alpha, beta, n = 0.01, 0.001, 64
+    seconds = {m: alpha * m + beta * m * m for m in (2, 4, 8)}  # the two largest are used
+    choice = choose_method(mlp(), torch.randn(n, 5, dtype=DTYPE), structured_seconds=seconds)
+    assert all(method == "generic" for method, _ in ran) and ran
+    assert choice.estimates["structured"] == pytest.approx(alpha * n + beta * n * n, rel=1e-9)
+    assert "structured timed before on 4 and 8" in choice.reason
+    # one size is not a curve: the structured path is probed as usual
+    ran.clear()
+    choose_method(mlp(), torch.randn(n, 5, dtype=DTYPE), structured_seconds={8: 1.0})
+    assert ("structured", 2) in ran
 
 
 def test_choice_leaves_the_model_untouched() -> None:
