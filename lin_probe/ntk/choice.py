@@ -13,7 +13,8 @@ memory budget — ``N`` when every chunk's features or Jacobians are kept, more 
 chunk pairs to be recomputed (:attr:`~lin_probe.ntk.structured.StructuredPlan.recorded_examples`,
 :attr:`~lin_probe.ntk.dense.GenericPlan.recorded_examples`): that is the part the probe, small
 enough to fit, cannot show. ``β·N²`` is the Gram contraction. A probe ``n ≤ 16`` is not timed: the
-whole kernel costs about what the probe would. Candidates: the structured rules (with the generic
+whole kernel costs about what the probe would; structured timings the caller already has (the
+monitor's pilot, on 4 and 8 examples) replace that path's probe. Candidates: the structured rules (with the generic
 rest) where any layer qualifies, and the generic Jacobian contraction. NTK-vector products are not
 a candidate (see :class:`~lin_probe.ntk.dense.NTKMethod`).
 """

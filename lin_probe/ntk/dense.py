@@ -90,8 +90,9 @@ class NTKMethod(str, Enum):
     structured rules avoid per-example Jacobians of Linear / Conv / normalisation / Embedding
     weights (a big win for MLPs and token models) but pay one batched backward over the ``C``
     outputs per chunk, per-layer features of ``C·|W|`` numbers per example (BatchNorm/pooled CNNs:
-    about the Jacobian's size, so nothing is saved) and, when those features exceed half the
-    budget, their recomputation per chunk pair; the Jacobian contraction pays ``n·C·P`` Jacobian
+    about the Jacobian's size, so nothing is saved) and, when those features exceed the budget,
+    either output slices (one forward per slice) or their recomputation per chunk pair, whichever
+    its planner prices cheaper; the Jacobian contraction pays ``n·C·P`` Jacobian
     entries (and the same recomputation when they exceed the budget) and one ``n²·C·P`` matmul.
     :attr:`AUTO` times both on a few examples and picks (:func:`lin_probe.ntk.choice.choose_method`).
     NTK-vector products (``vjp`` then ``jvp`` per output and example pair, neural-tangents'
@@ -109,7 +110,8 @@ class NTKMethod(str, Enum):
     matter there) and use the structured rules. The probe costs ``3m`` examples per candidate
     (``m = clamp(n // 32, 2, 8)``): a caller computing the kernel of the same model and inputs many
     times should call ``choose_method`` once and pass its concrete method (the monitor's
-    :class:`~lin_probe.monitor.checks.NTKProbe` does)."""
+    :class:`~lin_probe.monitor.checks.NTKProbe` does, and hands it the structured timings its
+    budget's pilot already took, so only the generic path is probed)."""
 
     GENERIC = "generic"
     """torch.func ``vmap(jacrev)`` over every parameter: per-example Jacobians, chunked under the
