@@ -10,7 +10,7 @@ directions serves the whole run, so ``Θ_t − Θ_0`` compares kernels sketched 
 states ``S`` and the relative spectral error of ``Θ_0``, estimated from ``Θ_0`` itself: its two
 halves of directions are computed apart and their difference gives the error
 (:func:`lin_probe.ntk.sketch.split_half_error`), at no extra backward passes. (The exact kernel
-this used to be checked against costs ``C`` passes per example: 307 s on 16 examples of Lightning's
+this used to be checked against costs ``C`` passes per example: 42 s on 16 examples of Lightning's
 demo Transformer as a token LM, ``benchmarks/sketch_lm.py``.) Only the kernel is sketched:
 predictions, ``f_0`` and the shadows use every output.
 """

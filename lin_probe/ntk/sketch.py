@@ -18,8 +18,9 @@ Its error needs no exact kernel: split the ``S`` directions into two halves ``A`
 ``Θ_S − Θ`` (the halves' errors are independent and identically distributed), so its spectral norm
 estimates the sketch's error at no extra backward passes (:func:`split_half_error`). Against the
 exact kernel (:func:`sketch_error`) the error costs ``C`` backward passes per example: on Lightning's
-demo Transformer as a token LM (``C = 1,024``) the exact kernel took 307 s on 16 examples, the
-sketch 7.3 s on 32 (``benchmarks/sketch_lm.py``, figures in ``benchmarks/README.md``).
+demo Transformer as a token LM (``C = 1,024``) the exact kernel took 42 s on 16 examples, the
+sketch (``S = 32``) 4.0 s on 32 and 111 s on 256 (``benchmarks/sketch_lm.py``, figures in
+``benchmarks/README.md``).
 """
 
 from __future__ import annotations
