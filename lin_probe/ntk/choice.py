@@ -150,9 +150,7 @@ def choose_prepared(
     estimates: dict[str, float] = {}
     known = sorted((size, t) for size, t in (structured_seconds or {}).items() if 1 <= size <= n)[-2:]
     if len(known) == 2:  # already timed (the pilot): no structured probe
-        (m1, t1), (m2, t2) = known
-        e = [examples(NTKMethod.STRUCTURED, count) for count in (m1, m2, n)]
-        estimates[NTKMethod.STRUCTURED.value] = _extrapolate(t1, t2, m1, m2, *e, n)
+        estimates[NTKMethod.STRUCTURED.value] = _through(NTKMethod.STRUCTURED, *known, n, examples)
     for method in candidates:  # the structured rules first: usually the cheaper probe
         if method.value in estimates:
             continue
@@ -196,8 +194,19 @@ def _estimate(
         t2 = run(method, 2 * m)
     except (NotStructurable, ValueError):
         return math.inf  # the structured rules refused a probe batch
-    e = [examples(method, count) for count in (m, 2 * m, n)]
-    return _extrapolate(t1, t2, m, 2 * m, *e, n)
+    return _through(method, (m, t1), (2 * m, t2), n, examples)
+
+
+def _through(
+    method: NTKMethod,
+    first: tuple[int, float],
+    second: tuple[int, float],
+    n: int,
+    examples: Callable[[NTKMethod, int], float],
+) -> float:
+    """:func:`_extrapolate` through two ``(examples, seconds)`` timings of ``method``, to ``n``."""
+    (m1, t1), (m2, t2) = first, second
+    return _extrapolate(t1, t2, m1, m2, examples(method, m1), examples(method, m2), examples(method, n), n)
 
 
 def _extrapolate(t1: float, t2: float, m1: int, m2: int, e1: float, e2: float, e_n: float, n: int) -> float:

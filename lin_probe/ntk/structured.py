@@ -267,10 +267,13 @@ class StructuredPlan:
         layer outputs is one forward's work per cotangent), so each output slice counts its
         recordings times ``(1 + k)/(1 + C)``: slicing repeats the forward, recomputation everything.
         """
-        per_slice = (
-            self.n if self.cache or self.chunks <= 1 else self.loads // len(self.output_slices) * self.b
-        )
+        per_slice = self.examples_per_slice
         return sum(per_slice * (1 + span(s)) / (1 + self.width) for s in self.output_slices)
+
+    @property
+    def examples_per_slice(self) -> int:
+        """Examples recorded for each output slice: ``n``, more when chunk pairs are recomputed."""
+        return self.n if self.cache or self.chunks <= 1 else stream_loads(self.chunks) * self.b
 
 
 def plan_structured(
@@ -303,7 +306,7 @@ def plan_structured(
     itemsize = dtype_itemsize(dtype)
     sizes = _Sizes(n, width, act_bytes, itemsize, memory_budget, chunk_size)
     option = _option(layers, sizes, width, lean=False)
-    if option is None or not option.cache:  # recomputation or no room: price slicing the outputs
+    if option is None or not option.plan.cache:  # recomputation or no room: price slicing the outputs
         options = [
             _option(layers, sizes, k, lean=lean) for k in _slice_widths(width) for lean in (False, True)
         ]
@@ -313,7 +316,7 @@ def plan_structured(
         option = min(feasible, key=lambda o: o.cost)
     for layer, strategy in zip(layers, option.strategies, strict=True):
         layer.strategy = strategy
-    return StructuredPlan(layers, width, n, option.b, option.cache, k=option.k)
+    return option.plan
 
 
 @dataclass(frozen=True)
@@ -330,12 +333,10 @@ class _Sizes:
 
 @dataclass(frozen=True)
 class _Option:
-    """One candidate plan: outputs per slice, per-layer strategies, chunking and its priced cost."""
+    """One candidate plan (outputs per slice, chunking), the per-layer strategies it assumes, its price."""
 
-    k: int
+    plan: StructuredPlan
     strategies: tuple[str, ...]
-    b: int
-    cache: bool
     cost: float
 
 
@@ -369,18 +370,19 @@ def _option(layers: list[_Layer], sizes: _Sizes, k: int, *, lean: bool) -> _Opti
     )
     if sizes.chunk_size is None and transient + 2 * reduced > sizes.budget:
         return None
-    b, cache = _chunking(n, transient, reduced, sizes.budget, sizes.chunk_size)
-    chunks = -(-n // b)
-    recorded = n if cache or chunks <= 1 else stream_loads(chunks) * b
+    plan = StructuredPlan(
+        layers, sizes.width, n, *_chunking(n, transient, reduced, sizes.budget, sizes.chunk_size), k=k
+    )
+    recorded = plan.examples_per_slice
     forward = sum(_forward_macs(ly) for ly in layers)
     cost = 0.0
-    for outputs in slices(sizes.width, k):
+    for outputs in plan.output_slices:
         kk = span(outputs)
         macs = [_strategy_macs(ly, s, n, kk) for ly, s in zip(layers, strategies, strict=True)]
         cost += recorded * ((1 + kk) * forward + sum(form for form, _ in macs)) + sum(
             gram for _, gram in macs
         )
-    return _Option(k, strategies, b, cache, cost)
+    return _Option(plan, strategies, cost)
 
 
 CACHE_MIN_CHUNK = 4
@@ -1148,15 +1150,10 @@ def _gathered(
         return features(chunks[0], None)  # already whole: a copy would only cost time
     whole: list[_Features] = []
     for rows in chunks:
-        into = [
-            _Features(**{f.name: _rows(getattr(w, f.name), rows) for f in fields(_Features)}) for w in whole
-        ]
+        into = [_mapped(w, lambda t, rows=rows: t[rows]) for w in whole]
         part = features(rows, into or None)
         if not whole:
-            whole = [
-                _Features(**{f.name: _rows_like(getattr(p, f.name), n) for f in fields(_Features)})
-                for p in part
-            ]
+            whole = [_mapped(p, lambda t: t.new_empty((n, *t.shape[1:]))) for p in part]
         for i, (target, source) in enumerate(zip(whole, part, strict=True)):
             for f in fields(_Features):
                 value = getattr(source, f.name)
@@ -1166,9 +1163,8 @@ def _gathered(
     return whole
 
 
-def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
-    return None if t is None else t[rows]
-
-
-def _rows_like(t: Tensor | None, n: int) -> Tensor | None:
-    return None if t is None else t.new_empty((n, *t.shape[1:]))
+def _mapped(features: _Features, fn: Callable[[Tensor], Tensor]) -> _Features:
+    """``features`` with ``fn`` applied to every tensor it holds (absent fields stay absent)."""
+    return _Features(
+        **{f.name: None if (t := getattr(features, f.name)) is None else fn(t) for f in fields(_Features)}
+    )
