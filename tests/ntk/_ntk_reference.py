@@ -11,7 +11,8 @@ tests target (a parameter too many or missing, cross-output terms, a wrong ``1/C
 statistics, a weight applied twice) changes entries by ``O(1)`` relative amounts.
 
 :func:`spy_generic` is not a reference but a probe of the code under test: it records which
-parameters reach the generic torch.func path, so a test can prove a structured rule ran.
+parameters reach the generic torch.func path, so a test can prove a structured rule ran;
+:func:`structured_plan` reads the structured path's plan, so a test can pick a budget by regime.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 import lin_probe.ntk.dense as ntk_module
 from lin_probe.ntk.dense import GenericLoopWarning
+from lin_probe.ntk.structured import plan_structured
 
 RTOL = 1e-9
 DTYPE = torch.float64
@@ -85,6 +87,22 @@ def spy_generic(monkeypatch: pytest.MonkeyPatch) -> list[set[str]]:
 
     monkeypatch.setattr(ntk_module, "_generic_ntk", spy)
     return calls
+
+
+def structured_plan(model: nn.Module, inputs: Tensor, budget: int) -> Any:
+    """The structured path's plan for ``model`` on ``inputs`` under ``budget`` bytes (no kernel is
+    computed): every trainable parameter, unit weights, no forced chunk size, :data:`DTYPE`."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return plan_structured(
+        model,
+        inputs,
+        params,
+        to_matrix=ntk_module._to_matrix(None),
+        weights=dict.fromkeys(params, 1.0),
+        memory_budget=budget,
+        chunk_size=None,
+        dtype=DTYPE,
+    )
 
 
 def loop_warnings(record: list[warnings.WarningMessage]) -> list[str]:

@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _ntk_reference import assert_close, brute_force_ntk, spy_generic
+from _ntk_reference import assert_close, brute_force_ntk, spy_generic, structured_plan
 from torch import Tensor, nn
 
-import lin_probe.ntk.dense as ntk_module
 import lin_probe.ntk.structured as structured_module
 from lin_probe.ntk import empirical_ntk
 
@@ -333,18 +332,8 @@ def test_tight_memory_budget_gives_the_same_kernel(
 
 def _streamed_budget(model: nn.Module, x: Tensor) -> int:
     """The largest budget (steps of 5 kB below 100 kB) at which the plan recomputes chunk pairs."""
-    params = dict(model.named_parameters())
     for budget in range(100_000, 5_000, -5_000):
-        plan = structured_module.plan_structured(
-            model,
-            x,
-            params,
-            to_matrix=ntk_module._to_matrix(None),
-            weights=dict.fromkeys(params, 1.0),
-            memory_budget=budget,
-            chunk_size=None,
-            dtype=DTYPE,
-        )
+        plan = structured_plan(model, x, budget)
         if plan is not None and not plan.cache:
             return budget
     raise AssertionError("no budget made the structured plan recompute chunk pairs")

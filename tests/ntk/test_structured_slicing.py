@@ -12,32 +12,18 @@ from typing import Any
 
 import pytest
 import torch
-from _ntk_reference import DTYPE, assert_close, brute_force_ntk, spy_generic
+from _ntk_reference import DTYPE, assert_close, brute_force_ntk, spy_generic, structured_plan
 from torch import Tensor, nn
 
-from lin_probe.ntk import dense, empirical_ntk
+from lin_probe.ntk import empirical_ntk
 from lin_probe.ntk import structured as structured_module
-from lin_probe.ntk.structured import StructuredPlan, plan_structured
-
-
-def _plan(model: nn.Module, x: Tensor, budget: int) -> StructuredPlan | None:
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    return plan_structured(
-        model,
-        x,
-        params,
-        to_matrix=dense._to_matrix(None),
-        weights=dict.fromkeys(params, 1.0),
-        memory_budget=budget,
-        chunk_size=None,
-        dtype=DTYPE,
-    )
+from lin_probe.ntk.structured import StructuredPlan
 
 
 def _sliced_budget(model: nn.Module, x: Tensor) -> tuple[int, StructuredPlan]:
     """The largest power-of-two budget at which the planner slices the outputs."""
     for power in range(24, 8, -1):
-        plan = _plan(model, x, 2**power)
+        plan = structured_plan(model, x, 2**power)
         if plan is not None and plan.k < plan.width:
             return 2**power, plan
     raise AssertionError("no budget made the planner slice the outputs")
@@ -80,7 +66,7 @@ def test_sliced_outputs_match_brute_force(
     model = build()
     x = torch.randn(24, *shape, dtype=DTYPE)
     budget, plan = _sliced_budget(model, x)
-    assert _plan(model, x, 2**30).k == plan.width, "a generous budget records every output at once"
+    assert structured_plan(model, x, 2**30).k == plan.width, "a generous budget records every output at once"
     recorded = _spy_recordings(monkeypatch)
     generic = spy_generic(monkeypatch)
     theta = empirical_ntk(model, x, method="structured", memory_budget=budget)
@@ -99,12 +85,12 @@ def test_one_example_over_the_budget_at_full_width_is_sliced_not_generic(
     """Before slicing, an example whose all-output features exceeded the budget sent everything generic."""
     model = _wide_mlp()
     x = torch.randn(6, 6, dtype=DTYPE)
-    budgets = [2**power for power in range(20, 8, -1) if _plan(model, x, 2**power) is not None]
+    budgets = [2**power for power in range(20, 8, -1) if structured_plan(model, x, 2**power) is not None]
     smallest = budgets[-1]
-    assert _plan(model, x, smallest).k < 9
+    assert structured_plan(model, x, smallest).k < 9
     with monkeypatch.context() as unsliced:
         unsliced.setattr(structured_module, "_slice_widths", lambda width: [width])
-        assert _plan(model, x, smallest) is None, "all outputs at once must not fit this budget"
+        assert structured_plan(model, x, smallest) is None, "all outputs at once must not fit this budget"
     generic = spy_generic(monkeypatch)
     theta = empirical_ntk(model, x, method="structured", memory_budget=smallest)
     assert generic == []
