@@ -613,8 +613,8 @@ def _weighted_gram(
     total: Tensor | None = None
     for name, a in jac_a.items():
         a_flat = a.reshape(a.shape[0], -1).to(dtype)
-        b_flat = jac_b[name].reshape(jac_b[name].shape[0], -1).to(dtype)
-        gram = (a_flat @ b_flat.T) * float(weights.get(name, 1.0))
+        b_flat = a_flat if jac_b is jac_a else jac_b[name].reshape(jac_b[name].shape[0], -1).to(dtype)
+        gram = plumbing.gram_product(a_flat, b_flat) * float(weights.get(name, 1.0))  # tiled when b is a
         total = gram if total is None else total + gram
     assert total is not None  # params is non-empty here
     return total

@@ -95,9 +95,12 @@ from torch.overrides import TorchFunctionMode
 from lin_probe._model_state import eval_semantics
 from lin_probe.ntk import attention
 from lin_probe.ntk._plumbing import (
+    GRAM_TILE_ROWS,
     Progress,
     clamp,
     dtype_itemsize,
+    gram_product,
+    gram_tile,
     saved_bytes,
     slices,
     span,
@@ -1002,44 +1005,78 @@ def _layer_gram(ly: _Layer, fi: _Features, fj: _Features, budget: int, itemsize:
         return _token_gram(ly, fi, fj, budget, itemsize)
     total = torch.zeros(())
     if fi.grads is not None and fj.grads is not None:
-        total = total + ly.w_weight * (fi.grads @ fj.grads.T)
+        total = total + ly.w_weight * gram_product(fi.grads, fj.grads)
     if fi.bias is not None and fj.bias is not None:
-        total = total + ly.w_bias * (fi.bias @ fj.bias.T)
+        total = total + ly.w_bias * gram_product(fi.bias, fj.bias)
     return total
 
 
 def _patch_gram(ly: _Layer, fi: _Features, fj: _Features, budget: int, itemsize: int) -> Tensor:
     """``Σ_g Σ_{l,l'} (Δ_{i,l}·Δ_{j,l'}) ⊙ (w_W P_{i,l}·P_{j,l'} + w_b)``, sub-blocked to two ``(sL)²`` products."""
     assert fi.delta is not None and fj.delta is not None and fi.patches is not None and fj.patches is not None
-    bi, positions, groups = fi.delta.shape[:3]
-    bj = fj.delta.shape[0]
+    positions, groups = fi.delta.shape[1:3]
     w_b = ly.w_bias if ly.bias is not None else 0.0
-    s = clamp(math.isqrt(max(1, budget // (2 * itemsize))) // positions, 1, max(bi, bj))
-    out = torch.zeros(bi, bj, dtype=fi.delta.dtype, device=fi.delta.device)
+    out = torch.zeros(fi.delta.shape[0], fj.delta.shape[0], dtype=fi.delta.dtype, device=fi.delta.device)
     for g in range(groups):
-        for ri in slices(bi, s):
+        for ri, rj in _tile_pairs(fi, fj, positions, budget, itemsize):
             di, pi = fi.delta[ri, :, g].flatten(0, 1), fi.patches[ri, :, g].flatten(0, 1)
-            for rj in slices(bj, s):
-                dj, pj = fj.delta[rj, :, g].flatten(0, 1), fj.patches[rj, :, g].flatten(0, 1)
-                prod = (di @ dj.T) * (ly.w_weight * (pi @ pj.T) + w_b)
-                out[ri, rj] += prod.reshape(span(ri), positions, span(rj), positions).sum(dim=(1, 3))
+            dj, pj = fj.delta[rj, :, g].flatten(0, 1), fj.patches[rj, :, g].flatten(0, 1)
+            prod = (di @ dj.T) * (ly.w_weight * (pi @ pj.T) + w_b)
+            _add_tile(
+                out,
+                ri,
+                rj,
+                prod.reshape(span(ri), positions, span(rj), positions).sum(dim=(1, 3)),
+                symmetric=fj is fi,
+            )
     return out
 
 
 def _token_gram(ly: _Layer, fi: _Features, fj: _Features, budget: int, itemsize: int) -> Tensor:
     """``w Σ_{l,l'} (Δ_{i,l}·Δ_{j,l'}) [tok_{i,l} = tok_{j,l'}]``, sub-blocked to ``(sL)²`` products."""
     assert fi.delta is not None and fj.delta is not None and fi.tokens is not None and fj.tokens is not None
-    bi, positions = fi.delta.shape[:2]
-    bj = fj.delta.shape[0]
-    s = clamp(math.isqrt(max(1, budget // (2 * itemsize))) // max(1, positions), 1, max(bi, bj))
-    out = torch.zeros(bi, bj, dtype=fi.delta.dtype, device=fi.delta.device)
-    for ri in slices(bi, s):
+    positions = fi.delta.shape[1]
+    out = torch.zeros(fi.delta.shape[0], fj.delta.shape[0], dtype=fi.delta.dtype, device=fi.delta.device)
+    for ri, rj in _tile_pairs(fi, fj, positions, budget, itemsize):
         di, ti = fi.delta[ri].flatten(0, 1), fi.tokens[ri].reshape(-1)
-        for rj in slices(bj, s):
-            dj, tj = fj.delta[rj].flatten(0, 1), fj.tokens[rj].reshape(-1)
-            prod = (di @ dj.T) * (ti[:, None] == tj[None, :])
-            out[ri, rj] += prod.reshape(span(ri), positions, span(rj), positions).sum(dim=(1, 3))
+        dj, tj = fj.delta[rj].flatten(0, 1), fj.tokens[rj].reshape(-1)
+        prod = (di @ dj.T) * (ti[:, None] == tj[None, :])
+        _add_tile(
+            out,
+            ri,
+            rj,
+            prod.reshape(span(ri), positions, span(rj), positions).sum(dim=(1, 3)),
+            symmetric=fj is fi,
+        )
     return ly.w_weight * out
+
+
+def _tile_pairs(
+    fi: _Features, fj: _Features, positions: int, budget: int, itemsize: int
+) -> list[tuple[slice, slice]]:
+    """Example tiles ``(ri, rj)`` whose ``(sL)²`` position products fit ``budget``.
+
+    A chunk against itself (``fj is fi``: every block of gathered features) is symmetric, so only
+    tiles ``ri ≤ rj`` are multiplied (:func:`_add_tile` mirrors the rest), and tiles are small
+    enough for that to save (:func:`~lin_probe.ntk._plumbing.gram_tile`, in rows ``s·L``).
+    """
+    assert fi.delta is not None and fj.delta is not None
+    bi, bj = fi.delta.shape[0], fj.delta.shape[0]
+    s = clamp(math.isqrt(max(1, budget // (2 * itemsize))) // max(1, positions), 1, max(bi, bj))
+    if fj is not fi:
+        return [(ri, rj) for ri in slices(bi, s) for rj in slices(bj, s)]
+    if bi * positions >= 2 * GRAM_TILE_ROWS:
+        s = min(s, max(1, gram_tile(bi * positions) // max(1, positions)))
+    tiles = list(slices(bi, s))
+    return [(ri, rj) for index, ri in enumerate(tiles) for rj in tiles[index:]]
+
+
+def _add_tile(out: Tensor, ri: slice, rj: slice, block: Tensor, *, symmetric: bool) -> None:
+    """``out[ri, rj] += block``; in a ``symmetric`` product also the mirror tile ``(rj, ri)``, which
+    :func:`_tile_pairs` skipped."""
+    out[ri, rj] += block
+    if symmetric and ri != rj:
+        out[rj, ri] += block.T
 
 
 def _normalised(module: nn.Module, a: Tensor) -> Tensor:
