@@ -139,6 +139,30 @@ def test_extrapolation_recovers_linear_and_quadratic_terms() -> None:
     assert choice_module._extrapolate(1.0, 1.5, m, 2 * m, m, 2 * m, n, n) == pytest.approx(1.5 / (2 * m) * n)
 
 
+@pytest.mark.parametrize("recompute", [1, 10])
+def test_a_later_candidate_is_dropped_by_the_examples_it_would_record(recompute: int) -> None:
+    """A candidate whose one-example time times ``n`` is in the race, but whose plan would record
+    ``recompute × n`` examples (chunk pairs recomputed), is dropped after that one example."""
+    n, m, per_example = 256, 8, 0.01
+    ran: list[int] = []
+
+    def run(method: NTKMethod, count: int) -> float:
+        ran.append(count)
+        return per_example * count
+
+    def examples(method: NTKMethod, count: int) -> float:
+        return count * (recompute if count == n else 1)  # the probes fit the budget; n does not
+
+    best = per_example * n  # the structured estimate so far: the same per-example cost
+    got = choice_module._estimate(
+        NTKMethod.GENERIC, m, n, run, examples, give_up_above=choice_module.PRUNE_FACTOR * best
+    )
+    if recompute * 1.0 > choice_module.PRUNE_FACTOR:
+        assert ran == [1] and got == pytest.approx(per_example * recompute * n)
+    else:
+        assert ran == [1, m, 2 * m] and got == pytest.approx(per_example * n)
+
+
 def test_known_structured_seconds_replace_its_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """Seconds timed before (the monitor's pilot) are extrapolated as the probe's would be; only generic runs."""
     ran: list[tuple[str, int]] = []
