@@ -12,7 +12,9 @@ with ``E(N)`` the examples the path records (forward + backward) for ``N`` examp
 memory budget — ``N`` when every chunk's features or Jacobians are kept, more when the budget forces
 chunk pairs to be recomputed (:attr:`~lin_probe.ntk.structured.StructuredPlan.recorded_examples`,
 :attr:`~lin_probe.ntk.dense.GenericPlan.recorded_examples`): that is the part the probe, small
-enough to fit, cannot show. ``β·N²`` is the Gram contraction. A probe ``n ≤ 16`` is not timed: the
+enough to fit, cannot show. ``β·N²`` is the Gram contraction; where the structured plan counts all
+of its multiply-adds, ``β`` is capped by the Gram's share of them (two close probes leave it to
+timing noise otherwise). A probe ``n ≤ 16`` is not timed: the
 whole kernel costs about what the probe would; structured timings the caller already has (the
 monitor's pilot, on 4 and 8 examples) replace that path's probe. Candidates: the structured rules (with the generic
 rest) where any layer qualifies, and the generic Jacobian contraction. NTK-vector products are not
@@ -129,6 +131,16 @@ def choose_prepared(
             total = max(total, g.recorded_examples)
         return total
 
+    def gram_share(method: NTKMethod, count: int) -> float | None:
+        """The Gram products' share of the structured plan's multiply-adds for ``count`` probe
+        examples (the plan's per-example and per-pair counts); ``None`` where they are not all counted
+        (the generic path, or a generic rest)."""
+        if method is not NTKMethod.STRUCTURED or rest or plan.macs <= 0:
+            return None
+        recording = (plan.macs - plan.gram_macs) / max(plan.recorded_examples, 1.0)
+        gram = plan.gram_macs / (n * n) * count * count
+        return gram / max(recording * count + gram, 1e-300)
+
     def run(method: NTKMethod, count: int) -> float:
         start = time.perf_counter()
         with measurement_backends(model, math_attention=False):
@@ -151,12 +163,16 @@ def choose_prepared(
     estimates: dict[str, float] = {}
     known = sorted((size, t) for size, t in (structured_seconds or {}).items() if 1 <= size <= n)[-2:]
     if len(known) == 2:  # already timed (the pilot): no structured probe
-        estimates[NTKMethod.STRUCTURED.value] = _through(NTKMethod.STRUCTURED, *known, n, examples)
+        estimates[NTKMethod.STRUCTURED.value] = _through(
+            NTKMethod.STRUCTURED, *known, n, examples, gram_share
+        )
     for method in candidates:  # the structured rules first: usually the cheaper probe
         if method.value in estimates:
             continue
         best = min(estimates.values(), default=math.inf)
-        estimates[method.value] = _estimate(method, m, n, run, examples, give_up_above=PRUNE_FACTOR * best)
+        estimates[method.value] = _estimate(
+            method, m, n, run, examples, give_up_above=PRUNE_FACTOR * best, gram_share=gram_share
+        )
     best = min(candidates, key=lambda c: estimates[c.value])
     timed = f"structured timed before on {known[0][0]} and {known[1][0]}" if len(known) == 2 else ""
     probed = f"timed on {m} and {2 * m} examples"
@@ -176,6 +192,7 @@ def _estimate(
     examples: Callable[[NTKMethod, int], float],
     *,
     give_up_above: float,
+    gram_share: Callable[[NTKMethod, int], float | None] | None = None,
 ) -> float:
     """Seconds ``method`` needs for ``n`` examples: timed on ``m`` and ``2m``, extrapolated.
 
@@ -197,7 +214,7 @@ def _estimate(
         t2 = run(method, 2 * m)
     except (NotStructurable, ValueError):
         return math.inf  # the structured rules refused a probe batch
-    return _through(method, (m, t1), (2 * m, t2), n, examples)
+    return _through(method, (m, t1), (2 * m, t2), n, examples, gram_share)
 
 
 def _through(
@@ -206,14 +223,36 @@ def _through(
     second: tuple[int, float],
     n: int,
     examples: Callable[[NTKMethod, int], float],
+    gram_share: Callable[[NTKMethod, int], float | None] | None = None,
 ) -> float:
     """:func:`_extrapolate` through two ``(examples, seconds)`` timings of ``method``, to ``n``."""
     (m1, t1), (m2, t2) = first, second
-    return _extrapolate(t1, t2, m1, m2, examples(method, m1), examples(method, m2), examples(method, n), n)
+    share = None if gram_share is None else gram_share(method, m2)
+    return _extrapolate(
+        t1, t2, m1, m2, examples(method, m1), examples(method, m2), examples(method, n), n, gram_share=share
+    )
 
 
-def _extrapolate(t1: float, t2: float, m1: int, m2: int, e1: float, e2: float, e_n: float, n: int) -> float:
-    """``α·E(n) + β·n²`` through ``(E(m1), m1², t1)`` and ``(E(m2), m2², t2)``, with ``α, β ≥ 0``."""
+def _extrapolate(
+    t1: float,
+    t2: float,
+    m1: int,
+    m2: int,
+    e1: float,
+    e2: float,
+    e_n: float,
+    n: int,
+    *,
+    gram_share: float | None = None,
+) -> float:
+    """``α·E(n) + β·n²`` through ``(E(m1), m1², t1)`` and ``(E(m2), m2², t2)``, with ``α, β ≥ 0``.
+
+    ``gram_share``: the quadratic part's share of the multiply-adds at ``m2``, when counted. ``β``
+    is then at most that share of ``t2`` (the Gram products run no slower per multiply-add than
+    the recordings' backward passes). Why: a 16-example probe 10 % slower than twice the 8-example
+    one puts 19 % of ``t2`` on ``n²``, and ``(n/m2)²`` amplifies it: on the zoo ResNet at n = 256,
+    whose Gram is 5 % of the multiply-adds at 16 examples, that estimated 63 s for a 17-s kernel.
+    """
     det = e1 * m2 * m2 - e2 * m1 * m1
     alpha = beta = -1.0
     if det > 0:
@@ -221,6 +260,9 @@ def _extrapolate(t1: float, t2: float, m1: int, m2: int, e1: float, e2: float, e
         beta = (e1 * t2 - e2 * t1) / det
     if alpha < 0 or beta < 0:  # noise: keep the linear term alone, through the larger probe
         alpha, beta = t2 / max(e2, 1.0), 0.0
+    if gram_share is not None and beta * m2 * m2 > gram_share * t2:
+        beta = gram_share * t2 / (m2 * m2)
+        alpha = (t2 - beta * m2 * m2) / max(e2, 1.0)
     return alpha * e_n + beta * n * n
 
 

@@ -239,6 +239,10 @@ class StructuredPlan:
     b: int
     cache: bool
     k: int = 0  # outputs per slice (0: all ``width`` at once)
+    macs: float = 0.0
+    """Multiply-adds the plan makes for its ``n`` examples (:func:`_option`'s price)."""
+    gram_macs: float = 0.0
+    """Of :attr:`macs`, the Gram products' (``∝ n²``; the rest grows with the recordings)."""
 
     def __post_init__(self) -> None:
         self.k = self.width if self.k <= 0 else min(self.k, self.width)
@@ -340,7 +344,10 @@ class _Option:
 
     plan: StructuredPlan
     strategies: tuple[str, ...]
-    cost: float
+
+    @property
+    def cost(self) -> float:
+        return self.plan.macs
 
 
 def _slice_widths(width: int) -> list[int]:
@@ -378,14 +385,13 @@ def _option(layers: list[_Layer], sizes: _Sizes, k: int, *, lean: bool) -> _Opti
     )
     recorded = plan.examples_per_slice
     forward = sum(_forward_macs(ly) for ly in layers)
-    cost = 0.0
     for outputs in plan.output_slices:
         kk = span(outputs)
         macs = [_strategy_macs(ly, s, n, kk) for ly, s in zip(layers, strategies, strict=True)]
-        cost += recorded * ((1 + kk) * forward + sum(form for form, _ in macs)) + sum(
-            gram for _, gram in macs
-        )
-    return _Option(plan, strategies, cost)
+        plan.gram_macs += sum(gram for _, gram in macs)
+        plan.macs += recorded * ((1 + kk) * forward + sum(form for form, _ in macs))
+    plan.macs += plan.gram_macs
+    return _Option(plan, strategies)
 
 
 CACHE_MIN_CHUNK = 4

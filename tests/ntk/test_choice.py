@@ -163,6 +163,43 @@ def test_a_later_candidate_is_dropped_by_the_examples_it_would_record(recompute:
         assert ran == [1, m, 2 * m] and got == pytest.approx(per_example * n)
 
 
+def test_the_quadratic_term_is_capped_by_the_grams_share_of_the_work() -> None:
+    """Probes 10 % off proportional imply a large β; the counted Gram share caps it (module docstring)."""
+    t1, t2, m1, m2, n, e_n = 0.42, 0.93, 8, 16, 256, 326.0
+    share = 0.05
+    capped = choice_module._extrapolate(t1, t2, m1, m2, m1, m2, e_n, n, gram_share=share)
+    # β·m2² = share·t2, the rest of t2 linear in the recorded examples
+    assert capped == pytest.approx((1 - share) * t2 / m2 * e_n + share * t2 * (n / m2) ** 2, rel=1e-12)
+    uncapped = choice_module._extrapolate(t1, t2, m1, m2, m1, m2, e_n, n)
+    assert uncapped > 1.5 * capped
+    # a fit already within the share is left alone
+    alpha, beta = 0.05, 1e-5
+    t1, t2 = alpha * m1 + beta * m1 * m1, alpha * m2 + beta * m2 * m2
+    fitted = choice_module._extrapolate(t1, t2, m1, m2, m1, m2, e_n, n, gram_share=0.5)
+    assert fitted == pytest.approx(alpha * e_n + beta * n * n, rel=1e-9)
+
+
+@pytest.mark.parametrize(("case", "counted"), [("mlp", True), ("structured_plus_rest", False)])
+def test_the_gram_share_is_passed_only_where_every_multiply_add_is_counted(
+    case: str, counted: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The structured plan counts its own work; a generic rest (or the generic path) is not counted."""
+    shares: dict[str, float | None] = {}
+    original = choice_module._through
+
+    def spy(method: NTKMethod, *args: Any) -> float:
+        gram_share = args[-1]
+        shares[method.value] = None if gram_share is None else gram_share(method, 8)
+        return original(method, *args)
+
+    monkeypatch.setattr(choice_module, "_through", spy)
+    build, shape = CASES[case]
+    choose_method(build(), torch.randn(64, *shape, dtype=DTYPE))
+    assert shares.get("generic") is None  # when probed at all (the MLP's is dropped after one example)
+    structured = shares["structured"]
+    assert (structured is not None and 0.0 < structured < 1.0) if counted else structured is None
+
+
 def test_known_structured_seconds_replace_its_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """Seconds timed before (the monitor's pilot) are extrapolated as the probe's would be; only generic runs."""
     ran: list[tuple[str, int]] = []

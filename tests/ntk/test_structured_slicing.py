@@ -114,3 +114,16 @@ def test_recorded_examples_price_each_slice_by_its_outputs() -> None:
     # recomputed pairs: 3 chunks of 4 → 3·2/2 + 1 = 4 loads per slice
     recomputed = StructuredPlan([], width=7, n=12, b=4, cache=False, k=7)
     assert (recomputed.loads, recomputed.recorded_examples) == (4, 16)
+
+
+def test_a_plan_counts_its_multiply_adds_split_into_recordings_and_grams() -> None:
+    """MLP 5 → 7 → 3 on n examples, both layers on the patch Gram (one position): per layer the Gram
+    is ``n²·(C·O + D)``, and each recording ``(1 + C)`` forwards of ``Σ O·D`` (patches need no forming)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DTYPE)
+    n, c = 40, 3
+    plan = structured_plan(model, torch.randn(n, 5, dtype=DTYPE), 2**30)
+    assert [ly.strategy for ly in plan.layers] == ["patch", "patch"]
+    gram = n * n * ((c * 7 + 5) + (c * 3 + 7))
+    assert plan.gram_macs == gram
+    assert plan.macs == gram + n * (1 + c) * (7 * 5 + 3 * 7)
