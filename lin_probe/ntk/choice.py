@@ -23,6 +23,7 @@ a candidate (see :class:`~lin_probe.ntk.dense.NTKMethod`).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -170,6 +171,12 @@ def choose_prepared(
         if method.value in estimates:
             continue
         best = min(estimates.values(), default=math.inf)
+        if method is NTKMethod.GENERIC:
+            numel = sum(p.numel() for p in active.values())
+            floor = generic_gram_floor_s(n, plan.width, numel, dtype, inputs.device)
+            if floor > PRUNE_FACTOR * best:  # its Gram alone is out of the race: not even one example
+                estimates[method.value] = floor
+                continue
         estimates[method.value] = _estimate(
             method, m, n, run, examples, give_up_above=PRUNE_FACTOR * best, gram_share=gram_share
         )
@@ -177,6 +184,34 @@ def choose_prepared(
     timed = f"structured timed before on {known[0][0]} and {known[1][0]}" if len(known) == 2 else ""
     probed = f"timed on {m} and {2 * m} examples"
     return MethodChoice(best, n, estimates, reason=f"{timed}, generic {probed}" if timed else probed)
+
+
+def generic_gram_floor_s(n: int, width: int, numel: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds the generic path cannot beat: the upper triangle of its Gram, ``n(n+1)/2`` inner
+    products of ``C·P`` numbers, at this machine's matmul rate (:func:`matmul_rate`).
+
+    Why: the Jacobian contraction must form that Gram whatever it records, and a Gram product runs
+    at about the matmul rate, so on a wide MLP (C·P = 18.6 M at n = 64: ≥ 0.8 s against the
+    structured rules' 0.05 s) the generic path is out of the race before any example is timed.
+    """
+    return n * (n + 1) / 2 * width * numel / matmul_rate(dtype, device)
+
+
+_MATMUL_SIDE = 512
+
+
+@functools.cache
+def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
+    """Multiply-adds per second of a ``512³`` product in ``dtype`` on ``device``, the fastest of four
+    calls (milliseconds, once per process): a Gram of that size or larger runs at about this rate."""
+    a = torch.randn(_MATMUL_SIDE, _MATMUL_SIDE, dtype=dtype, device=device)
+    best = math.inf
+    for _ in range(4):  # the first call may also start the thread pool
+        start = time.perf_counter()
+        a @ a
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return _MATMUL_SIDE**3 / max(best, 1e-9)
 
 
 PRUNE_FACTOR = 3.0

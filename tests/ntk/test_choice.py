@@ -200,6 +200,42 @@ def test_the_gram_share_is_passed_only_where_every_multiply_add_is_counted(
     assert (structured is not None and 0.0 < structured < 1.0) if counted else structured is None
 
 
+def test_the_generic_floor_is_half_its_gram_at_the_matmul_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    rate = choice_module.matmul_rate(torch.float64, torch.device("cpu"))
+    assert 1e6 < rate < 1e13  # multiply-adds per second of a real CPU, not seconds or flops per call
+    monkeypatch.setattr(choice_module, "matmul_rate", lambda dtype, device: 2e9)
+    floor = choice_module.generic_gram_floor_s(64, 10, 1000, torch.float32, torch.device("cpu"))
+    assert floor == pytest.approx(64 * 65 / 2 * 10 * 1000 / 2e9, rel=1e-12)
+
+
+@pytest.mark.parametrize("fast_machine", [False, True])
+def test_a_generic_path_whose_gram_is_out_of_the_race_is_not_timed(
+    fast_machine: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wide MLP with 80 outputs (C·P = 58 M): its Jacobian Gram at n = 64 takes ~5× the structured
+    kernel's estimate, so the generic path never runs; on a machine of instant matmuls it would be timed."""
+    if fast_machine:
+        monkeypatch.setattr(choice_module, "matmul_rate", lambda dtype, device: 1e30)
+    ran: list[str] = []
+    original = dense_module._empirical_ntk
+
+    def spy(model: nn.Module, inputs: Tensor, method: NTKMethod, *args: Any, **kwargs: Any) -> Tensor:
+        ran.append(method.value)
+        return original(model, inputs, method, *args, **kwargs)
+
+    monkeypatch.setattr(dense_module, "_empirical_ntk", spy)
+    model = nn.Sequential(nn.Linear(100, 4000), nn.Tanh(), nn.Linear(4000, 80)).to(DTYPE)
+    choice = choose_method(model, torch.randn(64, 100, dtype=DTYPE))
+    assert choice.method is NTKMethod.STRUCTURED
+    assert ("generic" in ran) is fast_machine
+    if not fast_machine:
+        numel = sum(p.numel() for p in model.parameters())
+        floor = choice_module.generic_gram_floor_s(64, 80, numel, DTYPE, torch.device("cpu"))
+        assert (
+            choice.estimates["generic"] == floor > choice_module.PRUNE_FACTOR * choice.estimates["structured"]
+        )
+
+
 def test_known_structured_seconds_replace_its_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """Seconds timed before (the monitor's pilot) are extrapolated as the probe's would be; only generic runs."""
     ran: list[tuple[str, int]] = []
