@@ -14,7 +14,8 @@ chunk pairs to be recomputed (:attr:`~lin_probe.ntk.structured.StructuredPlan.re
 :attr:`~lin_probe.ntk.dense.GenericPlan.recorded_examples`): that is the part the probe, small
 enough to fit, cannot show. ``β·N²`` is the Gram contraction; where the structured plan counts all
 of its multiply-adds, ``β`` is capped by the Gram's share of them (two close probes leave it to
-timing noise otherwise). A probe ``n ≤ 16`` is not timed: the
+timing noise otherwise). The generic candidate is not timed when the upper triangle of its Gram
+alone, at the measured matmul rate (:func:`generic_gram_floor_s`), is out of the race. A probe ``n ≤ 16`` is not timed: the
 whole kernel costs about what the probe would; structured timings the caller already has (the
 monitor's pilot, on 4 and 8 examples) replace that path's probe. Candidates: the structured rules (with the generic
 rest) where any layer qualifies, and the generic Jacobian contraction. NTK-vector products are not

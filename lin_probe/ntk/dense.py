@@ -106,8 +106,12 @@ class NTKMethod(str, Enum):
     silently all generic where no layer qualifies) or :attr:`GENERIC` per call
     (:func:`lin_probe.ntk.choice.choose_method`: a timed probe of both on ``m`` and ``2m`` of the
     examples, extrapolated with ``t(n) = α·E(n) + β·n²``, ``E`` the examples each path will record
-    under the budget, recomputation included). Probes of ``n ≤ 16`` skip the timing (the choice cannot
-    matter there) and use the structured rules. The probe costs ``3m`` examples per candidate
+    under the budget, recomputation included; the structured path's ``β`` capped by the Gram's share
+    of its counted multiply-adds). The generic path is not timed at all when the upper triangle of
+    its Jacobian Gram, at the measured matmul rate, is already out of the race (wide MLPs), and is
+    dropped after one example when that example times ``E(n)`` is. Probes of ``n ≤ 16`` skip the
+    timing (the choice cannot matter there) and use the structured rules. The probe costs ``3m``
+    examples per candidate
     (``m = clamp(n // 32, 2, 8)``): a caller computing the kernel of the same model and inputs many
     times should call ``choose_method`` once and pass its concrete method (the monitor's
     :class:`~lin_probe.monitor.checks.NTKProbe` does, and hands it the structured timings its
