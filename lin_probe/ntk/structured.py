@@ -1031,13 +1031,7 @@ def _patch_gram(ly: _Layer, fi: _Features, fj: _Features, budget: int, itemsize:
             di, pi = fi.delta[ri, :, g].flatten(0, 1), fi.patches[ri, :, g].flatten(0, 1)
             dj, pj = fj.delta[rj, :, g].flatten(0, 1), fj.patches[rj, :, g].flatten(0, 1)
             prod = (di @ dj.T) * (ly.w_weight * (pi @ pj.T) + w_b)
-            _add_tile(
-                out,
-                ri,
-                rj,
-                prod.reshape(span(ri), positions, span(rj), positions).sum(dim=(1, 3)),
-                symmetric=fj is fi,
-            )
+            _add_tile(out, ri, rj, prod, positions, symmetric=fj is fi)
     return out
 
 
@@ -1050,13 +1044,7 @@ def _token_gram(ly: _Layer, fi: _Features, fj: _Features, budget: int, itemsize:
         di, ti = fi.delta[ri].flatten(0, 1), fi.tokens[ri].reshape(-1)
         dj, tj = fj.delta[rj].flatten(0, 1), fj.tokens[rj].reshape(-1)
         prod = (di @ dj.T) * (ti[:, None] == tj[None, :])
-        _add_tile(
-            out,
-            ri,
-            rj,
-            prod.reshape(span(ri), positions, span(rj), positions).sum(dim=(1, 3)),
-            symmetric=fj is fi,
-        )
+        _add_tile(out, ri, rj, prod, positions, symmetric=fj is fi)
     return ly.w_weight * out
 
 
@@ -1080,9 +1068,12 @@ def _tile_pairs(
     return [(ri, rj) for index, ri in enumerate(tiles) for rj in tiles[index:]]
 
 
-def _add_tile(out: Tensor, ri: slice, rj: slice, block: Tensor, *, symmetric: bool) -> None:
-    """``out[ri, rj] += block``; in a ``symmetric`` product also the mirror tile ``(rj, ri)``, which
-    :func:`_tile_pairs` skipped."""
+def _add_tile(
+    out: Tensor, ri: slice, rj: slice, products: Tensor, positions: int, *, symmetric: bool
+) -> None:
+    """``out[ri, rj] +=`` a tile's ``(sL)²`` position products summed per example pair; in a
+    ``symmetric`` product also the mirror tile ``(rj, ri)``, which :func:`_tile_pairs` skipped."""
+    block = products.reshape(span(ri), positions, span(rj), positions).sum(dim=(1, 3))
     out[ri, rj] += block
     if symmetric and ri != rj:
         out[rj, ri] += block.T
