@@ -95,7 +95,6 @@ from torch.overrides import TorchFunctionMode
 from lin_probe._model_state import eval_semantics
 from lin_probe.ntk import attention
 from lin_probe.ntk._plumbing import (
-    GRAM_TILE_ROWS,
     Progress,
     clamp,
     dtype_itemsize,
@@ -849,7 +848,7 @@ def _patches(ly: _Layer, a: Tensor) -> Tensor:
 
     A convolution's are ``F.unfold``'s columns ``(b, G·D, L)`` seen as ``(b, L, G, D)``, not copied:
     ``bmm`` reads the transposed layout as it is (:func:`_weight_grads`). ``Tensor.unfold`` windows
-    permuted into contiguous patches took ~1.2× as long on the zoo ResNet's first layer and copied them.
+    permuted into contiguous patches took ~1.2× as long on the zoo ResNet's first layer (ad hoc timing).
     """
     b = a.shape[0]
     module = ly.module
@@ -1062,8 +1061,7 @@ def _tile_pairs(
     s = clamp(math.isqrt(max(1, budget // (2 * itemsize))) // max(1, positions), 1, max(bi, bj))
     if fj is not fi:
         return [(ri, rj) for ri in slices(bi, s) for rj in slices(bj, s)]
-    if bi * positions >= 2 * GRAM_TILE_ROWS:
-        s = min(s, max(1, gram_tile(bi * positions) // max(1, positions)))
+    s = min(s, max(1, gram_tile(bi * positions) // max(1, positions)))
     tiles = list(slices(bi, s))
     return [(ri, rj) for index, ri in enumerate(tiles) for rj in tiles[index:]]
 
