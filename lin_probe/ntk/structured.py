@@ -979,14 +979,15 @@ def _reduce(ly: _Layer, delta: Tensor, patches: Tensor | None, into: Tensor | No
     ``into`` (``(b, G·C·O·D)``, contiguous): where the weight gradients are written, so gathered
     features are not allocated twice (:func:`_gathered`).
     """
+    if ly.strategy == "patch":  # its Gram carries the bias term itself (``+ w_b``): no bias sum
+        assert patches is not None
+        return _Features(delta=delta.flatten(3), patches=patches)
     b = delta.shape[0]
     bias = delta.sum(dim=1).reshape(b, -1) if ly.bias is not None else None
     if ly.strategy == "bias":
         return _Features(bias=bias)
     assert patches is not None
-    if ly.strategy == "grads":
-        return _Features(grads=_weight_grads(delta, patches, into), bias=bias)
-    return _Features(delta=delta.flatten(3), patches=patches)
+    return _Features(grads=_weight_grads(delta, patches, into), bias=bias)
 
 
 def _weight_grads(delta: Tensor, patches: Tensor, into: Tensor | None) -> Tensor:
