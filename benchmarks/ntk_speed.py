@@ -17,12 +17,17 @@ Methods: ``baseline`` the torch.func Jacobian contraction (``vmap(jacrev)`` over
 ``einsum`` of the full Jacobians, as in the torch.func NTK tutorial); ``ntvp`` the tutorial's other
 method, NTK-vector products (``vjp`` then ``jvp`` per output basis vector, vmapped over pairs of
 examples); ``auto``, ``generic`` and ``structured``: ``empirical_ntk(method=...)`` (``auto`` rows say
-which method its cost model chose, ``chose structured`` / ``chose generic``; its timed probe is in
-the time); ``spectral``: the matrix-free ``spectral_norm(ntk_matvec(...), n)`` (Lanczos, no kernel
+which method its cost model chose, ``chose structured`` / ``chose generic``); ``auto`` makes its
+timed choice in the warm-up call and remembers it, so its timed calls are what every later call of
+a process costs, while ``auto_first`` forgets the choice (and the matmul rate) before each call:
+what the first call costs, its timed probe included; ``spectral``: the matrix-free ``spectral_norm(ntk_matvec(...), n)`` (Lanczos, no kernel
 formed).
 
 Each cell runs in a fresh subprocess: one warm-up call, then the median of 3 timed calls (1 if the
-warm-up took longer than ``--slow-after`` seconds). *Peak memory* is the child's peak resident set
+warm-up took longer than ``--slow-after`` seconds). With ``--interleaved ROUNDS`` every method of
+one configuration and size runs in one subprocess instead, in turn, after a warm-up call each, and
+the median of ``ROUNDS`` rounds is reported: the machine's drift then hits every method alike, so
+the ratios hold better (peak memory is not measured there). *Peak memory* is the child's peak resident set
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) minus its resident set right before the warm-up
 (torch imported, model and inputs built): the extra memory the computation needed at its worst,
 as the OS saw it. A baseline whose full Jacobian (``n·C·P·4`` bytes) exceeds ``--max-baseline-gb``
@@ -49,7 +54,7 @@ import zoo
 
 ZOO = ("resnet_bn", "transformer", "lstm")
 CONFIGS = ("mlp", "cnn8", "cnn32", *ZOO)
-METHODS = ("baseline", "ntvp", "auto", "generic", "structured", "spectral")
+METHODS = ("baseline", "ntvp", "auto", "auto_first", "generic", "structured", "spectral")
 INPUT_SHAPES = {"mlp": (784,), "cnn8": (1, 8, 8), "cnn32": (3, 32, 32)}
 
 
@@ -127,6 +132,15 @@ def runner(method: str, model: nn.Module, x: Tensor) -> Callable[[], object]:
         return lambda: ntvp_ntk(model, x)
     if method in ("auto", "generic", "structured"):
         return lambda: empirical_ntk(model, x, method=method)
+    if method == "auto_first":
+        from lin_probe.ntk import choice
+
+        def first_call() -> object:  # as a process's first call: nothing remembered or cached
+            choice.forget_choices()
+            choice.matmul_rate.cache_clear()
+            return empirical_ntk(model, x, method="auto")
+
+        return first_call
     return lambda: spectral_norm(ntk_matvec(model, x), x.shape[0], op_dtype=torch.float32)
 
 
@@ -159,7 +173,7 @@ def worker(config: str, n: int, method: str, slow_after: float, threads: int | N
     model = build(config)
     x = inputs(config, n)
     call = runner(method, model, x)
-    chosen = record_choices() if method == "auto" else []
+    chosen = record_choices() if method in ("auto", "auto_first") else []
     before = rss_bytes()
     start = time.perf_counter()
     call()
@@ -178,6 +192,49 @@ def worker(config: str, n: int, method: str, slow_after: float, threads: int | N
     if chosen:
         cell["chose"] = "/".join(sorted(set(chosen)))
     return cell
+
+
+def interleaved_worker(
+    config: str, n: int, methods: list[str], rounds: int, threads: int | None
+) -> dict[str, dict[str, object]]:
+    """All ``methods`` of one cell in this process, in turn: a warm-up each, then ``rounds`` rounds
+    of one call each; per method the median. Drift of the machine's speed hits every method alike."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = build(config)
+    x = inputs(config, n)
+    chosen = record_choices() if {"auto", "auto_first"} & set(methods) else []
+    calls = {method: runner(method, model, x) for method in methods}
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for _ in range(rounds):
+        for method, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[method].append(time.perf_counter() - start)
+    cells: dict[str, dict[str, object]] = {}
+    for method in methods:
+        cells[method] = {"time": statistics.median(times[method]), "runs": rounds}
+        if method in ("auto", "auto_first") and chosen:
+            cells[method]["chose"] = "/".join(sorted(set(chosen)))
+    return cells
+
+
+def measure_interleaved(config: str, n: int, args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """:func:`interleaved_worker` in a subprocess; a timeout or crash is reported for every method."""
+    cmd = [sys.executable, __file__, "--interleaved-worker", config, str(n), ",".join(args.methods)]
+    cmd += ["--interleaved", str(args.interleaved)] + (
+        ["--threads", str(args.threads)] if args.threads else []
+    )
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {method: {"note": f"timeout (> {args.timeout:.0f} s)"} for method in args.methods}
+    if done.returncode != 0:
+        note = f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
+        return {method: {"note": note} for method in args.methods}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def baseline_bytes(config: str, n: int) -> int:
@@ -218,12 +275,10 @@ def format_row(config: str, n: int, method: str, cell: dict[str, object], base: 
     if "time" not in cell:
         return f"{lead} {cell['note']}"
     t_ratio = f"{cell['time'] / base['time']:.4f}" if "time" in base else "-"
-    m_ratio = f"{cell['peak'] / max(1, base['peak']):.4f}" if "peak" in base else "-"
+    m_ratio = f"{cell['peak'] / max(1, base['peak']):.4f}" if "peak" in base and "peak" in cell else "-"
+    peak = f"{cell['peak'] / 1e9:>8.3f}" if "peak" in cell else f"{'-':>8}"
     chose = f"  chose {cell['chose']}" if "chose" in cell else ""
-    return (
-        f"{lead} {cell['time']:>9.3f} {cell['runs']:>4} {cell['peak'] / 1e9:>8.3f} {t_ratio:>9} {m_ratio:>9}"
-        f"{chose}"
-    )
+    return f"{lead} {cell['time']:>9.3f} {cell['runs']:>4} {peak} {t_ratio:>9} {m_ratio:>9}{chose}"
 
 
 def main() -> None:
@@ -240,11 +295,24 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per cell (subprocess killed)")
     parser.add_argument("--slow-after", type=float, default=15.0, help="warm-up seconds above which 1 run")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each cell")
+    parser.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="time every method of a cell in one process, in turn, ROUNDS rounds (medians; no peak memory)",
+    )
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "N", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         config, n, method = args.worker
         print(json.dumps(worker(config, int(n), method, args.slow_after, args.threads)))
+        return
+    if args.interleaved_worker:
+        config, n, methods = args.interleaved_worker
+        cells = interleaved_worker(config, int(n), methods.split(","), args.interleaved, args.threads)
+        print(json.dumps(cells))
         return
     if args.quick:
         args.slow_after = 0.0  # one timed call after the warm-up
@@ -254,6 +322,11 @@ def main() -> None:
     print(HEADER, flush=True)
     for config in args.configs:
         for n in sizes:
+            if args.interleaved:
+                cells = measure_interleaved(config, n, args)
+                for method in args.methods:
+                    print(format_row(config, n, method, cells[method], cells.get("baseline", {})), flush=True)
+                continue
             base: dict[str, object] = {}
             for method in args.methods:
                 cell = measure(config, n, method, args)

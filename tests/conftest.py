@@ -5,3 +5,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_remembered_choices() -> None:
+    """``method="auto"`` remembers its timed choice per model for the process; each test starts without."""
+    from lin_probe.ntk.choice import forget_choices
+
+    forget_choices()

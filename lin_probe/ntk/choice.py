@@ -18,8 +18,9 @@ timing noise otherwise). The generic candidate is not timed when the upper trian
 alone, at the measured matmul rate (:func:`generic_gram_floor_s`), is out of the race. A probe
 ``n ≤ 16`` is not timed: the whole kernel costs about what the probe would; structured timings the
 caller already has (the monitor's pilot, on 4 and 8 examples) replace that path's probe.
-Candidates: the structured rules (with the generic rest) where any layer qualifies, and the generic
-Jacobian contraction. NTK-vector products are not a candidate (see
+``method="auto"`` makes the choice once per model and call signature in a process and remembers it
+(:func:`remembered_choice`). Candidates: the structured rules (with the generic rest) where any
+layer qualifies, and the generic Jacobian contraction. NTK-vector products are not a candidate (see
 :class:`~lin_probe.ntk.dense.NTKMethod`).
 """
 
@@ -28,7 +29,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -81,8 +83,9 @@ def choose_method(
     """The faster of the structured rules and the generic Jacobian contraction for this kernel.
 
     Same arguments as :func:`lin_probe.ntk.empirical_ntk` (the kernel is not computed): runs both
-    on a few of ``inputs`` (module docstring) and leaves the model as it was. Pass the result's
-    ``method`` to later calls on the same model and inputs to skip the probe. ``progress`` follows
+    on a few of ``inputs`` (module docstring) and leaves the model as it was; always times (the
+    memory ``method="auto"`` keeps is :func:`remembered_choice`'s). Pass the result's ``method`` to
+    later calls to skip the probe. ``progress`` follows
     each timed kernel's units (each run counts afresh), so a caller can abort the probe too.
     ``structured_seconds`` (``{m: seconds}``): the structured kernel already timed on ``inputs[:m]``
     for two or more ``m`` (the monitor's pilot); the two largest replace its probe.
@@ -187,6 +190,62 @@ def choose_prepared(
     timed = f"structured timed before on {known[0][0]} and {known[1][0]}" if len(known) == 2 else ""
     probed = f"timed on {m} and {2 * m} examples"
     return MethodChoice(best, n, estimates, reason=f"{timed}, generic {probed}" if timed else probed)
+
+
+REMEMBERED_PER_MODEL = 8
+"""Call signatures per model whose ``auto`` choice is remembered (the oldest is forgotten first)."""
+
+_REMEMBERED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[MethodChoice, OutputFn | None]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per model (dropped with it): call signature → the choice and the output function it was made for
+(kept alive, so its id in the signature is not reused meanwhile)."""
+
+
+def remembered_choice(
+    model: nn.Module,
+    inputs: Tensor,
+    budget: int,
+    params: dict[str, Tensor],
+    weights: dict[str, float],
+    output_fn: OutputFn | None,
+    chunk_size: int | None,
+) -> MethodChoice:
+    """:func:`choose_prepared`, timed once per model and call signature in this process.
+
+    What ``method="auto"`` runs. Why remembered: the probe costs up to a few tenths of the kernel
+    (the zoo Transformer at n = 64: 0.3 s for a 0.46-s kernel), and what it measures — which path is
+    faster — depends on the shapes, not on the weights' values, so a caller computing the kernel of
+    one model again (training, a sweep over checkpoints) would pay it every time. cuDNN's
+    ``benchmark`` mode remembers its timed algorithm choice per input shape for the same reason.
+    The signature: the input's shape, dtype and device, every differentiated parameter's name,
+    shape, dtype and whether its weight is positive, the module classes, the budget, the chunk size,
+    the output function and the thread count. A stale choice can only be slower, never wrong: both
+    paths are exact. :func:`forget_choices` clears the memory; :func:`choose_method` always times.
+    """
+    key = (
+        tuple(inputs.shape),
+        inputs.dtype,
+        str(inputs.device),
+        tuple((name, tuple(p.shape), p.dtype, weights[name] > 0.0) for name, p in params.items()),
+        tuple(type(module) for module in model.modules()),
+        budget,
+        chunk_size,
+        id(output_fn),
+        torch.get_num_threads(),
+    )
+    choices = _REMEMBERED.setdefault(model, {})
+    if key not in choices:
+        while len(choices) >= REMEMBERED_PER_MODEL:
+            choices.pop(next(iter(choices)))
+        choice = choose_prepared(model, inputs, budget, params, weights, output_fn, chunk_size)
+        choices[key] = (choice, output_fn)
+    return choices[key][0]
+
+
+def forget_choices() -> None:
+    """Forget every remembered ``auto`` choice (:func:`remembered_choice`): the next call times again."""
+    _REMEMBERED.clear()
 
 
 def generic_gram_floor_s(n: int, width: int, numel: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -310,4 +369,4 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["UNTIMED_MAX_N", "MethodChoice", "choose_method"]
+__all__ = ["UNTIMED_MAX_N", "MethodChoice", "choose_method", "forget_choices", "remembered_choice"]

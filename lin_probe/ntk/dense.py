@@ -112,10 +112,11 @@ class NTKMethod(str, Enum):
     dropped after one example when that example times ``E(n)`` is. Probes of ``n ≤ 16`` skip the
     timing (the choice cannot matter there) and use the structured rules. The probe costs ``3m``
     examples per candidate
-    (``m = clamp(n // 32, 2, 8)``): a caller computing the kernel of the same model and inputs many
-    times should call ``choose_method`` once and pass its concrete method (the monitor's
-    :class:`~lin_probe.monitor.checks.NTKProbe` does, and hands it the structured timings its
-    budget's pilot already took, so only the generic path is probed)."""
+    (``m = clamp(n // 32, 2, 8)``), so the choice is made once per model and call signature in the
+    process and remembered, as cuDNN's ``benchmark`` mode does
+    (:func:`lin_probe.ntk.choice.remembered_choice`); the monitor's
+    :class:`~lin_probe.monitor.checks.NTKProbe` calls ``choose_method`` itself, with the structured
+    timings its budget's pilot already took, so only the generic path is probed."""
 
     GENERIC = "generic"
     """torch.func ``vmap(jacrev)`` over every parameter: per-example Jacobians, chunked under the
@@ -281,9 +282,9 @@ def empirical_ntk(
     tracker = plumbing.Progress(progress)
     strict = method is NTKMethod.STRUCTURED
     if method is NTKMethod.AUTO:
-        from lin_probe.ntk.choice import choose_prepared  # the cost model runs this module's paths
+        from lin_probe.ntk.choice import remembered_choice  # the cost model runs this module's paths
 
-        method = choose_prepared(model, inputs, budget, params, weights, output_fn, chunk_size).method
+        method = remembered_choice(model, inputs, budget, params, weights, output_fn, chunk_size).method
     with measurement_backends(model, math_attention=False):
         return _empirical_ntk(
             model, inputs, method, budget, params, weights, output_fn, chunk_size, tracker, strict=strict

@@ -322,3 +322,66 @@ def test_refused_structured_candidate_is_infinite(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(dense_module, "_empirical_ntk", refusing)
     choice = choose_method(mlp(), torch.randn(32, 5, dtype=DTYPE))
     assert choice.method is NTKMethod.GENERIC and math.isinf(choice.estimates["structured"])
+
+
+def _count_choices(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every timed choice ``method="auto"`` makes, by its ``n``."""
+    made: list[int] = []
+    original = choice_module.choose_prepared
+
+    def spy(model: nn.Module, inputs: Tensor, *args: Any, **kwargs: Any) -> MethodChoice:
+        made.append(inputs.shape[0])
+        return original(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(choice_module, "choose_prepared", spy)
+    return made
+
+
+def test_auto_times_once_per_model_and_call_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second identical call reuses the choice; each part of the signature makes a new one."""
+    made = _count_choices(monkeypatch)
+    model, x = ScaledMLP().to(DTYPE), torch.randn(24, 4, dtype=DTYPE)
+    expected = brute_force_ntk(model, x)
+    for _ in range(2):
+        assert_close(empirical_ntk(model, x), expected)
+    assert made == [24]
+    with torch.no_grad():
+        model.inner.weight.mul_(2.0)  # new values, same shapes: the costs are the same
+    assert_close(empirical_ntk(model, x), brute_force_ntk(model, x))
+    assert made == [24]
+    empirical_ntk(model, x[:20])  # another n
+    empirical_ntk(model, x, memory_budget=2**20)  # another budget
+    empirical_ntk(model, x, output_fn=lambda out: out[:, :2])  # another output selection
+    model.scale.requires_grad_(False)  # another parameter set
+    empirical_ntk(model, x)
+    empirical_ntk(ScaledMLP().to(DTYPE), x)  # another model
+    assert made == [24, 20, 24, 24, 24, 24]
+    choice_module.forget_choices()
+    empirical_ntk(model, x)
+    assert made == [24, 20, 24, 24, 24, 24, 24]
+
+
+def test_remembered_choices_are_bounded_and_dropped_with_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _count_choices(monkeypatch)
+    model, x = ScaledMLP().to(DTYPE), torch.randn(40, 4, dtype=DTYPE)
+    sizes = list(range(17, 18 + choice_module.REMEMBERED_PER_MODEL))  # one more than remembered
+    for n in sizes:
+        empirical_ntk(model, x[:n])
+    assert len(choice_module._REMEMBERED[model]) == choice_module.REMEMBERED_PER_MODEL
+    empirical_ntk(model, x[: sizes[-1]])  # the newest is still there
+    empirical_ntk(model, x[: sizes[0]])  # the oldest was forgotten: timed again
+    assert made == [*sizes, sizes[0]]
+    del model
+    import gc
+
+    gc.collect()
+    assert len(choice_module._REMEMBERED) == 0
+
+
+def test_choose_method_itself_always_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The public probe is explicit: it does not answer from the memory ``method="auto"`` keeps."""
+    made = _count_choices(monkeypatch)
+    model, x = ScaledMLP().to(DTYPE), torch.randn(24, 4, dtype=DTYPE)
+    empirical_ntk(model, x)
+    choose_method(model, x)
+    assert made == [24, 24]
