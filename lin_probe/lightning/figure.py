@@ -131,6 +131,41 @@ def _plot_series(ax: Axes, history: _History, keys: Sequence[str]) -> None:
             ax.plot(steps, values, color=color, linestyle=linestyle, marker="o", markersize=4, label=label)
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _decade_label(value: float, _pos: object = None) -> str:
+    """A log or symlog tick's label in plain text: ``0``, ``1``, ``10``, ``100``, ``1000``, then ``10⁴``,
+    and ``10⁻¹``; no label between decades.
+
+    Why not matplotlib's default: it writes ``$10^{k}$`` in mathtext, whose parser took about a fifth
+    of each log panel's draw, on every draw (ad hoc cProfile of the spectrum panel).
+    """
+    if value == 0:
+        return "0"
+    exponent = math.log10(abs(value))
+    if abs(exponent - round(exponent)) > 1e-9:
+        return ""
+    k = round(exponent)
+    text = str(10**k) if 0 <= k <= 3 else "10" + str(k).translate(_SUPERSCRIPT)
+    return ("−" if value < 0 else "") + text
+
+
+def _plain_log_ticks(ax: Axes) -> None:
+    """Decade ticks only, labelled without mathtext, on every log or symlog axis of ``ax``.
+
+    No minor ticks: on the spectrum's axes (six decades) their 80 unlabelled tick artists took
+    half of the panel's draw (ad hoc timing: 0.22 → 0.09 s), and the decade grid already guides
+    the eye.
+    """
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() in ("log", "symlog"):
+            axis.set_major_formatter(FuncFormatter(_decade_label))
+            axis.set_minor_locator(NullLocator())
+
+
 def _step_axis(ax: Axes, history: _History, exit_step: int | None) -> None:
     """Symlog steps (early checks are dense, late ones sparse) and the exit as a labelled line."""
     if exit_step is not None:
@@ -138,6 +173,7 @@ def _step_axis(ax: Axes, history: _History, exit_step: int | None) -> None:
             exit_step, color=_EXIT_COLOR, linestyle=":", linewidth=2.0, label=f"exit (step {exit_step})"
         )
     ax.set_xscale("symlog", linthresh=1.0)
+    _plain_log_ticks(ax)
     ax.set_xlim(*_step_limits(history, exit_step))
     ax.set_xlabel("optimizer step (symlog)", fontsize=_LABEL_PT)
 
@@ -206,8 +242,9 @@ def _spectrum_panel(spectra: Mapping[str, np.ndarray]) -> Figure:
         ax.plot(ranks, ratios, color=color, marker=marker, markersize=4, linewidth=2.0, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
     ax.set_xlabel("eigenvalue rank i", fontsize=_LABEL_PT)
-    _finish(ax, title="NTK spectrum on the probe set", ylabel=r"$\lambda_i\,/\,\lambda_{\max}$")
+    _finish(ax, title="NTK spectrum on the probe set", ylabel="λᵢ / λ₁ (λ₁ the largest)")
     return fig
 
 

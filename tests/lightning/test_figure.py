@@ -180,6 +180,31 @@ def test_every_visible_text_is_large_enough_for_a_shrunk_thumbnail() -> None:
             assert pixels >= MIN_TEXT_PX, f"{name}: {text.get_text()!r} is {pixels:.1f} px"
 
 
+def test_no_text_is_mathtext_and_log_ticks_read_as_decades() -> None:
+    """Plain-text labels only (mathtext's parser ran on every draw); log ticks at decades, written out."""
+    figures = summary_figures(_history(memo=True), exit_step=75, tolerance=0.1, spectra=SPECTRA)
+    for name, fig in figures.items():
+        render(fig)
+        texts = [t.get_text() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        assert not [t for t in texts if "$" in t], name
+    step_ticks = [t.get_text() for t in _only_axes(figures["1_loss"]).get_xticklabels() if t.get_text()]
+    assert step_ticks == ["0", "1", "10", "100"]  # symlog steps 0 … 130: the checks at 0 … 100
+    spectrum = _only_axes(figures["4_spectrum"])
+    y_ticks = [t.get_text() for t in spectrum.get_yticklabels() if t.get_text()]
+    assert "1" in y_ticks and "10⁻¹" in y_ticks and all(t == "1" or t.startswith("10") for t in y_ticks)
+
+
+@pytest.mark.parametrize(
+    ("value", "label"),
+    [(0.0, "0"), (1.0, "1"), (10.0, "10"), (1000.0, "1000"), (1e4, "10⁴"), (1e-1, "10⁻¹"), (1e-12, "10⁻¹²"),
+     (-100.0, "−100"), (2.0, ""), (0.05, "")],
+)  # fmt: skip
+def test_decade_labels(value: float, label: str) -> None:
+    from lin_probe.lightning.figure import _decade_label
+
+    assert _decade_label(value) == label
+
+
 def test_spectrum_is_eigenvalues_over_the_largest_against_rank_on_log_log_axes() -> None:
     fig = summary_figures(_history(), exit_step=None, tolerance=0.1, spectra=SPECTRA)["4_spectrum"]
     ax = _only_axes(fig)
