@@ -7,7 +7,7 @@ A monitoring callback that costs more than the training it watches gets switched
   seconds of one training step give the run's wall time; the budget is ``max_overhead`` of it;
 * the monitor's own costs are measured (:class:`Costs`): the NTK at two small probe sizes
   (extrapolated as ``α·n + β·n²``: per-example Jacobians are linear in ``n``, Gram contractions
-  quadratic), one forward over the probe per functional check, the shadow's work per training step
+  quadratic; :func:`ntk_cost_curve` says what it does with noisy probes), one forward over the probe per functional check, the shadow's work per training step
   (``f_0`` on the batch, cached per example after the first epoch: :mod:`lin_probe.shadows.initial_cache`);
 * every plan is charged one more NTK, the one the verdict's diagnosis reads at the exit;
 * :func:`plan_within_budget` then chooses the largest probe (256, 128, 64 or 32 examples) whose
@@ -116,27 +116,41 @@ class Costs:
         return self.shadow_step_s * first + self.shadow_cached_s * (horizon - first)
 
 
-def ntk_cost_curve(samples: list[tuple[int, float]]) -> tuple[float, float]:
+def ntk_cost_curve(
+    samples: list[tuple[int, float]], *, gram_share: float | None = None
+) -> tuple[float, float]:
     """``(α, β)`` with ``t(n) ≈ α·n + β·n²`` through timed ``(n, seconds)`` samples, both ≥ 0.
 
-    Two samples are solved exactly; a negative coefficient (timing noise) is dropped and the other
-    refitted by least squares, so the curve never predicts that a larger probe is cheaper.
+    Two samples are solved exactly. Where that gives a negative coefficient the curve goes through
+    the largest sample instead, linear but for ``gram_share`` of it on ``n²``: a negative ``β`` is
+    what a fixed cost per call (planning, one recorded example) does to small probes, whose time
+    then grows slower than ``n``, and the quadratic curve through them this used to take (the
+    pessimistic one) overestimated the zoo Transformer's kernel at 64 examples 13-fold, putting every
+    plan on its minimal probe. ``gram_share``: the Gram products' share of the kernel's counted
+    multiply-adds at the largest sample (:func:`lin_probe.ntk.choice.structured_gram_share`); ``β``
+    is at most that share of its time, since two close small probes leave ``β`` to timing noise,
+    which ``n²`` then amplifies (the cap ``method="auto"`` applies to its own probes, for the same
+    reason). Never predicts that a larger probe is cheaper.
     """
     if not samples:
         raise ValueError("ntk_cost_curve needs at least one timed (n, seconds) sample.")
+    n2, t2 = max(samples)
+    solved: tuple[float, float] | None = None
     if len(samples) >= 2:
-        (n1, t1), (n2, t2) = samples[-2], samples[-1]
+        n1, t1 = min(samples)
         det = n1 * n2 * n2 - n2 * n1 * n1
         if det != 0:
             alpha = (t1 * n2 * n2 - t2 * n1 * n1) / det
             beta = (n1 * t2 - n2 * t1) / det
-            if alpha >= 0 and beta >= 0:
-                return alpha, beta
-    linear = sum(t * n for n, t in samples) / sum(n * n for n, _ in samples)
-    quadratic = sum(t * n * n for n, t in samples) / sum(n**4 for n, _ in samples)
-    # The pure-quadratic curve is the pessimistic one above the samples; keep whichever predicts more there.
-    top = max(n for n, _ in samples) * 4
-    return (linear, 0.0) if linear * top >= quadratic * top * top else (0.0, quadratic)
+            solved = (alpha, beta) if alpha >= 0 and beta >= 0 else None
+    share = 0.0 if gram_share is None else min(max(gram_share, 0.0), 1.0)
+    if solved is None:
+        return (1.0 - share) * t2 / n2, share * t2 / (n2 * n2)
+    alpha, beta = solved
+    if gram_share is not None and beta * n2 * n2 > share * t2:
+        beta = share * t2 / (n2 * n2)
+        alpha = (t2 - beta * n2 * n2) / n2
+    return alpha, beta
 
 
 @dataclass(frozen=True)

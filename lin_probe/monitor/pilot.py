@@ -1,7 +1,7 @@
 """The budget's first measurements, taken at train start before any step: what each part of the monitor costs.
 
 A plan needs seconds, not guesses (:mod:`lin_probe.monitor.budget`): the NTK on 4 and 8 probe
-examples (its cost curve), one forward over the probe (a functional check), and one forward and
+examples (its cost curve, whose ``n²`` term the structured kernel's counted Gram share caps), one forward over the probe (a functional check), and one forward and
 backward of a training-sized batch (the user's step; the forward alone is what the centred shadow
 adds per step until ``f_0``'s outputs are cached). Every measurement sees what the monitor's own
 checks see (BatchNorm on the probe's statistics, dropout off) and leaves the model as it was:
@@ -24,6 +24,7 @@ from lin_probe.monitor.checks import NTKProbe
 from lin_probe.monitor.outputs import KernelOutputs, outputs_without_error
 from lin_probe.ntk import NTKMethod, predict
 from lin_probe.ntk._plumbing import OutputFn, output_matrix
+from lin_probe.ntk.choice import structured_gram_share
 from lin_probe.ntk.sketch import output_count
 from lin_probe.plan import ComputePlan
 from lin_probe.shadows.offsets import row_digests
@@ -65,11 +66,16 @@ def measure_costs(
             probe = NTKProbe(inputs[:m], kernel_output_fn, param_weights, plan)
             samples.append((m, _timed(lambda probe=probe: probe.operator(model), device)))
             structured = structured and _ran_structured(probe)
+        share = (
+            _gram_share(model, inputs[: samples[-1][0]], kernel_output_fn, param_weights, plan)
+            if structured
+            else None
+        )
         functional = _timed(lambda: predict(model, inputs, output_fn=output_fn), device)
         batch = inputs[torch.arange(batch_size, device=device) % inputs.shape[0]]
         forward, step = _training_step_seconds(model, batch, output_fn, device)
     hashing = _timed(lambda: row_digests(batch), device) if center else 0.0
-    alpha, beta = ntk_cost_curve(_distinct(samples))
+    alpha, beta = ntk_cost_curve(_distinct(samples), gram_share=share)
     return Costs(
         step_s=step,
         ntk_linear=alpha,
@@ -81,6 +87,23 @@ def measure_costs(
         exact_ntk_factor=_exact_factor(outputs_setting, outputs),
         structured_ntk_s=tuple(_distinct(samples)) if structured else (),
     )
+
+
+def _gram_share(
+    model: nn.Module,
+    inputs: Tensor,
+    output_fn: OutputFn | None,
+    param_weights: Mapping[str, float],
+    plan: ComputePlan,
+) -> float | None:
+    """The structured kernel's Gram share of its counted work on ``inputs`` (``None``: not all
+    counted); a failure to plan is no reason to stop the pilot, only to leave the curve uncapped."""
+    try:
+        return structured_gram_share(
+            model, inputs, output_fn=output_fn, param_weights=param_weights, memory_budget=plan.memory_budget
+        )
+    except Exception:  # the kernel itself just ran; the count is an aid, not a requirement
+        return None
 
 
 def _ran_structured(probe: NTKProbe) -> bool:

@@ -40,7 +40,7 @@ from lin_probe.ntk import _plumbing as plumbing
 from lin_probe.ntk import dense
 from lin_probe.ntk._plumbing import OutputFn, ProgressFn
 from lin_probe.ntk.dense import NTKMethod, measurement_backends
-from lin_probe.ntk.structured import NotStructurable
+from lin_probe.ntk.structured import NotStructurable, StructuredPlan
 
 UNTIMED_MAX_N = 16
 """Probe sets up to this size are not timed: the structured rules are used where they apply."""
@@ -138,15 +138,9 @@ def choose_prepared(
             total = max(total, g.recorded_examples)
         return total
 
-    def gram_share(method: NTKMethod, count: int) -> float | None:
-        """The Gram products' share of the structured plan's multiply-adds for ``count`` probe
-        examples (the plan's per-example and per-pair counts); ``None`` where they are not all counted
-        (the generic path, or a generic rest)."""
-        if method is not NTKMethod.STRUCTURED or rest or plan.macs <= 0:
-            return None
-        recording = (plan.macs - plan.gram_macs) / max(plan.recorded_examples, 1.0)
-        gram = plan.gram_macs / (n * n) * count * count
-        return gram / max(recording * count + gram, 1e-300)
+    def share(method: NTKMethod, count: int) -> float | None:
+        """:func:`gram_share` of the structured plan; ``None`` for the generic path or with a generic rest."""
+        return None if method is not NTKMethod.STRUCTURED or rest else gram_share(plan, count)
 
     def run(method: NTKMethod, count: int) -> float:
         start = time.perf_counter()
@@ -170,9 +164,7 @@ def choose_prepared(
     estimates: dict[str, float] = {}
     known = sorted((size, t) for size, t in (structured_seconds or {}).items() if 1 <= size <= n)[-2:]
     if len(known) == 2:  # already timed (the pilot): no structured probe
-        estimates[NTKMethod.STRUCTURED.value] = _through(
-            NTKMethod.STRUCTURED, *known, n, examples, gram_share
-        )
+        estimates[NTKMethod.STRUCTURED.value] = _through(NTKMethod.STRUCTURED, *known, n, examples, share)
     for method in candidates:  # the structured rules first: usually the cheaper probe
         if method.value in estimates:
             continue
@@ -184,12 +176,50 @@ def choose_prepared(
                 estimates[method.value] = floor
                 continue
         estimates[method.value] = _estimate(
-            method, m, n, run, examples, give_up_above=PRUNE_FACTOR * best, gram_share=gram_share
+            method, m, n, run, examples, give_up_above=PRUNE_FACTOR * best, gram_share=share
         )
     best = min(candidates, key=lambda c: estimates[c.value])
     timed = f"structured timed before on {known[0][0]} and {known[1][0]}" if len(known) == 2 else ""
     probed = f"timed on {m} and {2 * m} examples"
     return MethodChoice(best, n, estimates, reason=f"{timed}, generic {probed}" if timed else probed)
+
+
+def gram_share(plan: StructuredPlan, count: int) -> float | None:
+    """The Gram products' share of ``plan``'s multiply-adds for ``count`` examples (its per-example
+    and per-pair counts scaled to ``count``); ``None`` when the plan counted none."""
+    if plan.macs <= 0:
+        return None
+    n = plan.n
+    recording = (plan.macs - plan.gram_macs) / max(plan.recorded_examples, 1.0)
+    gram = plan.gram_macs / (n * n) * count * count
+    return gram / max(recording * count + gram, 1e-300)
+
+
+def structured_gram_share(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    output_fn: OutputFn | None = None,
+    param_weights: Mapping[str, float] | None = None,
+    memory_budget: int | None = None,
+) -> float | None:
+    """:func:`gram_share` of the structured kernel on all of ``inputs`` (one recorded example, no
+    kernel); ``None`` where that kernel does not count all its work: no structured layer, or a
+    generic rest. What the monitor's budget caps its NTK cost curve's ``n²`` term with."""
+    inputs, budget, params, weights = plumbing.prepare_call(
+        model, inputs, chunk_size=None, memory_budget=memory_budget, param_weights=param_weights
+    )
+    active = {name: p for name, p in params.items() if weights[name] > 0.0}
+    options = {"weights": weights, "memory_budget": budget, "chunk_size": None}
+    dtype = plumbing.kernel_dtype(params)
+    with measurement_backends(model, math_attention=False):
+        try:
+            plan = dense._structured_plan(model, inputs, active, output_fn, options, dtype, strict=False)
+        except NotStructurable:
+            return None
+    if plan is None or set(active) - plan.covered:
+        return None
+    return gram_share(plan, inputs.shape[0])
 
 
 REMEMBERED_PER_MODEL = 8
@@ -369,4 +399,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["UNTIMED_MAX_N", "MethodChoice", "choose_method", "forget_choices", "remembered_choice"]
+__all__ = [
+    "UNTIMED_MAX_N",
+    "MethodChoice",
+    "choose_method",
+    "forget_choices",
+    "gram_share",
+    "remembered_choice",
+    "structured_gram_share",
+]

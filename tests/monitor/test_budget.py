@@ -73,6 +73,33 @@ def test_cost_curve_from_noisy_samples_never_predicts_a_cheaper_larger_probe() -
     assert alpha * 256 + beta * 256**2 >= 0.012 * 256 / 16 * 0.5
 
 
+def test_a_fixed_cost_per_call_gives_the_linear_curve_through_the_larger_sample() -> None:
+    """``t(n) = 0.05 + 0.005·n`` (a per-call cost, as planning and one recorded example are): the
+    solved β is negative, and the curve is the line through ``(8, 0.09)``; the quadratic through it
+    the planner used to take predicted 5.8 s at 64 examples, where this law gives 0.37 s."""
+    samples = [(n, 0.05 + 0.005 * n) for n in (4, 8)]
+    alpha, beta = ntk_cost_curve(samples)
+    assert (alpha, beta) == pytest.approx((0.09 / 8, 0.0), rel=1e-12)
+    assert 0.37 <= alpha * 64 + beta * 64**2 <= 2 * 0.37  # pessimistic, by the fixed cost's share only
+
+
+def test_the_grams_share_goes_on_the_quadratic_term_when_the_solve_fails() -> None:
+    alpha, beta = ntk_cost_curve([(4, 0.07), (8, 0.09)], gram_share=0.25)
+    assert (alpha, beta) == pytest.approx((0.75 * 0.09 / 8, 0.25 * 0.09 / 64), rel=1e-12)
+    assert alpha * 8 + beta * 64 == pytest.approx(0.09, rel=1e-12)  # still through the larger sample
+
+
+def test_the_quadratic_term_is_capped_by_the_grams_share() -> None:
+    """Samples of ``α = 1e-3, β = 1e-3``: at 8 examples β·n² is 0.064 s of 0.072 s (89 %); a counted
+    share of 10 % caps it at 0.0072 s, the rest going to α, and a share above 89 % leaves the solve."""
+    samples = [(n, 1e-3 * n + 1e-3 * n * n) for n in (4, 8)]
+    t2 = samples[-1][1]
+    alpha, beta = ntk_cost_curve(samples, gram_share=0.1)
+    assert beta == pytest.approx(0.1 * t2 / 64, rel=1e-12)
+    assert alpha == pytest.approx(0.9 * t2 / 8, rel=1e-12)
+    assert ntk_cost_curve(samples, gram_share=0.95) == pytest.approx((1e-3, 1e-3), rel=1e-9)
+
+
 def test_a_cheap_monitor_gets_the_largest_probe_and_linear_checks_within_budget() -> None:
     c, horizon = costs(ntk_linear=1e-4, ntk_quadratic=1e-6), 2000  # NTK at 256 examples: 0.09 s
     plan = plan_within_budget(c, horizon=horizon, max_overhead=0.05, n_available=256)

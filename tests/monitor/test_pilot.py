@@ -1,8 +1,9 @@
 """``measure_costs``: what the pilot records about the NTK's outputs for the planner.
 
 The seconds themselves are timings (the planner's tests use fixed ones); what is pinned here is
-the one non-timed figure, ``exact_ntk_factor`` = C/S: set only where ``outputs="auto"`` would
-sketch, so that only there may the budget choose the exact kernel instead.
+what is not timed: ``exact_ntk_factor`` = C/S, set only where ``outputs="auto"`` would sketch, so
+that only there may the budget choose the exact kernel instead; and the counted Gram share the
+NTK's cost curve is given (against the closed-form multiply-adds of a plain Linear stack).
 """
 
 from __future__ import annotations
@@ -45,3 +46,40 @@ def test_the_exact_factor_is_set_only_where_auto_would_sketch(
     costs = _costs(model, torch.randn(32, 6), setting)
     assert costs.exact_ntk_factor == factor
     assert costs.ntk_linear >= 0 and costs.ntk_quadratic >= 0 and costs.step_s > 0
+
+
+class _Scaled(nn.Module):
+    """A Linear stack and a bare scale no structured rule covers: a generic rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(x)) * self.scale)
+
+
+def test_the_cost_curve_gets_the_counted_gram_share_where_every_multiply_add_is_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lin_probe.monitor.pilot as pilot_module
+
+    shares: list[float | None] = []
+    original = pilot_module.ntk_cost_curve
+
+    def spy(samples: list[tuple[int, float]], *, gram_share: float | None = None) -> tuple[float, float]:
+        shares.append(gram_share)
+        return original(samples, gram_share=gram_share)
+
+    monkeypatch.setattr(pilot_module, "ntk_cost_curve", spy)
+    torch.manual_seed(0)
+    stack = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    _costs(stack, torch.randn(32, 6), "auto")
+    # 8 examples, C = 3; per example: (1 + C) forwards of 6·16 + 16·3 multiply-adds; both layers'
+    # patch Grams (one position): n²·(C·O + D) = 64·(3·16 + 6) and 64·(3·3 + 16)
+    recording = 8 * (1 + 3) * (6 * 16 + 16 * 3)
+    gram = 64 * (3 * 16 + 6) + 64 * (3 * 3 + 16)
+    _costs(_Scaled(), torch.randn(32, 6), "auto")
+    assert shares[0] == pytest.approx(gram / (recording + gram), rel=1e-9)
+    assert shares[1] is None  # the scale's generic kernel is not counted
