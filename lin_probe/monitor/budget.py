@@ -125,8 +125,8 @@ def ntk_cost_curve(
     the largest sample instead, linear but for ``gram_share`` of it on ``n²``: a negative ``β`` is
     what a fixed cost per call (planning, one recorded example) does to small probes, whose time
     then grows slower than ``n``, and the quadratic curve through them this used to take (the
-    pessimistic one) overestimated the zoo Transformer's kernel at 64 examples 13-fold, putting every
-    plan on its minimal probe. ``gram_share``: the Gram products' share of the kernel's counted
+    pessimistic one) overestimated the zoo Transformer's kernel 13-fold at 64 examples and ~30-fold
+    at 256, so a long run's plan took a smaller probe than its budget affords. ``gram_share``: the Gram products' share of the kernel's counted
     multiply-adds at the largest sample (:func:`lin_probe.ntk.choice.structured_gram_share`); ``β``
     is at most that share of its time, since two close small probes leave ``β`` to timing noise,
     which ``n²`` then amplifies (the cap ``method="auto"`` applies to its own probes, for the same
