@@ -111,14 +111,7 @@ def choose_prepared(
 ) -> MethodChoice:
     """:func:`choose_method` on checked arguments (as :func:`~lin_probe.ntk.empirical_ntk` has them)."""
     n = inputs.shape[0]
-    active = {name: p for name, p in params.items() if weights[name] > 0.0}
-    dtype = plumbing.kernel_dtype(params)
-    options = {"weights": weights, "memory_budget": budget, "chunk_size": chunk_size}
-    with measurement_backends(model, math_attention=False):
-        try:
-            plan = dense._structured_plan(model, inputs, active, output_fn, options, dtype, strict=False)
-        except NotStructurable:
-            plan = None
+    active, plan = _structured_candidate(model, inputs, budget, params, weights, output_fn, chunk_size)
     if plan is None:
         return MethodChoice(NTKMethod.GENERIC, n, reason="no layer has a structured rule")
     if n <= UNTIMED_MAX_N:
@@ -171,7 +164,7 @@ def choose_prepared(
         best = min(estimates.values(), default=math.inf)
         if method is NTKMethod.GENERIC:
             numel = sum(p.numel() for p in active.values())
-            floor = generic_gram_floor_s(n, plan.width, numel, dtype, inputs.device)
+            floor = generic_gram_floor_s(n, plan.width, numel, plumbing.kernel_dtype(params), inputs.device)
             if floor > PRUNE_FACTOR * best:  # its Gram alone is out of the race: not even one example
                 estimates[method.value] = floor
                 continue
@@ -209,17 +202,33 @@ def structured_gram_share(
     inputs, budget, params, weights = plumbing.prepare_call(
         model, inputs, chunk_size=None, memory_budget=memory_budget, param_weights=param_weights
     )
-    active = {name: p for name, p in params.items() if weights[name] > 0.0}
-    options = {"weights": weights, "memory_budget": budget, "chunk_size": None}
-    dtype = plumbing.kernel_dtype(params)
-    with measurement_backends(model, math_attention=False):
-        try:
-            plan = dense._structured_plan(model, inputs, active, output_fn, options, dtype, strict=False)
-        except NotStructurable:
-            return None
+    active, plan = _structured_candidate(model, inputs, budget, params, weights, output_fn, None)
     if plan is None or set(active) - plan.covered:
         return None
     return gram_share(plan, inputs.shape[0])
+
+
+def _structured_candidate(
+    model: nn.Module,
+    inputs: Tensor,
+    budget: int,
+    params: dict[str, Tensor],
+    weights: dict[str, float],
+    output_fn: OutputFn | None,
+    chunk_size: int | None,
+) -> tuple[dict[str, Tensor], StructuredPlan | None]:
+    """The parameters with a positive weight, and the structured plan for them (``None``: no layer
+    qualifies, or the model's examples interact in a batch)."""
+    active = {name: p for name, p in params.items() if weights[name] > 0.0}
+    options = {"weights": weights, "memory_budget": budget, "chunk_size": chunk_size}
+    with measurement_backends(model, math_attention=False):
+        try:
+            plan = dense._structured_plan(
+                model, inputs, active, output_fn, options, plumbing.kernel_dtype(params), strict=False
+            )
+        except NotStructurable:
+            plan = None
+    return active, plan
 
 
 REMEMBERED_PER_MODEL = 8
