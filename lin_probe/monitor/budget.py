@@ -7,8 +7,9 @@ A monitoring callback that costs more than the training it watches gets switched
   seconds of one training step give the run's wall time; the budget is ``max_overhead`` of it;
 * the monitor's own costs are measured (:class:`Costs`): the NTK at two small probe sizes
   (extrapolated as ``α·n + β·n²``: per-example Jacobians are linear in ``n``, Gram contractions
-  quadratic; :func:`ntk_cost_curve` says what it does with noisy probes), one forward over the probe per functional check, the shadow's work per training step
-  (``f_0`` on the batch, cached per example after the first epoch: :mod:`lin_probe.shadows.initial_cache`);
+  quadratic; :func:`ntk_cost_curve` says what it does with noisy probes), one forward over the
+  probe per functional check, the shadow's work per training step (``f_0`` on the batch, cached
+  per example after the first epoch: :mod:`lin_probe.shadows.initial_cache`);
 * every plan is charged one more NTK, the one the verdict's diagnosis reads at the exit;
 * :func:`plan_within_budget` then chooses the largest probe (256, 128, 64 or 32 examples) whose
   *core* plan fits — NTK and functional checks at the log-spaced steps 0, 1, 2, 4, … (early-time
@@ -126,11 +127,12 @@ def ntk_cost_curve(
     what a fixed cost per call (planning, one recorded example) does to small probes, whose time
     then grows slower than ``n``, and the quadratic curve through them this used to take (the
     pessimistic one) overestimated the zoo Transformer's kernel 13-fold at 64 examples and ~30-fold
-    at 256, so a long run's plan took a smaller probe than its budget affords. ``gram_share``: the Gram products' share of the kernel's counted
-    multiply-adds at the largest sample (:func:`lin_probe.ntk.choice.structured_gram_share`); ``β``
-    is at most that share of its time, since two close small probes leave ``β`` to timing noise,
-    which ``n²`` then amplifies (the cap ``method="auto"`` applies to its own probes, for the same
-    reason). Never predicts that a larger probe is cheaper.
+    at 256, so a long run's plan took a smaller probe than its budget affords. ``gram_share``: the
+    Gram products' share of the kernel's counted multiply-adds at the largest sample
+    (:func:`lin_probe.ntk.choice.structured_gram_share`); ``β`` is at most that share of its time,
+    since two close small probes leave ``β`` to timing noise, which ``n²`` then amplifies (the cap
+    ``method="auto"`` applies to its own probes, for the same reason). Never predicts that a larger
+    probe is cheaper.
     """
     if not samples:
         raise ValueError("ntk_cost_curve needs at least one timed (n, seconds) sample.")

@@ -1,9 +1,10 @@
 """The budget's first measurements, taken at train start before any step: what each part of the monitor costs.
 
 A plan needs seconds, not guesses (:mod:`lin_probe.monitor.budget`): the NTK on 4 and 8 probe
-examples (its cost curve, whose ``n²`` term the structured kernel's counted Gram share caps), one forward over the probe (a functional check), and one forward and
-backward of a training-sized batch (the user's step; the forward alone is what the centred shadow
-adds per step until ``f_0``'s outputs are cached). Every measurement sees what the monitor's own
+examples (its cost curve, whose ``n²`` term the structured kernel's counted Gram share caps), one
+forward over the probe (a functional check), and one forward and backward of a training-sized batch
+(the user's step; the forward alone is what the centred shadow adds per step until ``f_0``'s
+outputs are cached). Every measurement sees what the monitor's own
 checks see (BatchNorm on the probe's statistics, dropout off) and leaves the model as it was:
 gradients come from ``torch.autograd.grad``, never ``.grad``, and no buffer is written.
 """
