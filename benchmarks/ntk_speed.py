@@ -55,6 +55,8 @@ import zoo
 ZOO = ("resnet_bn", "transformer", "lstm")
 CONFIGS = ("mlp", "cnn8", "cnn32", *ZOO)
 METHODS = ("baseline", "ntvp", "auto", "auto_first", "generic", "structured", "spectral")
+AUTO_METHODS = ("auto", "auto_first")
+"""Methods whose cells say which concrete method ``method="auto"`` picked."""
 INPUT_SHAPES = {"mlp": (784,), "cnn8": (1, 8, 8), "cnn32": (3, 32, 32)}
 
 
@@ -160,6 +162,11 @@ def record_choices() -> list[str]:
     return chosen
 
 
+def chose(chosen: list[str]) -> str:
+    """The ``chose …`` label of a cell: every concrete method its ``auto`` calls picked."""
+    return "/".join(sorted(set(chosen)))
+
+
 def rss_bytes() -> int:
     """Current resident set of this process (Linux /proc)."""
     with open("/proc/self/statm") as f:
@@ -173,7 +180,7 @@ def worker(config: str, n: int, method: str, slow_after: float, threads: int | N
     model = build(config)
     x = inputs(config, n)
     call = runner(method, model, x)
-    chosen = record_choices() if method in ("auto", "auto_first") else []
+    chosen = record_choices() if method in AUTO_METHODS else []
     before = rss_bytes()
     start = time.perf_counter()
     call()
@@ -190,7 +197,7 @@ def worker(config: str, n: int, method: str, slow_after: float, threads: int | N
         "peak": max(0, peak - before),
     }
     if chosen:
-        cell["chose"] = "/".join(sorted(set(chosen)))
+        cell["chose"] = chose(chosen)
     return cell
 
 
@@ -203,7 +210,7 @@ def interleaved_worker(
         torch.set_num_threads(threads)
     model = build(config)
     x = inputs(config, n)
-    chosen = record_choices() if {"auto", "auto_first"} & set(methods) else []
+    chosen = record_choices() if set(AUTO_METHODS) & set(methods) else []
     calls = {method: runner(method, model, x) for method in methods}
     for call in calls.values():
         call()
@@ -216,25 +223,9 @@ def interleaved_worker(
     cells: dict[str, dict[str, object]] = {}
     for method in methods:
         cells[method] = {"time": statistics.median(times[method]), "runs": rounds}
-        if method in ("auto", "auto_first") and chosen:
-            cells[method]["chose"] = "/".join(sorted(set(chosen)))
+        if method in AUTO_METHODS and chosen:
+            cells[method]["chose"] = chose(chosen)
     return cells
-
-
-def measure_interleaved(config: str, n: int, args: argparse.Namespace) -> dict[str, dict[str, object]]:
-    """:func:`interleaved_worker` in a subprocess; a timeout or crash is reported for every method."""
-    cmd = [sys.executable, __file__, "--interleaved-worker", config, str(n), ",".join(args.methods)]
-    cmd += ["--interleaved", str(args.interleaved)] + (
-        ["--threads", str(args.threads)] if args.threads else []
-    )
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {method: {"note": f"timeout (> {args.timeout:.0f} s)"} for method in args.methods}
-    if done.returncode != 0:
-        note = f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
-        return {method: {"note": note} for method in args.methods}
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def baseline_bytes(config: str, n: int) -> int:
@@ -243,20 +234,51 @@ def baseline_bytes(config: str, n: int) -> int:
     return n * 10 * params * 4
 
 
-def measure(config: str, n: int, method: str, args: argparse.Namespace) -> dict[str, object]:
-    """Run one cell in a subprocess; a timeout or crash is reported, not raised."""
+def too_big(config: str, n: int, method: str, args: argparse.Namespace) -> str | None:
+    """The note for a baseline whose full Jacobian exceeds ``--max-baseline-gb`` (it is not run)."""
     if method == "baseline" and baseline_bytes(config, n) > args.max_baseline_gb * 1e9:
-        return {"note": f"out of memory (needs {baseline_bytes(config, n) / 1e9:.1f} GB)"}
-    cmd = [sys.executable, __file__, "--worker", config, str(n), method, "--slow-after", str(args.slow_after)]
+        return f"out of memory (needs {baseline_bytes(config, n) / 1e9:.1f} GB)"
+    return None
+
+
+def run_child(cmd: list[str], args: argparse.Namespace) -> tuple[object, str | None]:
+    """``cmd`` (a worker of this script) in a subprocess: its last printed JSON line, or ``None`` and a
+    note on its timeout or crash (reported, not raised)."""
     if args.threads:
-        cmd += ["--threads", str(args.threads)]
+        cmd = [*cmd, "--threads", str(args.threads)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
     except subprocess.TimeoutExpired:
-        return {"note": f"timeout (> {args.timeout:.0f} s)"}
+        return None, f"timeout (> {args.timeout:.0f} s)"
     if done.returncode != 0:
-        return {"note": f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return None, f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1]), None
+
+
+def measure(config: str, n: int, method: str, args: argparse.Namespace) -> dict[str, object]:
+    """Run one cell in a subprocess; a timeout or crash is reported, not raised."""
+    note = too_big(config, n, method, args)
+    if note is not None:
+        return {"note": note}
+    cmd = [sys.executable, __file__, "--worker", config, str(n), method, "--slow-after", str(args.slow_after)]
+    cell, note = run_child(cmd, args)
+    return {"note": note} if note is not None else cell  # type: ignore[return-value]
+
+
+def measure_interleaved(config: str, n: int, args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """:func:`interleaved_worker` in a subprocess (a baseline too big for ``--max-baseline-gb`` left
+    out, as :func:`measure` leaves it); a timeout or crash is reported for every method it ran."""
+    cells: dict[str, dict[str, object]] = {}
+    for method in args.methods:
+        note = too_big(config, n, method, args)
+        if note is not None:
+            cells[method] = {"note": note}
+    methods = [method for method in args.methods if method not in cells]
+    if methods:
+        cmd = [sys.executable, __file__, "--interleaved-worker", config, str(n), ",".join(methods)]
+        timed, note = run_child([*cmd, "--interleaved", str(args.interleaved)], args)
+        cells.update({m: {"note": note} for m in methods} if note is not None else timed)  # type: ignore[arg-type]
+    return cells
 
 
 def params_of(config: str) -> int:
