@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -48,12 +48,23 @@ from lin_probe.monitor.progress import StartupProgress
 from lin_probe.monitor.schedule import CheckSchedule
 from lin_probe.ntk._plumbing import prepare_inputs
 from lin_probe.plan import ComputePlan
+from lin_probe.shadows.digests import BatchDigests
 
 _LARGEST_GIVEN_PROBE = 1 << 62
 """``probe=`` without ``n_probe``: every example given is used (the probe is the user's explicit choice)."""
 
 UNBUDGETED_EVERY_N_STEPS = 10
 """The check interval without a budget (``max_overhead=None``) or when ``every_n_steps`` is unset."""
+
+
+class _PendingBatch(NamedTuple):
+    """A micro-batch waiting for the optimizer step the shadows mirror, with its staged row digests."""
+
+    x: Tensor
+    y: Tensor
+    batch: Any
+    digests: BatchDigests | None
+
 
 _CLIPPING_NOT_MIRRORED = (
     "Gradient clipping is not mirrored on the linear shadow: while clipping is active the shadow and the "
@@ -313,7 +324,10 @@ class LinearRegimeMonitor(Callback):
         x, y = self.batch_to_xy(batch)
         if y is None:
             raise TypeError("`batch_to_xy` returned no targets; the shadow needs (x, y) to take a step.")
-        self._pending.append((x, y, batch))
+        # Staged now, before the step's kernels are queued: on a GPU the shadow step then waits for
+        # this batch's host copy alone, not for the step's forward and backward.
+        digests = self.core.stage_digests(x) if self.core is not None else None
+        self._pending.append(_PendingBatch(x, y, batch, digests))
 
     @override
     def on_before_optimizer_step(
@@ -406,7 +420,7 @@ class LinearRegimeMonitor(Callback):
         self.core: RegimeProbe | None = None
         self.publisher = Publisher(self.config, progress_bar=self.progress_bar, verbose=self.verbose)
         self._history: list[dict[str, float]] = []
-        self._pending: list[tuple[Tensor, Tensor, Any]] = []
+        self._pending: list[_PendingBatch] = []
         self._last_step = 0
         self._checks_since_exit = 0
         self._active = False
@@ -485,15 +499,17 @@ class LinearRegimeMonitor(Callback):
         user_s = max(0.0, time.perf_counter() - self.clock.started - self.clock.own_s)
         self._adopt(trainer, self.budget.replan(step, user_s) or self.budget.plan)
 
-    def _shadow_step(self, trainer: pl.Trainer, batches: list[tuple[Tensor, Tensor, Any]], lr: float) -> None:
+    def _shadow_step(self, trainer: pl.Trainer, batches: list[_PendingBatch], lr: float) -> None:
         """One mirrored step of the shadows, in lock-step across ranks: ranks first agree that every
         one of them could accumulate, so a rank that failed alone never leaves the others waiting."""
         assert self.core is not None
         scale = 1.0 / trainer.accumulate_grad_batches  # Lightning divides the loss by this; so do the shadows
         failure: str | None = None
         try:
-            for x, y, batch in batches:
-                self.core.accumulate(x, y, batch=batch, scale=scale)
+            for pending in batches:
+                self.core.accumulate(
+                    pending.x, pending.y, batch=pending.batch, scale=scale, digests=pending.digests
+                )
         except Exception as err:  # a monitor must never take the training run down with it
             failure = f"{type(err).__name__}: {err}"
         failure = _bridge.agreed_failure(trainer, failure)

@@ -54,6 +54,7 @@ from lin_probe.monitor.outputs import NOISY_SKETCH_ERROR, KernelOutputs, choose_
 from lin_probe.monitor.probe import ProbeSet, probe_from_argument
 from lin_probe.monitor.runs import LINEARIZED, MEMO, PAPER, ShadowRun, build_runs
 from lin_probe.ntk import predict
+from lin_probe.shadows.digests import BatchDigests
 from lin_probe.shadows.linear import feature_rows
 
 STATE_VERSION = 3
@@ -248,17 +249,46 @@ class RegimeProbe:
         return monitor
 
     # ------------------------------------------------------------------ training
-    def accumulate(self, x: Tensor, y: Tensor, *, batch: Any = None, scale: float = 1.0) -> None:
+    def stage_digests(self, x: Tensor) -> BatchDigests | None:
+        """``x``'s row digests, their host copy started now (the batch has just arrived), when a shadow
+        will know its examples by their bytes: the ``f_0`` cache, or hashed example ids. ``None``
+        when none will, or ``x`` is not one tensor of rows (whoever needs them then says why)."""
+        if not isinstance(x, Tensor) or x.dim() == 0 or not self._hashes_inputs():
+            return None
+        try:
+            return BatchDigests(x)
+        except Exception:  # an aid only: the shadow step hashes x itself, and reports a failure there
+            return None
+
+    def _hashes_inputs(self) -> bool:
+        for run in self.runs:
+            cache = getattr(run.shadow, "initial_cache", None)
+            if cache is not None and cache.enabled:
+                return True
+            if run.example_ids is not None and run.example_ids.mode != "index":
+                return True
+        return False
+
+    def accumulate(
+        self,
+        x: Tensor,
+        y: Tensor,
+        *,
+        batch: Any = None,
+        scale: float = 1.0,
+        digests: BatchDigests | None = None,
+    ) -> None:
         """Add one micro-batch's shadow gradients (``scale``: the loss factor, e.g. 1/accumulation).
 
         ``batch`` (the raw batch) carries example indices for the memorizing shadow; a memorizing
         run whose example identity fails is switched off with a warning, the others go on.
+        ``digests`` (:meth:`stage_digests`, made when the batch arrived) serve every shadow's hashing.
         """
         for run in list(self.runs):
             ids = None
             if run.example_ids is not None:
                 try:
-                    ids = run.ids(x, batch)
+                    ids = run.ids(x, batch, digests)
                 except Exception as err:
                     self.drop_run(run.prefix, f"example identity failed ({type(err).__name__}: {err})")
                     continue
@@ -269,7 +299,7 @@ class RegimeProbe:
                         "under DDP it needs batch indices: wrap the training dataset in lin_probe.data.WithIndex",
                     )
                     continue
-            run.mirror.accumulate(x, y, ids, scale=scale)
+            run.mirror.accumulate(x, y, ids, scale=scale, digests=digests)
 
     def step(self, lr: float, reduce_grad: Callable[[Tensor], Tensor] | None = None) -> None:
         """One mirrored step of every shadow with the network's learning rate ``lr``.

@@ -28,7 +28,7 @@ from lin_probe.ntk._plumbing import OutputFn, output_matrix
 from lin_probe.ntk.choice import structured_gram_share
 from lin_probe.ntk.sketch import output_count
 from lin_probe.plan import ComputePlan
-from lin_probe.shadows.offsets import row_digests
+from lin_probe.shadows.digests import row_digests
 
 PILOT_SIZES = (4, 8)
 """Probe sizes the NTK is timed at, once each. Small on purpose: on a ResNet the pilot at 8 and 16

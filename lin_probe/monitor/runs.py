@@ -22,6 +22,7 @@ from lin_probe.monitor.batch_statistics import probe_batch_statistics
 from lin_probe.monitor.config import MonitorConfig
 from lin_probe.monitor.probe import ProbeSet
 from lin_probe.monitor.regime import RegimeTracker
+from lin_probe.shadows.digests import BatchDigests
 from lin_probe.shadows.initial_cache import InitialOutputCache
 from lin_probe.shadows.linear import FeaturesFn, LinearShadow
 from lin_probe.shadows.linearized import LinearizedMirror, LinearizedShadow
@@ -52,9 +53,12 @@ class ShadowRun:
     example_ids: ExampleIds | None = None
     reported: tuple[str, ...] | None = None  # None: every value compare() gives
 
-    def ids(self, x: Tensor, batch: Any) -> Tensor | None:
-        """Example ids of a training batch: its indices (``WithIndex``) if it has them, else row hashes."""
-        return None if self.example_ids is None else self.example_ids(x, indices_from_batch(batch))
+    def ids(self, x: Tensor, batch: Any, digests: BatchDigests | None = None) -> Tensor | None:
+        """Example ids of a training batch: its indices (``WithIndex``) if it has them, else row hashes
+        (``digests``: ``x``'s, staged when the batch arrived)."""
+        if self.example_ids is None:
+            return None
+        return self.example_ids(x, indices_from_batch(batch), digests)
 
     def probe_ids(self, inputs: Tensor) -> Tensor | None:
         """Ids of probe rows that are training examples seen so far (hash mode only), else ``None``.

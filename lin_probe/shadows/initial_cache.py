@@ -7,7 +7,7 @@ of the input's bytes alone: caching it under a digest of the input row is exact,
 pipeline does. An un-augmented dataset hits the cache from the second epoch on; augmented inputs
 are new bytes every time and miss, so a full table with (almost) no hits switches the cache off
 rather than keep hashing. Digests are blake2b of the row's bytes and dtype (the memorizing shadow's
-example identity, :func:`lin_probe.shadows.offsets.row_digests`).
+example identity, :mod:`lin_probe.shadows.digests`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lin_probe._validation import check_int
-from lin_probe.shadows.offsets import row_digests
+from lin_probe.shadows.digests import BatchDigests, digests_of, index_tensor
 
 DEFAULT_CACHE_BYTES: Final[int] = 256 << 20
 """Memory for cached outputs: 256 MiB (50,000 examples × 10 float32 outputs take 2 MB)."""
@@ -44,11 +44,16 @@ class InitialOutputCache:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def outputs(self, x: Tensor, compute: Callable[[Tensor], Tensor]) -> Tensor:
-        """``compute(x)`` (``n × C``), with cached rows taken from the cache and only the others computed."""
+    def outputs(
+        self, x: Tensor, compute: Callable[[Tensor], Tensor], digests: BatchDigests | None = None
+    ) -> Tensor:
+        """``compute(x)`` (``n × C``), with cached rows taken from the cache and only the others computed.
+
+        ``digests``: ``x``'s row digests staged when the batch arrived (``None``: hashed here, after a
+        blocking copy to the host)."""
         if not self.enabled or not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] == 0:
             return compute(x)
-        keys = row_digests(x)
+        keys = digests_of(x, digests)
         found = [self._rows.get(key) for key in keys]
         missing = [i for i, row in enumerate(found) if row is None]
         self.lookups += len(keys)
@@ -59,7 +64,7 @@ class InitialOutputCache:
             self._store(keys, out)
             return out
         if missing:
-            index = torch.tensor(missing, device=x.device)
+            index = index_tensor(missing, x.device)
             computed = compute(x.index_select(0, index))
             self._store([keys[i] for i in missing], computed)
             for slot, row in zip(missing, computed, strict=True):

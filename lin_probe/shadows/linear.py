@@ -20,6 +20,7 @@ from lin_probe._model_state import eval_semantics
 from lin_probe._validation import as_feature_matrix, check_callable, check_int
 from lin_probe.kernel import AffineKernel
 from lin_probe.ntk._plumbing import OutputFn, output_matrix
+from lin_probe.shadows.digests import BatchDigests
 from lin_probe.shadows.initial_cache import InitialOutputCache
 from lin_probe.shadows.offsets import ExampleOffsets
 
@@ -194,10 +195,11 @@ class LinearShadow(nn.Module):
             )
         return self.kernel.features(rows.to(device=self.B.device, dtype=self.B.dtype))
 
-    def initial_output(self, x: Any) -> Tensor:
+    def initial_output(self, x: Any, digests: BatchDigests | None = None) -> Tensor:
         """``f_0(x)`` as ``n × C`` (no grad, eval, global RNG untouched); zeros when uncentred.
 
-        With :attr:`initial_cache` set, rows seen before come from it (exact: ``f_0`` is frozen)."""
+        With :attr:`initial_cache` set, rows seen before come from it (exact: ``f_0`` is frozen), found
+        by ``digests`` (``x``'s rows, staged when its batch arrived) or by hashing ``x`` here."""
         initial_model = self.initial_model
         if initial_model is None:
             rows = x.shape[0] if isinstance(x, Tensor) else self.features(x).shape[0]
@@ -208,7 +210,9 @@ class LinearShadow(nn.Module):
 
         with torch.no_grad(), eval_semantics(initial_model):
             x = _move(x, self.B.device)
-            out = compute(x) if self.initial_cache is None else self.initial_cache.outputs(x, compute)
+            out = (
+                compute(x) if self.initial_cache is None else self.initial_cache.outputs(x, compute, digests)
+            )
         if out.shape[1] != self.out_features:
             raise ValueError(
                 f"f_0 produced {out.shape[1]} outputs per example, expected {self.out_features}."
@@ -222,6 +226,7 @@ class LinearShadow(nn.Module):
         *,
         initial_outputs: Tensor | None = None,
         dtype: torch.dtype | None = None,
+        digests: BatchDigests | None = None,
     ) -> Tensor:
         """``f_0(x) + ψ(x)B (+ √c·V[ids])`` (``n × C``): the one forward of training and measurement.
 
@@ -229,13 +234,14 @@ class LinearShadow(nn.Module):
         offset. ``initial_outputs``: ``f_0(x)`` cached by the caller (``n × C``), used instead of
         running ``f_0``; ignored when uncentred. ``dtype``: the dtype the terms are cast to before
         they are summed (``None``: the shadow's) — measuring in float64 adds a float32 shadow's
-        terms without float32 rounding.
+        terms without float32 rounding. ``digests``: ``x``'s row digests for the ``f_0`` cache
+        (:meth:`initial_output`).
         """
         out = self.features(x) @ self.B
         if dtype is not None:
             out = out.to(dtype)
         if self.initial_model is not None:
-            initial = self.initial_output(x) if initial_outputs is None else initial_outputs
+            initial = self.initial_output(x, digests) if initial_outputs is None else initial_outputs
             out = out + self._checked_initial(initial, out).to(device=out.device, dtype=out.dtype)
         if ids is not None:
             if self.offsets is None:

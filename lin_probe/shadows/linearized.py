@@ -24,6 +24,7 @@ from lin_probe._model_state import eval_semantics
 from lin_probe._validation import check_callable
 from lin_probe.losses import LossFn
 from lin_probe.ntk._plumbing import Forward, OutputFn, constants, forward_fn
+from lin_probe.shadows.digests import BatchDigests
 from lin_probe.shadows.linear import _freeze, _move
 from lin_probe.shadows.mirror import (
     _add_grads,
@@ -289,8 +290,8 @@ def _checked_initial(initial: Any, tangent: Tensor) -> Tensor:
 class LinearizedMirror:
     """Trains ``θ'`` with the user's optimizer rebuilt on it — same class, hyperparameters and groups.
 
-    Protocol of :class:`~lin_probe.shadows.mirror.OptimizerMirror`: ``accumulate(x, y, ids, scale)``
-    per micro-batch, then ``step(lr)``; ``discard()`` drops a partly accumulated gradient.
+    Protocol of :class:`~lin_probe.shadows.mirror.OptimizerMirror`: ``accumulate(x, y, ids, scale,
+    digests)`` per micro-batch, then ``step(lr)``; ``discard()`` drops a partly accumulated gradient.
 
     Group ``g`` of the user's optimizer becomes a mirrored group of the ``θ'`` of its parameters
     (matched by identity to ``model``'s names) with ``g``'s hyperparameters; parameters in no group,
@@ -345,13 +346,20 @@ class LinearizedMirror:
         """Nothing to warn about: the mirror is exact for every optimizer (see :attr:`exact`)."""
         return None
 
-    def accumulate(self, x: Tensor, y: Tensor, ids: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    def accumulate(
+        self,
+        x: Tensor,
+        y: Tensor,
+        ids: Tensor | None = None,
+        scale: float = 1.0,
+        digests: BatchDigests | None = None,
+    ) -> Tensor:
         """Add ``∂(scale·loss(f_lin(x), y))/∂θ' = J_0ᵀ g`` to each trained ``θ'``'s ``.grad``; returns the loss.
 
         ``f_lin`` comes from one jvp without a graph, ``g = ∂(scale·loss)/∂f`` from autograd on a
         detached copy of it, and ``J_0ᵀ g`` from one vjp of ``f_0``: exact (``f_lin`` is affine in
         ``θ'``) and cheaper than differentiating through the jvp. ``θ'`` does not move; the loss is
-        unscaled.
+        unscaled. ``digests`` is unused (the jvp runs ``f_0`` itself, so there is no output cache).
         """
         if ids is not None:
             raise ValueError("The linearised shadow trains without example ids; pass ids=None.")

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lin_probe.losses import LossFn
+from lin_probe.shadows.digests import BatchDigests
 from lin_probe.shadows.linear import LinearShadow, _move
 from lin_probe.shadows.offsets import _pad_rows
 
@@ -127,8 +128,8 @@ def _check_lr(lr: float) -> float:
 class OptimizerMirror:
     """Trains ``shadow.trained_parameters()`` with a mirror of the user's optimizer, one step per user step.
 
-    Protocol: ``accumulate(x, y, ids, scale)`` per micro-batch, then ``step(lr)``; ``discard()`` drops a
-    partly accumulated gradient. For SGD (momentum, Nesterov, weight decay, dampening, maximize) the
+    Protocol: ``accumulate(x, y, ids, scale, digests)`` per micro-batch, then ``step(lr)``; ``discard()``
+    drops a partly accumulated gradient. For SGD (momentum, Nesterov, weight decay, dampening, maximize) the
     mirror reproduces the update rule exactly and the function-space dynamics match while the NTK
     stays affine in the data kernel. Other optimizers are mirrored by class and hyperparameters
     (:attr:`exact` is then ``False``; :meth:`mirror_warning` says so for the caller to emit once —
@@ -179,11 +180,19 @@ class OptimizerMirror:
             "for (momentum) gradient descent; read the distances as indicative."
         )
 
-    def accumulate(self, x: Any, y: Tensor, ids: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    def accumulate(
+        self,
+        x: Any,
+        y: Tensor,
+        ids: Tensor | None = None,
+        scale: float = 1.0,
+        digests: BatchDigests | None = None,
+    ) -> Tensor:
         """Add ``∂(scale·loss(shadow(x, ids), y))/∂θ`` to each trained parameter's ``.grad``.
 
         The parameters themselves do not move; returns the unscaled loss. ``ids`` (training example
-        ids, one per row of ``x``) are required with offsets and refused without.
+        ids, one per row of ``x``) are required with offsets and refused without. ``digests``: ``x``'s
+        row digests, staged when the batch arrived, for the ``f_0`` cache.
         """
         ids = self._training_ids(ids)
         params = self.shadow.trained_parameters()
@@ -191,7 +200,7 @@ class OptimizerMirror:
         if isinstance(target, Tensor) and target.is_floating_point():
             target = target.to(params[0].dtype)
         with torch.inference_mode(False), torch.enable_grad():
-            loss = self.loss_fn(self.shadow(x, ids), target)
+            loss = self.loss_fn(self.shadow(x, ids, digests=digests), target)
             grads = torch.autograd.grad(_scalar(loss) * scale, params, allow_unused=True)
         _add_grads(params, grads)
         return loss.detach()

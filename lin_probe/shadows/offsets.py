@@ -19,7 +19,6 @@ distinct input.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -28,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from lin_probe._validation import check_int
+from lin_probe.shadows.digests import DIGEST_BYTES, BatchDigests, digests_of, index_tensor, row_digests
 
-_DIGEST_BYTES = 16  # blake2b-128: collision odds ~N²/2¹²⁹, negligible for any dataset
 UNKNOWN_ID = -1  # the id of a point that is not a training example (held out): no V term
 _MODES = (None, "index", "hash")
 
@@ -165,20 +164,6 @@ def _checked_ids(ids: Tensor, n: int | None) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def row_digests(x: Tensor) -> list[bytes]:
-    """One blake2b digest per example of the bytes of its (flattened) input row, dtype included.
-
-    Hashing the raw bytes makes identity exact for an un-augmented dataset; any change of the
-    input (augmentation, noise, another dtype) is a different example.
-    """
-    rows = x.detach().reshape(x.shape[0], -1).contiguous().cpu()
-    raw = rows.view(torch.uint8) if rows.shape[1] > 0 else rows.to(torch.uint8)
-    prefix = str(rows.dtype).encode()
-    return [
-        hashlib.blake2b(prefix + row.numpy().tobytes(), digest_size=_DIGEST_BYTES).digest() for row in raw
-    ]
-
-
 class ExampleIds:
     """Maps batches to stable example ids: the batch's dataset indices when given, else input hashes.
 
@@ -202,14 +187,19 @@ class ExampleIds:
         """Distinct examples seen in hashing mode (0 in index mode: the ids are the indices)."""
         return len(self._keys)
 
-    def __call__(self, x: Tensor, indices: Tensor | None = None) -> Tensor:
-        """Ids ``(n,)`` long on ``x``'s device; unseen inputs are registered (hashing mode)."""
+    def __call__(
+        self, x: Tensor, indices: Tensor | None = None, digests: BatchDigests | None = None
+    ) -> Tensor:
+        """Ids ``(n,)`` long on ``x``'s device; unseen inputs are registered (hashing mode).
+
+        ``digests``: ``x``'s row digests staged when the batch arrived (hashing mode uses them
+        instead of copying ``x`` to the host, which would wait for the device's queued work)."""
         if indices is not None:
             self._set_mode("index")
             return self._checked_indices(x, indices)
         self._set_mode("hash")
-        ids = [self._register(key) for key in row_digests(_checked_inputs(x))]
-        return torch.tensor(ids, dtype=torch.long, device=x.device)
+        ids = [self._register(key) for key in digests_of(_checked_inputs(x), digests)]
+        return index_tensor(ids, x.device)
 
     def lookup(self, x: Tensor) -> Tensor:
         """Ids of already-seen inputs, ``UNKNOWN_ID`` (-1) for the rest; registers nothing.
@@ -229,9 +219,9 @@ class ExampleIds:
         """Mode and hash table (ids in order) as tensors, so a resumed run maps rows to the same ids."""
         keys = torch.frombuffer(bytearray(b"".join(self._keys)), dtype=torch.uint8) if self._keys else None
         table = (
-            keys.reshape(-1, _DIGEST_BYTES).clone()
+            keys.reshape(-1, DIGEST_BYTES).clone()
             if keys is not None
-            else torch.zeros(0, _DIGEST_BYTES, dtype=torch.uint8)
+            else torch.zeros(0, DIGEST_BYTES, dtype=torch.uint8)
         )
         return {"mode": self.mode, "keys": table, "max_examples": self.max_examples}
 
@@ -247,9 +237,9 @@ class ExampleIds:
             raise ValueError(f"ExampleIds state 'mode' must be one of {_MODES}, got {mode!r}.")
         keys = state.get("keys")
         if keys is None:
-            keys = torch.zeros(0, _DIGEST_BYTES, dtype=torch.uint8)
-        if not isinstance(keys, Tensor) or keys.dim() != 2 or keys.shape[1] != _DIGEST_BYTES:
-            raise ValueError(f"ExampleIds state 'keys' must be a (N, {_DIGEST_BYTES}) uint8 tensor.")
+            keys = torch.zeros(0, DIGEST_BYTES, dtype=torch.uint8)
+        if not isinstance(keys, Tensor) or keys.dim() != 2 or keys.shape[1] != DIGEST_BYTES:
+            raise ValueError(f"ExampleIds state 'keys' must be a (N, {DIGEST_BYTES}) uint8 tensor.")
         max_examples = state.get("max_examples", self.max_examples)
         if max_examples is not None:
             check_int("max_examples", max_examples, minimum=1)
