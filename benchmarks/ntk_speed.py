@@ -30,7 +30,9 @@ the median of ``ROUNDS`` rounds is reported: the machine's drift then hits every
 the ratios hold better (peak memory is not measured there). *Peak memory* is the child's peak resident set
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) minus its resident set right before the warm-up
 (torch imported, model and inputs built): the extra memory the computation needed at its worst,
-as the OS saw it. A baseline whose full Jacobian (``n·C·P·4`` bytes) exceeds ``--max-baseline-gb``
+as the OS saw it; with ``--device cuda`` it is the device's peak allocated memory above what was
+allocated before the warm-up (``torch.cuda.max_memory_allocated``), and every timed call ends with a
+synchronisation. A baseline whose full Jacobian (``n·C·P·4`` bytes) exceeds ``--max-baseline-gb``
 is not run. Timings on a shared 2-core machine are noisy; compare ratios within one run.
 """
 
@@ -117,7 +119,7 @@ def ntvp_ntk(model: nn.Module, x: Tensor) -> Tensor:
 
     def pair(x1: Tensor, x2: Tensor) -> Tensor:
         out, pull = vjp(lambda p: f(p, x1), params)
-        basis = torch.eye(out.numel(), dtype=out.dtype)
+        basis = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
         trace = vmap(lambda v: jvp(lambda p: f(p, x2), (params,), pull(v))[1])(basis).diagonal().sum()
         return trace / out.numel()
 
@@ -173,15 +175,45 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(config: str, n: int, method: str, slow_after: float, threads: int | None) -> dict[str, object]:
-    """One cell, in this (fresh) process: warm-up, timed calls, peak RSS above the pre-run baseline."""
+def synchronized(call: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``call``, returning only once the device has finished its work (so a timing covers it)."""
+    if device.type != "cuda":
+        return call
+
+    def run() -> object:
+        result = call()
+        torch.cuda.synchronize(device)
+        return result
+
+    return run
+
+
+def memory_bytes(device: torch.device) -> int:
+    """What the peak is measured above: the resident set, or the device's allocated bytes (peak reset)."""
+    if device.type != "cuda":
+        return rss_bytes()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return torch.cuda.max_memory_allocated(device)
+
+
+def worker(
+    config: str, n: int, method: str, slow_after: float, threads: int | None, device: torch.device
+) -> dict[str, object]:
+    """One cell, in this (fresh) process: warm-up, timed calls, peak memory above the pre-run baseline."""
     if threads:
         torch.set_num_threads(threads)
-    model = build(config)
-    x = inputs(config, n)
-    call = runner(method, model, x)
+    model = build(config).to(device)
+    x = inputs(config, n).to(device)
+    call = synchronized(runner(method, model, x), device)
     chosen = record_choices() if method in AUTO_METHODS else []
-    before = rss_bytes()
+    before = memory_bytes(device)
     start = time.perf_counter()
     call()
     warm = time.perf_counter() - start
@@ -190,7 +222,7 @@ def worker(config: str, n: int, method: str, slow_after: float, threads: int | N
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_bytes(device)
     cell: dict[str, object] = {
         "time": statistics.median(times),
         "runs": len(times),
@@ -202,16 +234,16 @@ def worker(config: str, n: int, method: str, slow_after: float, threads: int | N
 
 
 def interleaved_worker(
-    config: str, n: int, methods: list[str], rounds: int, threads: int | None
+    config: str, n: int, methods: list[str], rounds: int, threads: int | None, device: torch.device
 ) -> dict[str, dict[str, object]]:
     """All ``methods`` of one cell in this process, in turn: a warm-up each, then ``rounds`` rounds
     of one call each; per method the median. Drift of the machine's speed hits every method alike."""
     if threads:
         torch.set_num_threads(threads)
-    model = build(config)
-    x = inputs(config, n)
+    model = build(config).to(device)
+    x = inputs(config, n).to(device)
     chosen = record_choices() if set(AUTO_METHODS) & set(methods) else []
-    calls = {method: runner(method, model, x) for method in methods}
+    calls = {method: synchronized(runner(method, model, x), device) for method in methods}
     for call in calls.values():
         call()
     times: dict[str, list[float]] = {method: [] for method in methods}
@@ -246,6 +278,7 @@ def run_child(cmd: list[str], args: argparse.Namespace) -> tuple[object, str | N
     note on its timeout or crash (reported, not raised)."""
     if args.threads:
         cmd = [*cmd, "--threads", str(args.threads)]
+    cmd = [*cmd, "--device", args.device]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -317,6 +350,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per cell (subprocess killed)")
     parser.add_argument("--slow-after", type=float, default=15.0, help="warm-up seconds above which 1 run")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each cell")
+    parser.add_argument("--device", default="cpu", help="where the model and inputs live (cpu, cuda)")
     parser.add_argument(
         "--interleaved",
         type=int,
@@ -329,18 +363,25 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         config, n, method = args.worker
-        print(json.dumps(worker(config, int(n), method, args.slow_after, args.threads)))
+        print(
+            json.dumps(
+                worker(config, int(n), method, args.slow_after, args.threads, torch.device(args.device))
+            )
+        )
         return
     if args.interleaved_worker:
         config, n, methods = args.interleaved_worker
-        cells = interleaved_worker(config, int(n), methods.split(","), args.interleaved, args.threads)
+        cells = interleaved_worker(
+            config, int(n), methods.split(","), args.interleaved, args.threads, torch.device(args.device)
+        )
         print(json.dumps(cells))
         return
     if args.quick:
         args.slow_after = 0.0  # one timed call after the warm-up
     sizes = args.sizes or ([256] if args.quick else [256, 1024])
     threads = args.threads or torch.get_num_threads()
-    print(f"lin_probe NTK benchmark (torch {torch.__version__}, {threads} threads, float32)")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{threads} CPU threads"
+    print(f"lin_probe NTK benchmark (torch {torch.__version__}, {device}, float32)")
     print(HEADER, flush=True)
     for config in args.configs:
         for n in sizes:

@@ -24,7 +24,7 @@ defaults (``verbose=False`` only): ``max_overhead=0.05`` plans the probe and the
 plan did: probe size, checks, NTK checks.
 
 Run: ``python benchmarks/overhead.py`` (``--models resnet_bn lstm``, ``--runs short``,
-``--repeats 2``, ``--threads N``; ``--profile``: where a monitored fit's time goes, by cProfile).
+``--repeats 2``, ``--threads N``, ``--accelerator gpu`` on a GPU machine; ``--profile``: where a monitored fit's time goes, by cProfile).
 Timings on a shared 2-core machine are noisy: compare the ratios of one run, and say whether the
 machine was quiet.
 """
@@ -86,7 +86,7 @@ def demo_lm(n: int) -> tuple[pl.LightningModule, DataLoader, None, LinearRegimeM
 
 
 def fit_seconds(
-    model: str, run: str, monitored: bool, root: Path
+    model: str, run: str, monitored: bool, root: Path, accelerator: str = "cpu"
 ) -> tuple[float, LinearRegimeMonitor | None, float]:
     """One whole ``trainer.fit`` (fresh seeded module and loaders): its wall time, the monitor and the
     monitor's own last logged ``lin_probe/overhead`` (NaN without it)."""
@@ -104,7 +104,7 @@ def fit_seconds(
         module = zoo.Classifier(net)
         monitor = LinearRegimeMonitor(verbose=False) if monitored else None
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=spec["epochs"], logger=TensorBoardLogger(str(root), name=model),
+        accelerator=accelerator, devices=1, max_epochs=spec["epochs"], logger=TensorBoardLogger(str(root), name=model),
         callbacks=[monitor] if monitor else [], enable_progress_bar=False, enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
     )  # fmt: skip
@@ -115,12 +115,12 @@ def fit_seconds(
     return seconds, monitor, float("nan") if logged is None else float(logged)
 
 
-def measure(model: str, run: str, repeats: int, root: Path) -> dict[str, Any]:
+def measure(model: str, run: str, repeats: int, root: Path, accelerator: str = "cpu") -> dict[str, Any]:
     times: dict[bool, list[float]] = {False: [], True: []}
     monitor, logged = None, float("nan")
     for rep in range(repeats):
         for monitored in (False, True) if rep % 2 == 0 else (True, False):
-            seconds, m, share = fit_seconds(model, run, monitored, root)
+            seconds, m, share = fit_seconds(model, run, monitored, root, accelerator)
             times[monitored].append(seconds)
             if m is not None:
                 monitor, logged = m, share
@@ -134,15 +134,15 @@ def measure(model: str, run: str, repeats: int, root: Path) -> dict[str, Any]:
             "all": times}  # fmt: skip
 
 
-def profile(models: list[str], runs: list[str]) -> None:
+def profile(models: list[str], runs: list[str], accelerator: str = "cpu") -> None:
     """The monitor's own functions by cumulative time in one monitored fit (after a warm-up fit)."""
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             for run in runs:
-                fit_seconds(model, run, True, Path(tmp))
+                fit_seconds(model, run, True, Path(tmp), accelerator)
                 profiler = cProfile.Profile()
                 profiler.enable()
-                seconds = fit_seconds(model, run, True, Path(tmp))[0]
+                seconds = fit_seconds(model, run, True, Path(tmp), accelerator)[0]
                 profiler.disable()
                 print(f"## {model} {run}: {seconds:.2f} s monitored")
                 pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"lin_probe/", 25)
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--accelerator", default="cpu", help="Lightning's accelerator: cpu, gpu")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -166,18 +167,19 @@ def main() -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats}")  # fmt: skip
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.accelerator}, "
+          f"best of {args.repeats}")  # fmt: skip
     print(
         f"{'model':<12} {'run':<6} {'without s':>10} {'with s':>9} {'ratio':>7} {'overhead':>9} {'logged':>7} "
         f"{'probe':>5} {'checks':>6} {'ntk':>4}"
     )
     if args.profile:
-        profile(args.models, args.runs)
+        profile(args.models, args.runs, args.accelerator)
         return
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for run in args.runs:
-                r = measure(model, run, args.repeats, Path(tmp))
+                r = measure(model, run, args.repeats, Path(tmp), args.accelerator)
                 print(f"{model:<12} {run:<6} {r['without']:>10.2f} {r['with']:>9.2f} {r['ratio']:>6.2f}× "
                       f"{100 * r['overhead']:>8.1f}% {100 * r['logged']:>6.1f}% {r['probe']:>5} {r['checks']:>6} "
                       f"{r['ntk']:>4}   {r['verdict']}", flush=True)  # fmt: skip
