@@ -83,3 +83,17 @@ def test_the_cost_curve_gets_the_counted_gram_share_where_every_multiply_add_is_
     _costs(_Scaled(), torch.randn(32, 6), "auto")
     assert shares[0] == pytest.approx(gram / (recording + gram), rel=1e-9)
     assert shares[1] is None  # the scale's generic kernel is not counted
+
+
+def test_the_pilot_measures_on_the_smallest_probe_only() -> None:
+    """Given the 256 candidates, no forward of the pilot sees more than the first 32 examples: the
+    BatchNorm calibration on all 256 was the largest part of a ResNet's pilot."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    inputs = torch.randn(256, 6)
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda _module, args: rows.append(args[0].shape[0]))
+    costs = _costs(model, inputs, "exact")
+    assert rows and max(rows) == 32  # the calibration's and the functional check's forward
+    assert costs.functional_per_example_s > 0
+    assert model.training and all(torch.isfinite(p).all() for p in model.parameters())
