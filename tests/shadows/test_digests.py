@@ -35,23 +35,26 @@ def test_digests_are_blake2b_of_each_rows_bytes_staged_or_not(dtype: torch.dtype
     assert len(set(expected)) == 5  # distinct rows, distinct digests
 
 
-def test_a_staged_batch_is_hashed_once_and_refuses_another_batch() -> None:
-    x = torch.randn(4, 6)
-    staged = BatchDigests(x)
-    calls = []
+@pytest.fixture
+def hashed_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The row count of every batch hashed while the test runs."""
+    calls: list[int] = []
     original = digests_module._hash_rows
 
     def counting(rows: torch.Tensor) -> list[bytes]:
         calls.append(rows.shape[0])
         return original(rows)
 
-    digests_module._hash_rows = counting
-    try:
-        first, second = staged.of(x), staged.get()
-    finally:
-        digests_module._hash_rows = original
+    monkeypatch.setattr(digests_module, "_hash_rows", counting)
+    return calls
+
+
+def test_a_staged_batch_is_hashed_once_and_refuses_another_batch(hashed_rows: list[int]) -> None:
+    x = torch.randn(4, 6)
+    staged = BatchDigests(x)
+    first, second = staged.of(x), staged.get()
     assert first == second == _blake2b_rows(x)
-    assert calls == [4]
+    assert hashed_rows == [4]
     with pytest.raises(ValueError, match="stage them from the batch"):
         staged.of(torch.randn(3, 6))
 
@@ -82,7 +85,9 @@ def test_the_cache_with_staged_digests_gives_the_same_rows_as_hashing_itself() -
     assert computed == [5, 5, 3, 3]  # both caches computed only the three unseen rows
 
 
-def test_one_hash_per_training_batch_with_three_users_of_the_digests(tmp_path: Path) -> None:
+def test_one_hash_per_training_batch_with_three_users_of_the_digests(
+    tmp_path: Path, hashed_rows: list[int]
+) -> None:
     """Memorizing and centred: the paper's shadow and the memorizing one each look ``f_0`` up in the
     shared cache, and the memorizing one numbers the examples by hash. All three read one staged
     digest per batch: three hashes of every batch before."""
@@ -91,22 +96,11 @@ def test_one_hash_per_training_batch_with_three_users_of_the_digests(tmp_path: P
     train = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=batch)
     val = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=n_val)
     monitor = LinearRegimeMonitor(n_probe=n_val, every_n_steps=100, memorization=True, max_overhead=None)
-    hashed: list[int] = []
-    original = digests_module._hash_rows
-
-    def counting(rows: torch.Tensor) -> list[bytes]:
-        hashed.append(rows.shape[0])
-        return original(rows)
-
-    digests_module._hash_rows = counting
-    try:
-        trainer = make_trainer(tmp_path, [monitor], name="digests", max_steps=8)
-        trainer.fit(Regressor(TwoLayerNet(d, 64, seed=1), 0.1), train, val)
-    finally:
-        digests_module._hash_rows = original
+    trainer = make_trainer(tmp_path, [monitor], name="digests", max_steps=8)
+    trainer.fit(Regressor(TwoLayerNet(d, 64, seed=1), 0.1), train, val)
     assert monitor.core is not None and len(monitor.core.runs) == 2
-    assert hashed.count(batch) == 8  # one per optimizer step
-    assert set(hashed) <= {batch, n_val}  # the rest: the probe's lookups at checks
+    assert hashed_rows.count(batch) == 8  # one per optimizer step
+    assert set(hashed_rows) <= {batch, n_val}  # the rest: the probe's lookups at checks
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the host sync this avoids exists only on CUDA")
