@@ -72,16 +72,30 @@ class InitialOutputCache:
         return torch.stack(found)  # type: ignore[arg-type]
 
     def _store(self, keys: list[bytes], out: Tensor) -> None:
+        """Keep the rows of unseen keys, in order, until the table is full; one copy for all of them
+        (a copy per row was ``n`` small device copies a step on a GPU)."""
         if self._full_since is not None:
             return
         row_bytes = out[0].numel() * out.element_size() if out.shape[0] else 0
-        for key, row in zip(keys, out.detach(), strict=True):
-            if self._bytes + row_bytes > self.max_bytes:
+        new: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            if key in self._rows or key in new:
+                continue
+            if self._bytes + (len(new) + 1) * row_bytes > self.max_bytes:
                 self._full_since = (self.lookups, self.hits)
-                return
-            if key not in self._rows:
-                self._rows[key] = row.clone()
-                self._bytes += row_bytes
+                break
+            new[key] = i
+        if not new:
+            return
+        rows = out.detach()
+        block = (
+            rows.clone()
+            if len(new) == rows.shape[0]
+            else rows.index_select(0, index_tensor(list(new.values()), rows.device))
+        )
+        for key, row in zip(new, block, strict=True):
+            self._rows[key] = row
+        self._bytes += len(new) * row_bytes
 
     def _judge(self) -> None:
         """Once full, after as many lookups as rows held: keep serving if the inputs repeat, else stop

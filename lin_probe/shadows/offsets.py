@@ -213,7 +213,7 @@ class ExampleIds:
                 "get the probe's ids from its batches' indices (lin_probe.data.indices_from_batch)."
             )
         keys = row_digests(_checked_inputs(x))
-        return torch.tensor([self._table.get(k, UNKNOWN_ID) for k in keys], dtype=torch.long, device=x.device)
+        return index_tensor([self._table.get(k, UNKNOWN_ID) for k in keys], x.device)
 
     def state_dict(self) -> dict[str, Any]:
         """Mode and hash table (ids in order) as tensors, so a resumed run maps rows to the same ids."""

@@ -77,6 +77,24 @@ def test_a_full_cache_of_repeating_inputs_keeps_serving() -> None:
     assert f.rows == 12 + 4 * 4  # first epoch all; later epochs the 4 that did not fit
 
 
+def test_stored_rows_are_copies_of_distinct_keys_up_to_the_budget() -> None:
+    """A batch with a repeated row and more rows than fit: the first distinct rows are kept, once
+    each, as copies (the computed output can be changed afterwards without touching them)."""
+    f = Counting()
+    cache = InitialOutputCache(max_bytes=3 * 3 * 4)  # room for 3 rows of 3 float32
+    data = torch.randn(4, 5)
+    batch = torch.cat([data[:1], data[:1], data[1:]])  # row 0 twice, then rows 1-3
+    out = cache.outputs(batch, f)
+    assert len(cache) == 3  # rows 0, 1, 2; row 3 did not fit
+    out.zero_()
+    again = cache.outputs(data[:3], f)
+    assert f.rows == 5  # all three served from the cache
+    torch.testing.assert_close(again, data[:3] @ f.weight, rtol=0, atol=1e-6)
+    whole = InitialOutputCache()  # every row new and kept: the one-copy path
+    whole.outputs(data, f).zero_()
+    torch.testing.assert_close(whole.outputs(data, f), data @ f.weight, rtol=0, atol=1e-6)
+
+
 def test_the_shadow_uses_the_cache_for_f0_and_stays_exact() -> None:
     torch.manual_seed(0)
     f0 = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
