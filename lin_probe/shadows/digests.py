@@ -52,7 +52,7 @@ class BatchDigests:
             self._event = torch.Event(device=rows.device)
             self._event.record()
         else:
-            self._host = rows.cpu()  # the CPU: a view of the batch, no copy
+            self._host = rows.cpu()  # the CPU: the batch itself; another accelerator: a blocking copy
         self._digests: list[bytes] | None = None
 
     def get(self) -> list[bytes]:
