@@ -22,12 +22,16 @@ def check_finite(tensor: Tensor, name: str) -> None:
             )
 
 
-def as_feature_matrix(inputs: Tensor, name: str = "inputs", min_rows: int = 1) -> Tensor:
+def as_feature_matrix(
+    inputs: Tensor, name: str = "inputs", min_rows: int = 1, *, check_values: bool = True
+) -> Tensor:
     """Flatten ``inputs`` to the ``n × d`` matrix the data kernel ``XXᵀ/d`` is built from.
 
     Inputs of any shape are flattened per example (the leading dimension indexes examples).
     Integer inputs (token ids, class indices) have no meaningful ``xᵀx'``: they are refused with a
-    pointer to ``features_fn``.
+    pointer to ``features_fn``. ``check_values=False`` checks the type and shape alone, not for
+    NaN/inf: reading a value back waits for an accelerator's queued work, which a per-step path
+    (the shadow on every training batch) must not do; its non-finite results surface at the checks.
     """
     if not isinstance(inputs, Tensor):
         raise TypeError(
@@ -43,7 +47,8 @@ def as_feature_matrix(inputs: Tensor, name: str = "inputs", min_rows: int = 1) -
         )
     if inputs.shape[0] < min_rows:
         raise ValueError(f"`{name}` has {inputs.shape[0]} example(s); at least {min_rows} are needed.")
-    check_finite(inputs, name)
+    if check_values:
+        check_finite(inputs, name)
     return inputs.reshape(inputs.shape[0], -1)
 
 

@@ -80,13 +80,14 @@ class AffineKernel:
             return SymmetricOperator._exact(self.matrix(inputs), "affine kernel")
         return SymmetricOperator.from_products(self.matvec(inputs), inputs.shape[0], "affine kernel")
 
-    def features(self, inputs: Tensor) -> Tensor:
+    def features(self, inputs: Tensor, *, check_values: bool = True) -> Tensor:
         """``ψ(x) = [√a·x/√d ; √b]`` (``n × (d+1)``, inputs' dtype), so that ``ψψᵀ = a·K + b·11ᵀ``.
 
         The ``c·I`` part has no feature map linear in the inputs: it is what the network uses to fit
         individual training points, and the linear model lacks it by construction.
+        ``check_values=False``: no NaN/inf check (:func:`~lin_probe._validation.as_feature_matrix`).
         """
-        x = as_feature_matrix(inputs)
+        x = as_feature_matrix(inputs, check_values=check_values)
         d = x.shape[1]
         scaled = x * math.sqrt(max(self.a, 0.0) / d)
         bias = torch.full((x.shape[0], 1), math.sqrt(max(self.b, 0.0)), dtype=x.dtype, device=x.device)

@@ -37,12 +37,13 @@ def _move(data: Any, device: torch.device) -> Any:
     return data.to(device) if isinstance(data, Tensor) else data
 
 
-def feature_rows(inputs: Any, features_fn: FeaturesFn | None) -> Tensor:
-    """Inputs as the ``n × d`` float matrix the data kernel sees, after ``features_fn`` if given."""
+def feature_rows(inputs: Any, features_fn: FeaturesFn | None, *, check_values: bool = True) -> Tensor:
+    """Inputs as the ``n × d`` float matrix the data kernel sees, after ``features_fn`` if given
+    (``check_values=False``: no NaN/inf check, :func:`~lin_probe._validation.as_feature_matrix`)."""
     if features_fn is not None:
         with torch.no_grad():  # ψ is data, not trained: never build a graph through features_fn
             inputs = features_fn(inputs)
-    return as_feature_matrix(inputs, "inputs")
+    return as_feature_matrix(inputs, "inputs", check_values=check_values)
 
 
 def _model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -185,15 +186,19 @@ class LinearShadow(nn.Module):
         """What gradient descent trains: ``[B]``, or ``[B, V]`` with offsets (``f_0`` is frozen)."""
         return [self.B] if self.offsets is None else [self.B, self.offsets.V]
 
-    def features(self, x: Any) -> Tensor:
-        """``ψ(x)`` (``n × (d+1)``, shadow dtype and device): ``ψψᵀ = a·XXᵀ/d + b·11ᵀ``."""
-        rows = feature_rows(_move(x, self.B.device), self.features_fn)
+    def features(self, x: Any, *, check_values: bool = True) -> Tensor:
+        """``ψ(x)`` (``n × (d+1)``, shadow dtype and device): ``ψψᵀ = a·XXᵀ/d + b·11ᵀ``.
+
+        ``check_values=False`` skips the NaN/inf check of ``x``: training batches (every step) must
+        not wait for the device; a non-finite batch makes the shadow's outputs non-finite, which the
+        next check reports."""
+        rows = feature_rows(_move(x, self.B.device), self.features_fn, check_values=check_values)
         if rows.shape[1] != self.in_features:
             raise ValueError(
                 f"Inputs have {rows.shape[1]} features per example but the shadow was built for "
                 f"{self.in_features}; probe with inputs shaped like the ones it was created from."
             )
-        return self.kernel.features(rows.to(device=self.B.device, dtype=self.B.dtype))
+        return self.kernel.features(rows.to(device=self.B.device, dtype=self.B.dtype), check_values=False)
 
     def initial_output(self, x: Any, digests: BatchDigests | None = None) -> Tensor:
         """``f_0(x)`` as ``n × C`` (no grad, eval, global RNG untouched); zeros when uncentred.
@@ -206,13 +211,13 @@ class LinearShadow(nn.Module):
             return torch.zeros(rows, self.out_features, dtype=self.B.dtype, device=self.B.device)
 
         def compute(rows: Any) -> Tensor:
-            return output_matrix(initial_model(rows), self.output_fn)
+            # Only around the forward: a batch found whole in the cache skips the flags and RNG
+            # bookkeeping too (its cost is a tenth of a small model's training step).
+            with torch.no_grad(), eval_semantics(initial_model):
+                return output_matrix(initial_model(rows), self.output_fn)
 
-        with torch.no_grad(), eval_semantics(initial_model):
-            x = _move(x, self.B.device)
-            out = (
-                compute(x) if self.initial_cache is None else self.initial_cache.outputs(x, compute, digests)
-            )
+        x = _move(x, self.B.device)
+        out = compute(x) if self.initial_cache is None else self.initial_cache.outputs(x, compute, digests)
         if out.shape[1] != self.out_features:
             raise ValueError(
                 f"f_0 produced {out.shape[1]} outputs per example, expected {self.out_features}."
@@ -227,6 +232,7 @@ class LinearShadow(nn.Module):
         initial_outputs: Tensor | None = None,
         dtype: torch.dtype | None = None,
         digests: BatchDigests | None = None,
+        check_values: bool = True,
     ) -> Tensor:
         """``f_0(x) + ψ(x)B (+ √c·V[ids])`` (``n × C``): the one forward of training and measurement.
 
@@ -235,9 +241,10 @@ class LinearShadow(nn.Module):
         running ``f_0``; ignored when uncentred. ``dtype``: the dtype the terms are cast to before
         they are summed (``None``: the shadow's) — measuring in float64 adds a float32 shadow's
         terms without float32 rounding. ``digests``: ``x``'s row digests for the ``f_0`` cache
-        (:meth:`initial_output`).
+        (:meth:`initial_output`). ``check_values``: whether ``x`` is checked for NaN/inf
+        (:meth:`features`; ``False`` on training batches).
         """
-        out = self.features(x) @ self.B
+        out = self.features(x, check_values=check_values) @ self.B
         if dtype is not None:
             out = out.to(dtype)
         if self.initial_model is not None:

@@ -200,7 +200,8 @@ class OptimizerMirror:
         if isinstance(target, Tensor) and target.is_floating_point():
             target = target.to(params[0].dtype)
         with torch.inference_mode(False), torch.enable_grad():
-            loss = self.loss_fn(self.shadow(x, ids, digests=digests), target)
+            # No NaN/inf check of the batch: it would wait for the device every step (checks report it).
+            loss = self.loss_fn(self.shadow(x, ids, digests=digests, check_values=False), target)
             grads = torch.autograd.grad(_scalar(loss) * scale, params, allow_unused=True)
         _add_grads(params, grads)
         return loss.detach()

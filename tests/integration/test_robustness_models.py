@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,27 @@ def test_nan_in_dataloader_probe_is_a_clear_error_at_fit_start(tmp_path: Path) -
     x[N_TRAIN + 3, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/inf"):
         _fit(tmp_path, Regressor(TwoLayerNet(D, 8), LR), LinearRegimeMonitor(n_probe=N_VAL), x=x)
+
+
+def test_nan_in_a_training_batch_is_reported_at_the_next_check_and_training_goes_on(tmp_path: Path) -> None:
+    """Training batches are not checked for NaN/inf as they arrive (reading a value back would wait
+    for an accelerator every step): the poisoned step makes the network and the shadow non-finite,
+    the next check says so, and the user's run is the one it would have been without the monitor."""
+    x = X.clone()
+    x[BATCH + 3, 0] = float("nan")  # a training row of the second batch; the probe (validation) is clean
+    runs = {}
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        net = TwoLayerNet(D, 8)
+        monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=2) if monitored else None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fit(tmp_path, Regressor(net, LR), monitor, x=x, name=f"nan{monitored}")
+        runs[monitored] = (net, [str(w.message) for w in caught])
+    for plain, watched in zip(runs[False][0].parameters(), runs[True][0].parameters(), strict=True):
+        torch.testing.assert_close(watched, plain, rtol=0, atol=0, equal_nan=True)
+    assert any("Non-finite values measured at step 2" in message for message in runs[True][1])
+    assert not any("NaN/inf" in message for message in runs[False][1])
 
 
 def test_probe_of_one_example_is_refused() -> None:
