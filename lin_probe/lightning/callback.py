@@ -372,14 +372,19 @@ class LinearRegimeMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.publisher.epoch_figure(trainer, self.core)
+        if self.clock.started is None:
+            return
+        with self.clock.measuring():  # drawing is the monitor's time, not the user's steps'
+            self.publisher.epoch_figure(trainer, self.core)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.core is not None and self.clock.started is not None:
-            # the run's final share: after the monitor stops measuring it only falls
-            self.publisher.overhead(trainer, self.clock.share(), trainer.global_step)
-        self.publisher.finish(trainer, self.core)
+        if self.core is None or self.clock.started is None:
+            self.publisher.finish(trainer, self.core)
+            return
+        with self.clock.measuring():
+            # the run's final share, logged after the last figure is drawn (and counted)
+            self.publisher.finish(trainer, self.core, final_share=self.clock.share)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, err: BaseException) -> None:

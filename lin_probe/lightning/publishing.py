@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pytorch_lightning as pl
@@ -129,18 +129,24 @@ class Publisher:
             panels.text(FIT_CARD, card, 0)
             panels.flush()
 
-    def finish(self, trainer: pl.Trainer, probe: RegimeProbe | None) -> None:
-        """At train end (or a crash): the regime of checks still undecided, the final flag and figure;
-        close the runs. Only panels already open: a fit that failed before they were is left alone."""
+    def finish(
+        self, trainer: pl.Trainer, probe: RegimeProbe | None, final_share: Callable[[], float] | None = None
+    ) -> None:
+        """At train end (or a crash): the regime of checks still undecided, the final flag and figure,
+        then ``final_share()`` as the last ``lin_probe/overhead`` (the figure's time included); close
+        the runs. Only panels already open: a fit that failed before they were is left alone."""
         panels = self._panels
-        if panels is None:
-            return
-        if probe is not None and probe.history:
+        if probe is not None and probe.history and panels is not None:
             self._regime(panels, probe, final=True)
             final = 0.0 if probe.verdict_run.regime.exited else 1.0
             panels.summary({"final_in_linear_regime": final}, int(probe.history[-1]["step"]))
             if self._drawn_checks != len(probe.history):  # drawn already when measuring stopped
                 self.figure(trainer, probe)
+        if final_share is not None:
+            self.overhead(trainer, final_share(), trainer.global_step)
+        panels = self._panels  # logging the share may have opened them
+        if panels is None:
+            return
         panels.flush()
         panels.close()
         self._panels = None

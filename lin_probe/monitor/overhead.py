@@ -3,10 +3,10 @@
 A monitoring callback that costs more than the training gets switched off, so the cost is measured,
 not guessed, and shown next to what is measured (``lin_probe/overhead``). The clock starts when the
 monitor first works on a fit (train start) and counts, in :meth:`OverheadClock.measuring` blocks,
-the time the monitor's own hooks take (start-up fit, shadow steps, checks); the share is that over
-the wall time since the start. On an accelerator, work queued asynchronously by a block may finish
-after it, so the share is a lower bound there (no synchronisation is forced: that would stall the
-user's steps).
+the time the monitor's own hooks take (start-up fit, shadow steps, checks, the figures drawn at
+epoch ends and at train end); the share is that over the wall time since the start. On an
+accelerator, work queued asynchronously by a block may finish after it, so the share is a lower
+bound there (no synchronisation is forced: that would stall the user's steps).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,47 @@ def test_a_many_output_model_gets_the_exact_kernel_only_when_the_budget_affords_
     assert monitor.core is not None and monitor.core.kernel_outputs is not None
     assert (monitor.core.kernel_outputs.sketch is None) == exact
     assert monitor.core.kernel_outputs.outputs == d
+
+
+def test_the_figures_drawn_at_epoch_ends_and_train_end_count_as_the_monitors_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drawing is the monitor's work: left off its clock, the logged ``lin_probe/overhead`` read
+    half the real cost on a small model (the figures were most of it) and the re-plan charged the
+    drawing to the user's steps. Each draw here is made to take 0.2 s, more than the whole fit's
+    own work otherwise, so the clock must hold at least that per draw."""
+    from lin_probe.lightning import figure as figure_module
+
+    draws: list[tuple[str, float]] = []
+    real_draw = figure_module.summary_images
+
+    def slow_draw(*args: Any, **kwargs: Any) -> Any:
+        images = real_draw(*args, **kwargs)
+        time.sleep(SLOW_DRAW_S)
+        draws.append((monitor_hook[0], time.perf_counter()))
+        return images
+
+    monkeypatch.setattr(figure_module, "summary_images", slow_draw)
+    monitor_hook = ["?"]
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=4, max_overhead=None, stop_after_exit=100)
+    for hook in ("on_train_epoch_end", "on_train_end"):
+        original = getattr(monitor, hook)
+
+        def tagged(*args: Any, _original: Any = original, _hook: str = hook) -> Any:
+            monitor_hook[0] = _hook
+            try:
+                return _original(*args)
+            finally:
+                monitor_hook[0] = "?"
+
+        monkeypatch.setattr(monitor, hook, tagged)
+    trainer = fit(tmp_path, monitor, max_steps=16)  # 8 batches an epoch: two epoch ends, then train end
+    hooks = [hook for hook, _ in draws]
+    assert "on_train_epoch_end" in hooks and hooks[-1] == "on_train_end"
+    assert monitor.clock.own_s >= SLOW_DRAW_S * len(draws)
+    # the last logged share came after the last draw, so it holds that draw too
+    total = time.perf_counter() - monitor.clock.started  # type: ignore[operator]
+    assert float(trainer.callback_metrics["lin_probe/overhead"]) >= SLOW_DRAW_S * len(draws) / total
+
+
+SLOW_DRAW_S = 0.2
