@@ -426,8 +426,7 @@ class LinearRegimeMonitor(Callback):
         self._active = bool(state.get("active", True))
         saved = None if self.budget is None else self.budget.load_state_dict(state.get("budget") or {})
         if saved is not None:  # the plan the run started with (its probe came from the checkpoint)
-            self.schedule, stop = saved
-            self.stop_after_exit = stop
+            self.schedule, self.stop_after_exit, self.measured_until = saved
         return True
 
     def _reset(self) -> None:
@@ -441,6 +440,7 @@ class LinearRegimeMonitor(Callback):
         self.clock = OverheadClock()
         self.schedule = self.user_schedule or CheckSchedule(UNBUDGETED_EVERY_N_STEPS, None, True)
         self.stop_after_exit = self.user_stop_after_exit
+        self.measured_until: int | None = None  # the plan's last measured step (None: the whole run)
         self.budget = (
             None
             if self.max_overhead is None
@@ -503,6 +503,7 @@ class LinearRegimeMonitor(Callback):
         self.budget.adopt(plan)
         self.schedule = plan.schedule
         self.stop_after_exit = planned_stop(plan, self.user_stop_after_exit, self.budget.planned_anything)
+        self.measured_until = plan.measured_until
         return plan
 
     def _replan(self, trainer: pl.Trainer, step: int) -> None:
@@ -556,10 +557,22 @@ class LinearRegimeMonitor(Callback):
         self.publisher.exits(trainer, exited, record, self.core, draw=not stopping)
         if self.core.verdict.state != "inside" and stopping:
             if self._checks_since_exit >= self.stop_after_exit:  # type: ignore[operator]
-                self._active = False
-                self._pending = []
-                self.publisher.figure(trainer, self.core)  # the last checks included: drawn once
+                self._stop_measuring(trainer)
             self._checks_since_exit += 1
+        if self._active and self.measured_until is not None and step >= self.measured_until:
+            self._stop_measuring(trainer)
+            rank_zero_info(
+                f"lin_probe: measured steps 0–{step:,} as the overhead budget planned; checks and shadows stop "
+                f"here, and the verdict stands as of this step: {self.core.verdict.describe()}. Pass "
+                "max_overhead=None (or a larger one) to measure the whole run."
+            )
+
+    def _stop_measuring(self, trainer: pl.Trainer) -> None:
+        """No more checks or shadow steps in this fit; the figure with the last checks, drawn once."""
+        assert self.core is not None
+        self._active = False
+        self._pending = []
+        self.publisher.figure(trainer, self.core)
 
 
 def _built(module: nn.Module) -> bool:

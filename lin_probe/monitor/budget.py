@@ -15,8 +15,12 @@ A monitoring callback that costs more than the training it watches gets switched
   *core* plan fits — NTK and functional checks at the log-spaced steps 0, 1, 2, 4, … (early-time
   dynamics are log-scaled, and this is where the exit is) — and spends what is left on linear
   checks (every ``m`` steps, ``m`` a round number); when not even that fits, the NTK's log-spaced
-  checks are cut from the late end, down to the *minimal plan* (the smallest probe, the NTK at step 0
-  only, functional checks log-spaced), which runs anyway with a warning that gives the numbers;
+  checks are cut from the late end; then the steps measured: checks and shadows stop after step
+  ``K`` (a power of two, at least :data:`MIN_MEASURED_STEPS`), since a shadow that follows every
+  step of a run that stays linear costs every step (``f_0`` alone is ~⅓ of a step until cached)
+  and no probe size or schedule bounds that. The *minimal plan* (the smallest probe, the NTK at
+  step 0 only, functional checks log-spaced, the run measured up to :data:`MIN_MEASURED_STEPS`)
+  runs anyway with a warning that gives the numbers;
 * a model whose many outputs ``outputs="auto"`` would sketch is planned both ways: the exact kernel
   (``C/S`` times the sketch's timed cost) when it fits with as large a probe, the sketch otherwise.
 
@@ -41,6 +45,10 @@ PROBE_SIZES: Final[tuple[int, ...]] = (256, 128, 64, 32)
 
 UNKNOWN_HORIZON_STEPS: Final[int] = 10_000
 """Steps planned for when the run's length is unknown (an infinite dataloader without ``max_steps``)."""
+
+MIN_MEASURED_STEPS: Final[int] = 256
+"""The fewest steps a budgeted plan measures (checks at 0, 1, 2, …, 256) when the run is longer: the
+early-time dynamics the linear model describes, and where the benchmarks' exits happen."""
 
 STOP_AFTER_EXIT: Final[int] = 3
 """Checks the monitor keeps measuring after the verdict in a budgeted plan (then shadows stop): the
@@ -170,6 +178,8 @@ class MonitorPlan:
     fits: bool
     minimal: bool = False
     outputs: str | None = None
+    measured_until: int | None = None
+    """The last step measured (checks and shadows stop after its check); ``None``: the whole run."""
     """``"exact"`` or ``"sketch"`` when the budget chose the NTK's outputs (``outputs="auto"`` on a model
     with more than 64 outputs); ``None`` when the setting decided alone."""
 
@@ -190,9 +200,14 @@ class MonitorPlan:
             "sketch": "NTK over a sketch of the outputs (the exact kernel does not fit the budget)",
             None: None,
         }[self.outputs]
+        until = (
+            ""
+            if self.measured_until is None
+            else f"; measures steps 0–{self.measured_until:,} (then checks and shadows stop: the budget)"
+        )
         return (
             f"lin_probe plan: probe {self.n_probe}, NTK at steps {self.schedule.ntk_steps_text(self.horizon)}, "
-            f"functional checks at {functional}{'' if outputs is None else '; ' + outputs}; "
+            f"functional checks at {functional}{'' if outputs is None else '; ' + outputs}{until}; "
             f"planned overhead {100 * self.share:.1f} % of {horizon}"
         )
 
@@ -206,6 +221,7 @@ class MonitorPlan:
             "ntk_log_until": schedule.ntk_log_until,
             "stop_after_exit": self.stop_after_exit,
             "outputs": self.outputs,
+            "measured_until": self.measured_until,
         }
 
 
@@ -252,9 +268,12 @@ def plan_within_budget(
     sizes = _sizes(n_probe, n_available)
     stop = STOP_AFTER_EXIT if stop_after_exit is None else stop_after_exit
 
-    def make(n: int, chosen: CheckSchedule, *, minimal: bool = False) -> MonitorPlan:
-        cost = _cost(costs, n, chosen, steps)
-        return MonitorPlan(n, chosen, steps, known, cost, budget, run_s, stop, cost <= budget, minimal)
+    def make(
+        n: int, chosen: CheckSchedule, *, minimal: bool = False, until: int | None = None
+    ) -> MonitorPlan:
+        cost = _cost(costs, n, chosen, steps if until is None else min(until, steps))
+        fits = cost <= budget
+        return MonitorPlan(n, chosen, steps, known, cost, budget, run_s, stop, fits, minimal, None, until)
 
     if schedule is not None:  # the user's schedule: only the probe size is planned
         plans = [make(n, schedule) for n in sizes]
@@ -269,7 +288,13 @@ def plan_within_budget(
         plan = make(smallest, _log_schedule(steps, ntk_until=until))
         if plan.fits:
             return plan
-    return make(smallest, _log_schedule(steps, ntk_until=0), minimal=True)
+    step_zero_ntk = _log_schedule(steps, ntk_until=0)
+    for until in [power for power in reversed(powers) if MIN_MEASURED_STEPS <= power < steps]:
+        plan = make(smallest, step_zero_ntk, until=until)  # then the steps measured: fewer shadow steps
+        if plan.fits:
+            return plan
+    until = MIN_MEASURED_STEPS if steps > MIN_MEASURED_STEPS else None
+    return make(smallest, step_zero_ntk, minimal=True, until=until)
 
 
 def _sizes(n_probe: int | None, n_available: int) -> list[int]:
@@ -352,6 +377,7 @@ def costs_from_run(
 
 
 __all__ = [
+    "MIN_MEASURED_STEPS",
     "PROBE_SIZES",
     "STOP_AFTER_EXIT",
     "UNKNOWN_HORIZON_STEPS",

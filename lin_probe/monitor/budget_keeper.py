@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from lin_probe.monitor.budget import (
     Costs,
@@ -27,6 +27,14 @@ REPLAN_AT_STEP: Final[int] = 8
 """The re-plan happens at the first check after this many steps: the user's real step time (data
 loading, optimizer, logging included) and the checks' own are known by then, and the log-spaced
 checks that matter most (0, 1, 2, 4, 8) are identical in every plan."""
+
+
+class SavedPlan(NamedTuple):
+    """What a resumed run keeps of the plan it started with."""
+
+    schedule: CheckSchedule
+    stop_after_exit: int | None
+    measured_until: int | None
 
 
 class BudgetKeeper:
@@ -106,7 +114,8 @@ class BudgetKeeper:
         )
         self.costs = measured
         plan = replace(self._plan(measured, self.plan.n_probe), outputs=self.plan.outputs)  # settled at start
-        changed, self.plan = plan.schedule != self.plan.schedule, plan
+        changed = (plan.schedule, plan.measured_until) != (self.plan.schedule, self.plan.measured_until)
+        self.plan = plan
         if not changed:
             return None
         self.info(plan.line().replace("lin_probe plan:", f"lin_probe plan (re-planned at step {step}):"))
@@ -117,9 +126,10 @@ class BudgetKeeper:
         plan = self._saved_plan if self.plan is None else self.plan.state_dict()
         return {"plan": plan, "replanned": self.replanned}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> tuple[CheckSchedule, int | None] | None:
-        """The saved schedule and stop-after-exit (``None`` when no plan was saved). A resumed run keeps
-        them: its timings were the first run's, and there is nothing left to re-plan from."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> SavedPlan | None:
+        """The saved schedule, stop-after-exit and last measured step (``None`` when no plan was
+        saved). A resumed run keeps them: its timings were the first run's, and there is nothing left
+        to re-plan from."""
         self.replanned = True
         saved = state.get("plan")
         self._saved_plan = None if saved is None else dict(saved)
@@ -132,9 +142,11 @@ class BudgetKeeper:
             None if saved["ntk_log_until"] is None else int(saved["ntk_log_until"]),
         )
         stop = saved.get("stop_after_exit")
+        until = saved.get("measured_until")  # absent from checkpoints before it existed: the whole run
+        measured_until = None if until is None else int(until)
         if self.user_stop is not None or not self.planned_anything or stop is None:
-            return schedule, self.user_stop
-        return schedule, int(stop)
+            return SavedPlan(schedule, self.user_stop, measured_until)
+        return SavedPlan(schedule, int(stop), measured_until)
 
     def _plan(self, costs: Costs, n_probe: int | None) -> MonitorPlan:
         return plan_within_budget(
@@ -170,9 +182,10 @@ class BudgetKeeper:
 
     def _settings(self, plan: MonitorPlan) -> str:
         schedule = plan.schedule
+        until = "" if plan.measured_until is None else f", measuring steps 0–{plan.measured_until:,}"
         return (
             f"probe {plan.n_probe}, NTK at steps {schedule.ntk_steps_text(plan.horizon)}, functional checks "
-            f"every {schedule.every_n_steps or 'log-spaced step'}"
+            f"every {schedule.every_n_steps or 'log-spaced step'}{until}"
         )
 
 
@@ -184,4 +197,4 @@ def planned_stop(plan: MonitorPlan | None, user_stop: int | None, planned_anythi
     return plan.stop_after_exit
 
 
-__all__ = ["REPLAN_AT_STEP", "BudgetKeeper", "planned_stop"]
+__all__ = ["REPLAN_AT_STEP", "BudgetKeeper", "SavedPlan", "planned_stop"]

@@ -23,6 +23,7 @@ from torch import nn
 from lin_probe import LinearRegimeMonitor
 from lin_probe.lightning import callback as callback_module
 from lin_probe.lightning.publishing import Publisher
+from lin_probe.monitor import budget_keeper as budget_keeper_module
 from lin_probe.monitor.budget import STOP_AFTER_EXIT, Costs
 from lin_probe.monitor.budget_keeper import REPLAN_AT_STEP
 from lin_probe.ntk import dense as dense_module
@@ -226,3 +227,35 @@ def test_the_figures_drawn_at_epoch_ends_and_train_end_count_as_the_monitors_tim
 
 
 SLOW_DRAW_S = 0.2
+
+
+def test_a_shadow_the_budget_cannot_follow_through_the_run_stops_at_the_planned_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fixed pilot costs (the planner's choice is tested in tests/monitor/test_budget.py; this pins
+    the wiring): a 10-ms step and a 1-ms shadow over 600 steps cost 10 % for the shadow alone, so
+    the plan measures steps 0-256 (0.26 s of a 0.32-s budget). The monitor says so, takes its last
+    check at 256, no shadow step after it, and the user's training runs on to the end."""
+    fixed = Costs(1e-2, 0.0, 1e-12, 1e-12, 1e-3, 1e-3, None)
+    monkeypatch.setattr(callback_module, "measure_costs", lambda *args, **kwargs: fixed)
+    monkeypatch.setattr(budget_keeper_module, "costs_from_run", lambda previous, **kwargs: previous)
+    # the shadows follow past any exit, as in a run that stays linear (this small net leaves early)
+    monitor = LinearRegimeMonitor(verbose=False, stop_after_exit=10**6)
+    shadow_steps: list[int] = []
+    shadow_step = monitor._shadow_step
+
+    def counted(trainer: Any, *args: Any, **kwargs: Any) -> None:
+        shadow_steps.append(trainer.global_step)
+        shadow_step(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(monitor, "_shadow_step", counted)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = fit(tmp_path, monitor, max_steps=600)
+    (line,) = plan_lines(caplog)
+    assert "measures steps 0–256" in line, line
+    assert [int(r["step"]) for r in monitor.history] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert shadow_steps == list(range(256))  # the steps up to the check at 256 (global_step before each)
+    stop = [r.getMessage() for r in caplog.records if "as the overhead budget planned" in r.getMessage()]
+    assert len(stop) == 1 and "measured steps 0–256" in stop[0] and "max_overhead=None" in stop[0]
+    assert trainer.global_step == 600 and not monitor._active

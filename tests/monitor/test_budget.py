@@ -12,6 +12,7 @@ import math
 import pytest
 
 from lin_probe.monitor.budget import (
+    MIN_MEASURED_STEPS,
     PROBE_SIZES,
     STOP_AFTER_EXIT,
     UNKNOWN_HORIZON_STEPS,
@@ -145,19 +146,50 @@ def test_a_shadow_costlier_than_the_budget_gives_the_minimal_plan_flagged() -> N
     assert plan.n_probe == min(PROBE_SIZES)
     assert [s for s in range(501) if plan.schedule.ntk(s)] == [0]
     assert [s for s in range(501) if plan.schedule.functional(s)] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert plan.measured_until == MIN_MEASURED_STEPS == 256  # and no shadow steps after it
+    assert plan.planned_s == pytest.approx(walked_cost(c, plan.n_probe, plan.schedule, 256), rel=1e-9)
     assert plan.share > 0.05
 
 
 def test_cached_f0_outputs_after_the_first_epoch_make_a_long_run_fit() -> None:
-    """The same shadow costs 30 % per step uncached; cached after one 100-step epoch of 5,000 steps."""
+    """The same shadow costs 30 % per step uncached; cached after one 100-step epoch of 5,000 steps.
+    Uncached, the whole run does not fit: only its first 512 steps are measured (next test)."""
     uncached = costs(shadow_step_s=0.03, shadow_cached_s=0.001)
     cached = costs(shadow_step_s=0.03, shadow_cached_s=0.001, steps_per_epoch=100)
-    assert not plan_within_budget(uncached, horizon=5000, max_overhead=0.05, n_available=256).fits
+    assert (
+        plan_within_budget(uncached, horizon=5000, max_overhead=0.05, n_available=256).measured_until == 512
+    )
     plan = plan_within_budget(cached, horizon=5000, max_overhead=0.05, n_available=256)
-    assert plan.fits
+    assert plan.fits and plan.measured_until is None
     assert walked_cost(cached, plan.n_probe, plan.schedule, 5000) <= budget_of(cached, 5000, 0.05) * (
         1 + 1e-9
     )
+
+
+def test_a_shadow_that_busts_the_budget_over_the_whole_run_is_followed_for_the_longest_run_that_fits() -> (
+    None
+):
+    """A run that stays linear pays the shadow every step. 30 ms a 100-ms step over 5,000 steps: the
+    budget (5 %: 26.3 s) affords ~870 shadow steps after the two NTKs and the checks, so the plan
+    measures steps 0-512, the largest power of two under that (1,024 would cost 30.7 s + checks)."""
+    c = costs(shadow_step_s=0.03, shadow_cached_s=0.001)
+    plan = plan_within_budget(c, horizon=5000, max_overhead=0.05, n_available=256)
+    budget = budget_of(c, 5000, 0.05)
+    assert plan.fits and not plan.minimal and plan.measured_until == 512
+    assert plan.planned_s == pytest.approx(walked_cost(c, plan.n_probe, plan.schedule, 512), rel=1e-9)
+    assert plan.planned_s <= budget < walked_cost(c, plan.n_probe, plan.schedule, 1024)
+    assert "measures steps 0–512" in plan.line()
+    # the probe and the NTK schedule were cut first: the smallest probe, the NTK at step 0 only
+    assert plan.n_probe == min(PROBE_SIZES) and [s for s in range(513) if plan.schedule.ntk(s)] == [0]
+
+
+def test_runs_measured_whole_when_short_or_when_the_user_set_the_schedule() -> None:
+    c = costs(shadow_step_s=0.05)
+    short = plan_within_budget(c, horizon=MIN_MEASURED_STEPS, max_overhead=0.05, n_available=256)
+    assert short.minimal and short.measured_until is None
+    schedule = CheckSchedule(10, 0, True)
+    kept = plan_within_budget(c, horizon=5000, max_overhead=0.05, n_available=256, schedule=schedule)
+    assert kept.measured_until is None and not kept.fits  # explicit settings win; the caller warns
 
 
 def test_explicit_settings_are_kept_and_only_estimated() -> None:

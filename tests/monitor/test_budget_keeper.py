@@ -46,6 +46,7 @@ def test_even_the_minimal_plan_over_budget_warns_once_with_the_numbers() -> None
     assert "minimal plan" in message and "probe 32" in message
     assert "100.00 ms" in message and "40.00 ms" in message and "(40 %)" in message
     assert "max_overhead=0.05" in message and "max_overhead=None" in message
+    assert plan.measured_until == 256 and "measuring steps 0–256" in message
 
 
 def test_explicit_settings_over_budget_warn_naming_them_and_are_kept() -> None:
@@ -84,10 +85,23 @@ def test_a_resumed_run_keeps_its_saved_plan_and_does_not_replan() -> None:
     plan = budget.start(cheap(), horizon=2000, n_available=256)
     state = budget.state_dict()
     resumed, _, _ = keeper()
-    schedule, stop = resumed.load_state_dict(state)  # type: ignore[misc]
-    assert schedule == plan.schedule and stop == plan.stop_after_exit
+    schedule, stop, until = resumed.load_state_dict(state)  # type: ignore[misc]
+    assert schedule == plan.schedule and stop == plan.stop_after_exit and until is None
     assert resumed.replanned and resumed.state_dict()["plan"] == state["plan"]
     assert keeper()[0].load_state_dict({}) is None
+
+
+def test_a_resumed_run_keeps_the_last_step_its_plan_measures() -> None:
+    """A run that stays linear at a shadow costlier than the budget affords measures steps 0-512 of
+    5,000 (``tests/monitor/test_budget.py``); a resumed run stops there too, and a checkpoint from
+    before the field existed measures the whole run, as it did."""
+    budget, _, _ = keeper()
+    plan = budget.start(cheap(shadow_step_s=0.03, shadow_cached_s=0.001), horizon=5000, n_available=256)
+    assert plan.measured_until == 512
+    state = budget.state_dict()
+    assert keeper()[0].load_state_dict(state).measured_until == 512  # type: ignore[union-attr]
+    old = {"plan": {k: v for k, v in state["plan"].items() if k != "measured_until"}}
+    assert keeper()[0].load_state_dict(old).measured_until is None  # type: ignore[union-attr]
 
 
 def test_the_replan_reads_the_costs_of_the_outputs_chosen_at_start() -> None:
