@@ -366,9 +366,18 @@ class LinearRegimeMonitor(Callback):
                 self._pending = []
             return
         self._last_step = step
+        self._time_user_step()
         if self.schedule.functional(step):
             with self.clock.measuring():
                 self._run_check(trainer, self._model(pl_module), step)
+
+    def _time_user_step(self) -> None:
+        """The wall time since the previous optimizer step's end, less the monitor's own: one of the
+        user's steps (data loading included), for the re-plan's step time (the budget keeper)."""
+        now, own = time.perf_counter(), self.clock.own_s
+        if self.budget is not None and self._step_mark is not None:
+            self.budget.record_user_step((now - self._step_mark[0]) - (own - self._step_mark[1]))
+        self._step_mark = (now, own)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -441,6 +450,7 @@ class LinearRegimeMonitor(Callback):
         self.schedule = self.user_schedule or CheckSchedule(UNBUDGETED_EVERY_N_STEPS, None, True)
         self.stop_after_exit = self.user_stop_after_exit
         self.measured_until: int | None = None  # the plan's last measured step (None: the whole run)
+        self._step_mark: tuple[float, float] | None = None  # (wall, own seconds) at the last step's end
         self.budget = (
             None
             if self.max_overhead is None

@@ -50,6 +50,9 @@ MIN_MEASURED_STEPS: Final[int] = 256
 """The fewest steps a budgeted plan measures (checks at 0, 1, 2, …, 256) when the run is longer: the
 early-time dynamics the linear model describes, and where the benchmarks' exits happen."""
 
+MIN_STEP_SAMPLES: Final[int] = 4
+"""Timed user steps the re-plan needs to take their median as the step time (fewer: the mean)."""
+
 STOP_AFTER_EXIT: Final[int] = 3
 """Checks the monitor keeps measuring after the verdict in a budgeted plan (then shadows stop): the
 departure's growth is visible, and the run does not pay for shadowing a network that left."""
@@ -354,11 +357,21 @@ def costs_from_run(
     ntk_samples: list[tuple[int, float]],
     functional_samples: list[tuple[int, float]],
     shadow_samples: list[float],
+    step_samples: list[float] | None = None,
 ) -> Costs:
-    """``previous`` with what the run measured so far: the user's seconds per step (wall time minus
-    the monitor's own), NTK checks at the probe size, functional checks and shadow steps."""
+    """``previous`` with what the run measured so far: the user's seconds per step, NTK checks at the
+    probe size, functional checks and shadow steps.
+
+    The step: the median of ``step_samples`` (each step's wall time less the monitor's own) when
+    there are :data:`MIN_STEP_SAMPLES`, else ``user_s / steps`` (wall time less the monitor's, since
+    train start). Why the median: a process's first steps carry one-off costs (lazy optimizer state,
+    first backward, the logger's first write): on the digits MLP the first step took 245 ms of
+    ``user_s`` against ~1.5 ms for the next ones (ad hoc), so the mean over 8 steps planned a run 24×
+    too long, and a plan that spent 24× the budget."""
     updated = previous
-    if steps > 0 and user_s > 0:
+    if step_samples is not None and len(step_samples) >= MIN_STEP_SAMPLES:
+        updated = replace(updated, step_s=sorted(step_samples)[len(step_samples) // 2])
+    elif steps > 0 and user_s > 0:
         updated = replace(updated, step_s=user_s / steps)
     if ntk_samples:
         n, seconds = ntk_samples[-1]

@@ -65,6 +65,7 @@ class BudgetKeeper:
         self.replanned = False
         self._saved_plan: dict[str, Any] | None = None
         self.shadow_seconds: list[float] = []
+        self.user_step_seconds: list[float] = []
         self.ntk_seconds: list[tuple[int, float]] = []
         self.functional_seconds: list[tuple[int, float]] = []
 
@@ -97,6 +98,11 @@ class BudgetKeeper:
         if len(self.shadow_seconds) < 64:  # the first epoch's cost is what the plan charges per step
             self.shadow_seconds.append(seconds)
 
+    def record_user_step(self, seconds: float) -> None:
+        """One of the user's optimizer steps (wall time between two step ends, less the monitor's)."""
+        if len(self.user_step_seconds) < 64:
+            self.user_step_seconds.append(seconds)
+
     def replan(self, step: int, user_s: float) -> MonitorPlan | None:
         """Once, at the first check after :data:`REPLAN_AT_STEP` steps: the plan from the run's own
         seconds (``user_s``: the wall time since train start minus the monitor's). The probe stays;
@@ -111,6 +117,7 @@ class BudgetKeeper:
             ntk_samples=[s for s in self.ntk_seconds if s[0] == self.plan.n_probe][1:],  # not Θ_0's reuse
             functional_samples=self.functional_seconds,
             shadow_samples=self.shadow_seconds,
+            step_samples=self.user_step_seconds,
         )
         self.costs = measured
         plan = replace(self._plan(measured, self.plan.n_probe), outputs=self.plan.outputs)  # settled at start

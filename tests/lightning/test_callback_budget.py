@@ -259,3 +259,19 @@ def test_a_shadow_the_budget_cannot_follow_through_the_run_stops_at_the_planned_
     stop = [r.getMessage() for r in caplog.records if "as the overhead budget planned" in r.getMessage()]
     assert len(stop) == 1 and "measured steps 0–256" in stop[0] and "max_overhead=None" in stop[0]
     assert trainer.global_step == 600 and not monitor._active
+
+
+def test_the_replan_times_the_users_steps_one_by_one(tmp_path: Path) -> None:
+    """The re-plan's step time is the median of the steps timed between step ends (from the second
+    step: the first carries the fit's one-off costs), the monitor's own time taken out."""
+    monitor = LinearRegimeMonitor(verbose=False, stop_after_exit=100)
+    started = time.perf_counter()
+    fit(tmp_path, monitor, max_steps=REPLAN_AT_STEP + 4)
+    wall = time.perf_counter() - started
+    budget = monitor.budget
+    assert budget is not None and budget.replanned and budget.costs is not None
+    samples = budget.user_step_seconds
+    assert len(samples) == REPLAN_AT_STEP + 4 - 1  # every step end after the first
+    assert all(0.0 < s for s in samples) and sum(samples) < wall
+    at_replan = sorted(samples[: REPLAN_AT_STEP - 1])  # steps 2..8 had ended when it re-planned
+    assert budget.costs.step_s == at_replan[len(at_replan) // 2]

@@ -13,6 +13,7 @@ import pytest
 
 from lin_probe.monitor.budget import (
     MIN_MEASURED_STEPS,
+    MIN_STEP_SAMPLES,
     PROBE_SIZES,
     STOP_AFTER_EXIT,
     UNKNOWN_HORIZON_STEPS,
@@ -248,6 +249,19 @@ def test_costs_from_run_take_the_measured_step_and_rescale_the_ntk_curve() -> No
     assert measured.ntk_s(128) == pytest.approx(2 * start.ntk_s(128))
     assert measured.functional_per_example_s == pytest.approx(0.032 / 64)
     assert measured.shadow_step_s == pytest.approx(0.02)
+
+
+def test_the_step_time_is_the_median_of_the_timed_steps_not_a_warm_up_inflated_mean() -> None:
+    """A first fit's first steps carry one-off costs: one 245-ms step among 1.5-ms ones made the
+    mean 32 ms, a run planned 21× too long. The median of the timed steps is the steady step; with
+    fewer than MIN_STEP_SAMPLES of them the mean over the run so far stands."""
+    steps = [0.245] + [0.0015] * 7
+    common = {"ntk_samples": [], "functional_samples": [], "shadow_samples": []}
+    measured = costs_from_run(costs(), steps=8, user_s=sum(steps), step_samples=steps, **common)
+    assert measured.step_s == pytest.approx(0.0015)
+    few = steps[: MIN_STEP_SAMPLES - 1]
+    fallback = costs_from_run(costs(), steps=8, user_s=sum(steps), step_samples=few, **common)
+    assert fallback.step_s == pytest.approx(sum(steps) / 8)
 
 
 @pytest.mark.parametrize(
