@@ -34,6 +34,7 @@ from lin_probe.lightning.tensorboard import (
     summary_tag,
     tag,
 )
+from lin_probe.monitor.budget import EPOCH_FIGURE_SHARE
 from lin_probe.monitor.core import LINEARIZED, MEMO, MonitorConfig, RegimeProbe
 
 PROGRESS_BAR_KEY = tag("functional_distance_rel")
@@ -45,11 +46,9 @@ _SIDE_SHADOWS = (
     (LINEARIZED, "the linearised network", "linearized_exit_step"),
 )
 
-# A redraw costs ~0.4 s of matplotlib. Epoch ends redraw while drawing has taken at most this share
-# of the time since the monitor started: every epoch end for epochs of a minute or more, fewer for
-# short ones (the demo's 14-step epochs would have spent ~8 s of its 29 s drawing). The first epoch
-# end, the exit, the end of training and a crash always draw.
-EPOCH_FIGURE_SHARE = 0.01
+# Epoch ends redraw while drawing has taken at most EPOCH_FIGURE_SHARE of the time since the monitor
+# started (the overhead budget charges it). The first epoch end, the exit, the end of training and a
+# crash always draw.
 
 _NO_MATPLOTLIB = (
     "lin_probe draws its summary figure with matplotlib, which is not installed: the Images tab stays "

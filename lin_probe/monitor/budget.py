@@ -50,6 +50,20 @@ MIN_MEASURED_STEPS: Final[int] = 256
 """The fewest steps a budgeted plan measures (checks at 0, 1, 2, …, 256) when the run is longer: the
 early-time dynamics the linear model describes, and where the benchmarks' exits happen."""
 
+FIGURE_PRIOR_S: Final[float] = 0.3
+"""Seconds the plan charges per summary-figure draw (four matplotlib panels): 0.13-0.43 s warm on this
+2-core CPU, ad hoc; the first draw in a process also imports matplotlib (~0.6 s). Not timed by the
+pilot, which would cost a draw."""
+
+FIGURE_DRAWS: Final[int] = 2
+"""Draws every plan is charged: the first epoch end's and the last (when measuring stops, or at the end)."""
+
+EPOCH_FIGURE_SHARE: Final[float] = 0.01
+"""Epoch ends redraw the figure while drawing has taken at most this share of the time since the
+monitor started (:mod:`lin_probe.lightning.publishing`): every epoch end for epochs of a minute or
+more, fewer for short ones (the demo's 14-step epochs would have spent ~8 s of its 29 s drawing). A
+plan of more than one epoch is charged this share of the steps it measures."""
+
 MIN_STEP_SAMPLES: Final[int] = 4
 """Timed user steps the re-plan needs to take their median as the step time (fewer: the mean)."""
 
@@ -101,6 +115,8 @@ class Costs:
     between the two (:func:`plan_within_budget`). An upper bound: the forward and the per-example
     work that does not grow with the outputs are counted ``C/S`` times too."""
     structured_ntk_s: tuple[tuple[int, float], ...] = ()
+    figure_s: float = FIGURE_PRIOR_S
+    """Seconds per summary-figure draw (:data:`FIGURE_PRIOR_S` unless measured)."""
     """``(m, seconds)`` of the pilot's NTKs where they ran the structured path over the exact
     outputs: ``method="auto"`` at start reuses them instead of timing that path again."""
 
@@ -336,16 +352,22 @@ def _round_up(value: float) -> int:
 
 def _cost(costs: Costs, n: int, schedule: CheckSchedule, horizon: int) -> float:
     """Start-up (Θ_0, reused by the step-0 check) plus the checks plus the shadows' steps, plus one
-    NTK for the verdict's diagnosis (read from the kernel at the exit: taken when that check had none)."""
+    NTK for the verdict's diagnosis (read from the kernel at the exit: taken when that check had
+    none), plus the figures: :data:`FIGURE_DRAWS` draws, and over more than one epoch the redraws'
+    :data:`EPOCH_FIGURE_SHARE` of the measured steps (``horizon``: the steps measured)."""
     functional, ntk = schedule.count(horizon)
     startup = costs.ntk_s(n)
     diagnosis = costs.ntk_s(n)
+    figures = FIGURE_DRAWS * costs.figure_s
+    if costs.steps_per_epoch is not None and horizon > costs.steps_per_epoch:
+        figures += EPOCH_FIGURE_SHARE * horizon * costs.step_s
     return (
         startup
         + (ntk - 1) * costs.ntk_s(n)
         + diagnosis
         + functional * costs.functional_s(n)
         + costs.shadow_total_s(horizon)
+        + figures
     )
 
 
@@ -390,7 +412,11 @@ def costs_from_run(
 
 
 __all__ = [
+    "EPOCH_FIGURE_SHARE",
+    "FIGURE_DRAWS",
+    "FIGURE_PRIOR_S",
     "MIN_MEASURED_STEPS",
+    "MIN_STEP_SAMPLES",
     "PROBE_SIZES",
     "STOP_AFTER_EXIT",
     "UNKNOWN_HORIZON_STEPS",

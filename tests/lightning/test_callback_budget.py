@@ -168,7 +168,7 @@ def test_a_many_output_model_gets_the_exact_kernel_only_when_the_budget_affords_
     tests/monitor/test_budget.py; this pins the wiring): a cheap NTK lets the plan take the exact
     kernel, a dear one keeps the sketch; the line says which and the monitor measures what it says."""
     ntk_quadratic = 1e-9 if exact else 1.0  # seconds × n²: free, or far over any budget
-    fixed = Costs(1e-2, 0.0, ntk_quadratic, 1e-9, 1e-9, 1e-9, None, exact_ntk_factor=96 / 32)
+    fixed = Costs(1e-2, 0.0, ntk_quadratic, 1e-9, 1e-9, 1e-9, None, exact_ntk_factor=96 / 32, figure_s=0.0)
     monkeypatch.setattr(callback_module, "measure_costs", lambda *args, **kwargs: fixed)
     d = 96
     x, y = sphere_data(N_TRAIN + N_VAL, d, d)
@@ -236,7 +236,7 @@ def test_a_shadow_the_budget_cannot_follow_through_the_run_stops_at_the_planned_
     the wiring): a 10-ms step and a 1-ms shadow over 600 steps cost 10 % for the shadow alone, so
     the plan measures steps 0-256 (0.26 s of a 0.32-s budget). The monitor says so, takes its last
     check at 256, no shadow step after it, and the user's training runs on to the end."""
-    fixed = Costs(1e-2, 0.0, 1e-12, 1e-12, 1e-3, 1e-3, None)
+    fixed = Costs(1e-2, 0.0, 1e-12, 1e-12, 1e-3, 1e-3, None, figure_s=0.0)  # figures: free here
     monkeypatch.setattr(callback_module, "measure_costs", lambda *args, **kwargs: fixed)
     monkeypatch.setattr(budget_keeper_module, "costs_from_run", lambda previous, **kwargs: previous)
     # the shadows follow past any exit, as in a run that stays linear (this small net leaves early)

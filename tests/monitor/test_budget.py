@@ -43,8 +43,11 @@ def costs(**overrides: float) -> Costs:
 
 def walked_cost(c: Costs, n: int, schedule: CheckSchedule, horizon: int) -> float:
     """Start-up Θ_0 (reused at step 0), every later NTK, the diagnosis's NTK at the verdict, every
-    functional check, every shadow step."""
-    total = 2 * c.ntk_s(n)
+    functional check, every shadow step, two figures (first epoch end, last) and, over several
+    epochs, the epoch ends' redraws at their 1-% share of the steps measured."""
+    total = 2 * c.ntk_s(n) + 2 * c.figure_s
+    if c.steps_per_epoch is not None and horizon > c.steps_per_epoch:
+        total += 0.01 * horizon * c.step_s
     for step in range(horizon + 1):
         if schedule.functional(step):
             total += c.functional_s(n)
@@ -182,6 +185,25 @@ def test_a_shadow_that_busts_the_budget_over_the_whole_run_is_followed_for_the_l
     assert "measures steps 0–512" in plan.line()
     # the probe and the NTK schedule were cut first: the smallest probe, the NTK at step 0 only
     assert plan.n_probe == min(PROBE_SIZES) and [s for s in range(513) if plan.schedule.ntk(s)] == [0]
+
+
+def test_every_plan_is_charged_its_figures() -> None:
+    """Two draws (the first epoch end's, the last) in one epoch; over several epochs, also the epoch
+    ends' redraws at 1 % of the steps measured. A 100-ms step, 2,000 steps: 2 × 0.3 s, + 2 s."""
+    schedule = CheckSchedule(100, 0, True)
+    one_epoch = plan_within_budget(
+        costs(), horizon=2000, max_overhead=0.05, n_available=64, schedule=schedule
+    )
+    free = plan_within_budget(
+        costs(figure_s=0.0), horizon=2000, max_overhead=0.05, n_available=64, schedule=schedule
+    )
+    assert one_epoch.planned_s - free.planned_s == pytest.approx(2 * 0.3)
+    # several epochs (cached shadow steps made as dear as uncached, so only the figures differ)
+    same = {"shadow_cached_s": 1e-4, "figure_s": 0.0}
+    options = {"horizon": 2000, "max_overhead": 0.05, "n_available": 64, "schedule": schedule}
+    epochs = plan_within_budget(costs(steps_per_epoch=500, **same), **options)
+    single = plan_within_budget(costs(**same), **options)
+    assert epochs.planned_s - single.planned_s == pytest.approx(0.01 * 2000 * 0.1)
 
 
 def test_runs_measured_whole_when_short_or_when_the_user_set_the_schedule() -> None:
