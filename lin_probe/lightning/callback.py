@@ -130,8 +130,9 @@ class LinearRegimeMonitor(Callback):
         max_overhead: the monitor's budget, as a share of the run's wall time (default 5 %;
             ``None``: no budget, the fixed defaults above). At train start the monitor times its parts and
             plans what fits the run's length (``trainer.estimated_stepping_batches``): the probe size,
-            the NTK checks (log-spaced first) and the functional ones, and when to stop after the exit;
-            it says the plan in one line, re-plans once from the run's measured steps, logs its share so
+            the NTK checks (log-spaced first) and the functional ones, when to stop after the exit, and
+            (when the shadows cannot follow the whole run within it) the last step measured; it says
+            the plan in one line, re-plans once from the run's measured steps, logs its share so
             far as ``lin_probe/overhead``, and warns when even its minimal plan (or your explicit
             settings) exceed the budget (:mod:`lin_probe.monitor.budget`). Settings you pass are kept.
         forward_fn: how to call your module on a probe or batch input ``x``, ``forward_fn(module, x)``,
