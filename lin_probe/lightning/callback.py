@@ -336,7 +336,7 @@ class LinearRegimeMonitor(Callback):
             raise TypeError("`batch_to_xy` returned no targets; the shadow needs (x, y) to take a step.")
         # Staged now, before the step's kernels are queued: on a GPU the shadow step then waits for
         # this batch's host copy alone, not for the step's forward and backward.
-        digests = self.core.stage_digests(x) if self.core is not None else None
+        digests = self.core.stage_digests(x, batch) if self.core is not None else None
         self._pending.append(_PendingBatch(x, y, batch, digests))
 
     @override

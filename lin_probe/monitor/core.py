@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lin_probe.data import indices_from_batch
 from lin_probe.kernel import AffineKernel
 from lin_probe.kernel.data_kernels import DataKernelChoice, data_kernel_candidates, features_from_state
 from lin_probe.linalg.operator import NonFiniteOperator, SymmetricOperator
@@ -249,23 +250,25 @@ class RegimeProbe:
         return monitor
 
     # ------------------------------------------------------------------ training
-    def stage_digests(self, x: Tensor) -> BatchDigests | None:
+    def stage_digests(self, x: Tensor, batch: Any = None) -> BatchDigests | None:
         """``x``'s row digests, their host copy started now (the batch has just arrived), when a shadow
-        will know its examples by their bytes: the ``f_0`` cache, or hashed example ids. ``None``
-        when none will, or ``x`` is not one tensor of rows (whoever needs them then says why)."""
-        if not isinstance(x, Tensor) or x.dim() == 0 or not self._hashes_inputs():
+        will know its examples by their bytes (the ``f_0`` cache, hashed example ids) or by the
+        batch's indices (the memorizing shadow checks those on the host). ``None`` when none will,
+        or ``x`` is not one tensor of rows (whoever needs them then says why)."""
+        if not isinstance(x, Tensor) or x.dim() == 0 or not self._stages_batches():
             return None
+        indices = indices_from_batch(batch) if any(run.example_ids is not None for run in self.runs) else None
         try:
-            return BatchDigests(x)
+            return BatchDigests(x, indices if isinstance(indices, Tensor) else None)
         except Exception:  # an aid only: the shadow step hashes x itself, and reports a failure there
             return None
 
-    def _hashes_inputs(self) -> bool:
+    def _stages_batches(self) -> bool:
         for run in self.runs:
             cache = getattr(run.shadow, "initial_cache", None)
             if cache is not None and cache.enabled:
                 return True
-            if run.example_ids is not None and run.example_ids.mode != "index":
+            if run.example_ids is not None:  # hashed ids, or indices checked on the host
                 return True
         return False
 
@@ -299,7 +302,8 @@ class RegimeProbe:
                         "under DDP it needs batch indices: wrap the training dataset in lin_probe.data.WithIndex",
                     )
                     continue
-            run.mirror.accumulate(x, y, ids, scale=scale, digests=digests)
+            bound = None if run.example_ids is None else run.example_ids.last_bound
+            run.mirror.accumulate(x, y, ids, scale=scale, digests=digests, ids_bound=bound)
 
     def step(self, lr: float, reduce_grad: Callable[[Tensor], Tensor] | None = None) -> None:
         """One mirrored step of every shadow with the network's learning rate ``lr``.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,7 +35,8 @@ def row_digests(x: Tensor) -> list[bytes]:
 
 
 class BatchDigests:
-    """:func:`row_digests` of one batch: its host copy started at construction, hashed once, on first use.
+    """:func:`row_digests` of one batch: its host copy started at construction, hashed once, on first use
+    (and, when given, the batch's example indices, copied with it: :meth:`host_indices`).
 
     From a CUDA tensor the copy is asynchronous into pinned memory, and an event recorded behind it
     on the current stream is what :meth:`get` waits for, not the kernels queued after it. Other
@@ -43,17 +45,31 @@ class BatchDigests:
     seen, so make it when the batch arrives.
     """
 
-    def __init__(self, x: Tensor) -> None:
+    def __init__(self, x: Tensor, indices: Tensor | None = None) -> None:
         rows = _rows(x)
         self.n = rows.shape[0]
         self._event: torch.Event | None = None
+        self._indices: Tensor | None = None
         if rows.device.type == "cuda":
             self._host: Tensor | None = rows.to("cpu", non_blocking=True)
+            if isinstance(indices, Tensor):
+                self._indices = indices.detach().to("cpu", non_blocking=True)
             self._event = torch.Event(device=rows.device)
             self._event.record()
         else:
             self._host = rows.cpu()  # the CPU: the batch itself; another accelerator: a blocking copy
+            self._indices = indices.detach().cpu() if isinstance(indices, Tensor) else None
         self._digests: list[bytes] | None = None
+
+    def host_indices(self) -> np.ndarray | None:
+        """The batch's example indices (``WithIndex``) on the host, copied with the rows, as an
+        array (reading it is not a tensor read); ``None`` when none were staged. What the memorizing
+        shadow checks and sizes its offsets by, so that it reads no index value from the device."""
+        if self._indices is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        return self._indices.numpy()
 
     def get(self) -> list[bytes]:
         """The digests, one per row (the first call waits for the copy, if any, and hashes)."""

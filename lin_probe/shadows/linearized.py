@@ -353,6 +353,7 @@ class LinearizedMirror:
         ids: Tensor | None = None,
         scale: float = 1.0,
         digests: BatchDigests | None = None,
+        ids_bound: int | None = None,
     ) -> Tensor:
         """Add ``∂(scale·loss(f_lin(x), y))/∂θ' = J_0ᵀ g`` to each trained ``θ'``'s ``.grad``; returns the loss.
 

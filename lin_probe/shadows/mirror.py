@@ -187,14 +187,17 @@ class OptimizerMirror:
         ids: Tensor | None = None,
         scale: float = 1.0,
         digests: BatchDigests | None = None,
+        ids_bound: int | None = None,
     ) -> Tensor:
         """Add ``∂(scale·loss(shadow(x, ids), y))/∂θ`` to each trained parameter's ``.grad``.
 
         The parameters themselves do not move; returns the unscaled loss. ``ids`` (training example
         ids, one per row of ``x``) are required with offsets and refused without. ``digests``: ``x``'s
-        row digests, staged when the batch arrived, for the ``f_0`` cache.
+        row digests, staged when the batch arrived, for the ``f_0`` cache. ``ids_bound``: above every
+        id, known on the host (:attr:`ExampleIds.last_bound`, which checked them): the offsets are
+        sized by it and the ids not read back (``None``: they are).
         """
-        ids = self._training_ids(ids)
+        ids = self._training_ids(ids, ids_bound)
         params = self.shadow.trained_parameters()
         target = _move(y, params[0].device)
         if isinstance(target, Tensor) and target.is_floating_point():
@@ -245,7 +248,7 @@ class OptimizerMirror:
                     "load the shadow's state_dict (which resizes V) before the mirror's."
                 )
 
-    def _training_ids(self, ids: Tensor | None) -> Tensor | None:
+    def _training_ids(self, ids: Tensor | None, bound: int | None = None) -> Tensor | None:
         """Checked training ids with room for them in ``V`` (grown, optimizer state padded); ``None`` without offsets."""
         offsets = self.shadow.offsets
         if offsets is None:
@@ -259,8 +262,9 @@ class OptimizerMirror:
                 "A shadow with example offsets trains on example ids (from ExampleIds), one per example; "
                 "without them its offsets would never be trained."
             )
-        ids = offsets.training_ids(ids)
-        old = offsets.reserve(int(ids.max()) + 1 if ids.numel() else 0)
+        ids = offsets.training_ids(ids, values_checked=bound is not None)
+        needed = bound if bound is not None else (int(ids.max()) + 1 if ids.numel() else 0)
+        old = offsets.reserve(needed)
         if old != offsets.rows:
             _pad_optimizer_state(self._optimizer, offsets.V, old)
         return ids

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from lin_probe._validation import check_int
 from lin_probe.shadows.digests import DIGEST_BYTES, BatchDigests, digests_of, index_tensor, row_digests
+
+if TYPE_CHECKING:
+    import numpy as np
 
 UNKNOWN_ID = -1  # the id of a point that is not a training example (held out): no V term
 _MODES = (None, "index", "hash")
@@ -85,14 +88,17 @@ class ExampleOffsets(nn.Module):
             self.scale(c)
         )
 
-    def training_ids(self, ids: Tensor) -> Tensor:
-        """Ids of training examples: a 1-D integer tensor of non-negative ids, on ``V``'s device."""
+    def training_ids(self, ids: Tensor, *, values_checked: bool = False) -> Tensor:
+        """Ids of training examples: a 1-D integer tensor of non-negative ids, on ``V``'s device.
+
+        ``values_checked``: the caller checked the values on the host (:class:`ExampleIds`), so they
+        are not read back here (on an accelerator that read would wait for the step's kernels)."""
         if not isinstance(ids, Tensor):
             raise TypeError(
                 f"`ids` must be a tensor of example ids (from ExampleIds), got {type(ids).__name__}."
             )
         ids = _checked_ids(ids, None)  # the count is checked against x in the forward
-        if ids.numel() and int(ids.min()) < 0:
+        if not values_checked and ids.numel() and int(ids.min()) < 0:
             raise ValueError(
                 "Training example ids must be >= 0; held-out points (id -1) cannot be trained on."
             )
@@ -182,6 +188,9 @@ class ExampleIds:
         self.mode: str | None = None  # "index" or "hash", fixed by the first call
         self._table: dict[bytes, int] = {}
         self._keys: list[bytes] = []
+        self.last_bound: int | None = None
+        """Above every id of the last call, known on the host (``None``: unknown, the indices were
+        checked on their device): the offsets are sized by it without reading the ids back."""
 
     def __len__(self) -> int:
         """Distinct examples seen in hashing mode (0 in index mode: the ids are the indices)."""
@@ -196,9 +205,11 @@ class ExampleIds:
         instead of copying ``x`` to the host, which would wait for the device's queued work)."""
         if indices is not None:
             self._set_mode("index")
-            return self._checked_indices(x, indices)
+            host = None if digests is None else digests.host_indices()
+            return self._checked_indices(x, indices, host)
         self._set_mode("hash")
         ids = [self._register(key) for key in digests_of(_checked_inputs(x), digests)]
+        self.last_bound = len(self._keys)
         return index_tensor(ids, x.device)
 
     def lookup(self, x: Tensor) -> Tensor:
@@ -273,9 +284,13 @@ class ExampleIds:
         self._keys.append(key)
         return self._table[key]
 
-    def _checked_indices(self, x: Tensor, indices: Tensor) -> Tensor:
-        """Indices as a 1-D long tensor on ``x``'s device, one per example, in range."""
+    def _checked_indices(self, x: Tensor, indices: Tensor, host: np.ndarray | None = None) -> Tensor:
+        """Indices as a 1-D long tensor on ``x``'s device, one per example, in range. ``host``: the
+        same indices staged on the host (:meth:`BatchDigests.host_indices`), where the values are
+        checked; without it they are read from ``indices``' device and :attr:`last_bound` is unknown."""
         indices = torch.as_tensor(indices)
+        on_host = host is not None and tuple(host.shape) == tuple(indices.shape)
+        values: Any = host if on_host else indices  # reading the host copy never waits for a device
         rows = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else None
         if indices.dim() != 1 or indices.is_floating_point() or indices.dtype == torch.bool:
             raise ValueError(
@@ -286,12 +301,14 @@ class ExampleIds:
             raise ValueError(
                 f"{indices.shape[0]} indices for a batch of {rows} examples; give one per example."
             )
-        if indices.numel() and int(indices.min()) < 0:
+        count = int(indices.shape[0])
+        if count and int(values.min()) < 0:
             raise ValueError("`indices` must be >= 0 (dataset indices).")
-        if self.max_examples is not None and indices.numel() and int(indices.max()) >= self.max_examples:
+        if self.max_examples is not None and count and int(values.max()) >= self.max_examples:
             raise ValueError(
-                f"Index {int(indices.max())} >= max_examples={self.max_examples}; pass the training set's length."
+                f"Index {int(values.max())} >= max_examples={self.max_examples}; pass the training set's length."
             )
+        self.last_bound = (int(values.max()) + 1 if count else 0) if on_host else None
         device = x.device if isinstance(x, Tensor) else indices.device
         return indices.to(device=device, dtype=torch.long)
 

@@ -18,6 +18,7 @@ import torch
 from _lightning_setups import Regressor, TwoLayerNet, make_trainer, sphere_data
 from torch.utils.data import DataLoader, TensorDataset
 
+from lin_probe.data import WithIndex
 from lin_probe.lightning.callback import LinearRegimeMonitor
 from lin_probe.shadows import linear as linear_module
 
@@ -56,14 +57,21 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Spy]:
     yield watch
 
 
+@pytest.mark.parametrize("memorization", [None, "hashed", "indexed"])
 def test_the_shadow_step_reads_no_value_back_and_skips_f0_on_cached_batches(
-    tmp_path: Path, spy: _Spy
+    tmp_path: Path, spy: _Spy, memorization: str | None
 ) -> None:
+    """Also with the memorizing shadow: its ids (hashed rows, or ``WithIndex`` batch indices) are
+    checked and its offsets sized on the host, from the copy staged when the batch arrived."""
     d, n_train, n_val, batch, epochs = 8, 24, 16, 6, 2
     x, y = sphere_data(n_train + n_val, d, seed=3)
-    train = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=batch)
+    dataset = TensorDataset(x[:n_train], y[:n_train])
+    train = DataLoader(WithIndex(dataset) if memorization == "indexed" else dataset, batch_size=batch)
     val = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=n_val)
-    monitor = LinearRegimeMonitor(n_probe=n_val, every_n_steps=100, max_overhead=None, stop_after_exit=100)
+    monitor = LinearRegimeMonitor(
+        n_probe=n_val, every_n_steps=100, max_overhead=None, stop_after_exit=100,
+        memorization=memorization is not None,
+    )  # fmt: skip
     steps: list[tuple[int, int]] = []  # (eval entries, reads) per shadow step
     shadow_step = monitor._shadow_step
 
@@ -81,6 +89,8 @@ def test_the_shadow_step_reads_no_value_back_and_skips_f0_on_cached_batches(
     trainer.fit(Regressor(TwoLayerNet(d, 32, seed=1), 0.1), train, val)
     per_epoch = n_train // batch
     assert len(steps) == epochs * per_epoch  # the shadows followed every step
+    assert monitor.core is not None and len(monitor.core.runs) == (2 if memorization else 1)
     assert spy.reads == []  # e.g. a NaN check of each batch is a bool() of a device tensor
-    # f_0 ran (under eval semantics) on each first-epoch batch, never on the cached second epoch
+    # f_0 ran (under eval semantics) on each first-epoch batch, never on the cached second epoch;
+    # the memorizing shadow shares the paper's cache, so it adds no forward
     assert [entries for entries, _ in steps] == [1] * per_epoch + [0] * per_epoch

@@ -27,6 +27,7 @@ from lin_probe.data import WithIndex, indices_from_batch
 from lin_probe.kernel import AffineKernel, fit_affine_kernel
 from lin_probe.losses import resolve_loss
 from lin_probe.ntk.dense import empirical_ntk
+from lin_probe.shadows.digests import BatchDigests
 from lin_probe.shadows.linear import LinearShadow
 from lin_probe.shadows.mirror import OptimizerMirror
 from lin_probe.shadows.offsets import UNKNOWN_ID, ExampleIds, ExampleOffsets
@@ -529,3 +530,47 @@ def test_reduce_grad_applies_to_B_and_V_and_discard_drops_a_partial_gradient() -
     halved_mirror.accumulate(x_train, y, ids)
     with pytest.raises(ValueError, match="capacity"):
         halved_mirror.step(0.1, reduce_grad=lambda g: g[:1])
+
+
+def test_staged_batch_indices_are_checked_and_bound_on_the_host() -> None:
+    """Indices staged with the batch (``BatchDigests(x, indices)``) are checked as before, and give
+    the host-side bound the mirror sizes its offsets by; unstaged ones leave the bound unknown."""
+    x = torch.randn(3, D, dtype=torch.float64)
+    ids = ExampleIds(max_examples=10)
+    index = torch.tensor([2, 7, 5])
+    assert ids(x, index, BatchDigests(x, index)).tolist() == [2, 7, 5]
+    assert ids.last_bound == 8
+    ids(x, index)  # read on its device: no bound
+    assert ids.last_bound is None
+    with pytest.raises(ValueError, match=">= 0"):
+        bad = torch.tensor([1, -1, 0])
+        ids(x, bad, BatchDigests(x, bad))
+    with pytest.raises(ValueError, match="max_examples=10"):
+        over = torch.tensor([1, 10, 0])
+        ids(x, over, BatchDigests(x, over))
+    hashed = ExampleIds()
+    rows = torch.cat([x[:2], x[:1]])  # two distinct rows, one repeated
+    assert hashed(rows, None, BatchDigests(rows)).tolist() == [0, 1, 0] and hashed.last_bound == 2
+
+
+def test_offsets_sized_by_the_host_bound_train_exactly_as_sized_by_the_ids() -> None:
+    """Momentum SGD on the memorizing shadow, offsets grown on demand: sizing them by ``ids_bound``
+    (no read of the ids) takes the same trajectory as sizing them by ``ids.max()``."""
+    x_train, _, y = _data(23, "mse")
+    results = []
+    for by_bound in (False, True):
+        model = _mlp(24)
+        shadow = _memo(model, x_train)
+        mirror = OptimizerMirror(
+            shadow, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), resolve_loss("mse")
+        )
+        for start in range(0, N_TRAIN, 4):
+            ids = torch.arange(start, min(start + 4, N_TRAIN))
+            rows = slice(start, start + 4)
+            bound = int(ids[-1]) + 1 if by_bound else None
+            mirror.accumulate(x_train[rows], y[rows], ids, ids_bound=bound)
+            mirror.step(0.5)
+        assert shadow.offsets is not None
+        results.append((shadow.B.detach().clone(), shadow.offsets.V.detach().clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
