@@ -115,10 +115,10 @@ class Costs:
     between the two (:func:`plan_within_budget`). An upper bound: the forward and the per-example
     work that does not grow with the outputs are counted ``C/S`` times too."""
     structured_ntk_s: tuple[tuple[int, float], ...] = ()
-    figure_s: float = FIGURE_PRIOR_S
-    """Seconds per summary-figure draw (:data:`FIGURE_PRIOR_S` unless measured)."""
     """``(m, seconds)`` of the pilot's NTKs where they ran the structured path over the exact
     outputs: ``method="auto"`` at start reuses them instead of timing that path again."""
+    figure_s: float = FIGURE_PRIOR_S
+    """Seconds per summary-figure draw (:data:`FIGURE_PRIOR_S` unless measured)."""
 
     def settled(self, *, exact: bool) -> Costs:
         """These costs with the outputs chosen: the exact kernel's (``exact``: the NTK scaled by
@@ -197,10 +197,10 @@ class MonitorPlan:
     fits: bool
     minimal: bool = False
     outputs: str | None = None
-    measured_until: int | None = None
-    """The last step measured (checks and shadows stop after its check); ``None``: the whole run."""
     """``"exact"`` or ``"sketch"`` when the budget chose the NTK's outputs (``outputs="auto"`` on a model
     with more than 64 outputs); ``None`` when the setting decided alone."""
+    measured_until: int | None = None
+    """The last step measured (checks and shadows stop after its check); ``None``: the whole run."""
 
     @property
     def share(self) -> float:
@@ -292,7 +292,9 @@ def plan_within_budget(
     ) -> MonitorPlan:
         cost = _cost(costs, n, chosen, steps if until is None else min(until, steps))
         fits = cost <= budget
-        return MonitorPlan(n, chosen, steps, known, cost, budget, run_s, stop, fits, minimal, None, until)
+        return MonitorPlan(
+            n, chosen, steps, known, cost, budget, run_s, stop, fits, minimal, measured_until=until
+        )
 
     if schedule is not None:  # the user's schedule: only the probe size is planned
         plans = [make(n, schedule) for n in sizes]
