@@ -34,6 +34,7 @@ again once from the steps actually measured (:func:`costs_from_run`).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -394,7 +395,7 @@ def costs_from_run(
     too long, and a plan that spent 24× the budget."""
     updated = previous
     if step_samples is not None and len(step_samples) >= MIN_STEP_SAMPLES:
-        updated = replace(updated, step_s=sorted(step_samples)[len(step_samples) // 2])
+        updated = replace(updated, step_s=statistics.median_high(step_samples))
     elif steps > 0 and user_s > 0:
         updated = replace(updated, step_s=user_s / steps)
     if ntk_samples:
@@ -408,8 +409,7 @@ def costs_from_run(
         n, seconds = min(functional_samples, key=lambda sample: sample[1])
         updated = replace(updated, functional_per_example_s=seconds / n)
     if shadow_samples:
-        typical = sorted(shadow_samples)[len(shadow_samples) // 2]
-        updated = replace(updated, shadow_step_s=typical)
+        updated = replace(updated, shadow_step_s=statistics.median_high(shadow_samples))
     return updated
 
 
