@@ -46,10 +46,6 @@ _SIDE_SHADOWS = (
     (LINEARIZED, "the linearised network", "linearized_exit_step"),
 )
 
-# Epoch ends redraw while drawing has taken at most EPOCH_FIGURE_SHARE of the time since the monitor
-# started (the overhead budget charges it). The first epoch end, the exit, the end of training and a
-# crash always draw.
-
 _NO_MATPLOTLIB = (
     "lin_probe draws its summary figure with matplotlib, which is not installed: the Images tab stays "
     "empty. `pip install matplotlib` to get it; every other panel is written."
@@ -249,7 +245,10 @@ class Publisher:
             panels.flush()
 
     def epoch_figure(self, trainer: pl.Trainer, probe: RegimeProbe | None) -> None:
-        """The figure at an epoch end, when there is something new and drawing stays within its share."""
+        """The figure at an epoch end, when there is something new and drawing has taken at most
+        :data:`~lin_probe.monitor.budget.EPOCH_FIGURE_SHARE` of the time since the monitor started
+        (the budget charges that share): before anything was drawn it always draws. The exit, the
+        end of training and a crash draw elsewhere, whatever the share."""
         if probe is None or self._drawn_checks == len(probe.history):
             return
         if self._drawing_s > EPOCH_FIGURE_SHARE * (time.monotonic() - self._started):

@@ -257,9 +257,9 @@ class RegimeProbe:
         or ``x`` is not one tensor of rows (whoever needs them then says why)."""
         if not isinstance(x, Tensor) or x.dim() == 0 or not self._stages_batches():
             return None
-        indices = indices_from_batch(batch) if any(run.example_ids is not None for run in self.runs) else None
+        memorizing = any(run.example_ids is not None for run in self.runs)
         try:
-            return BatchDigests(x, indices if isinstance(indices, Tensor) else None)
+            return BatchDigests(x, indices_from_batch(batch) if memorizing else None)
         except Exception:  # an aid only: the shadow step hashes x itself, and reports a failure there
             return None
 

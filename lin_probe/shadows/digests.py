@@ -52,13 +52,13 @@ class BatchDigests:
         self._indices: Tensor | None = None
         if rows.device.type == "cuda":
             self._host: Tensor | None = rows.to("cpu", non_blocking=True)
-            if isinstance(indices, Tensor):
+            if indices is not None:
                 self._indices = indices.detach().to("cpu", non_blocking=True)
             self._event = torch.Event(device=rows.device)
             self._event.record()
         else:
             self._host = rows.cpu()  # the CPU: the batch itself; another accelerator: a blocking copy
-            self._indices = indices.detach().cpu() if isinstance(indices, Tensor) else None
+            self._indices = None if indices is None else indices.detach().cpu()
         self._digests: list[bytes] | None = None
 
     def host_indices(self) -> np.ndarray | None:
