@@ -54,9 +54,10 @@ def measure_costs(
     """Time the monitor's parts on ``model`` and the probe ``inputs`` (module docstring).
 
     The NTK is timed over the outputs the monitor would take at the smallest probe size (exact, or
-    a sketch with the most projections: ``outputs_setting`` is ``MonitorConfig.outputs``). An
-    ``"auto"`` sketch is not final: the plan takes the exact kernel when the budget affords it
-    (:attr:`Costs.exact_ntk_factor`), estimated, not timed (it costs ``C/S`` times the sketch).
+    a sketch with the most projections: ``outputs_setting`` is ``MonitorConfig.outputs``); under
+    ``"auto"`` every model with more outputs than a sketch's directions is timed sketched, a
+    classifier too. That sketch is not final: the plan takes the exact kernel when the budget
+    affords it (:attr:`Costs.exact_ntk_factor`), estimated, not timed (it costs ``C/S`` times the sketch).
 
     Every measurement runs on the first :data:`PILOT_EXAMPLES` of ``inputs`` (the candidate probe
     can be 256 examples): the BatchNorm calibration is then one forward of those, not of all
@@ -67,10 +68,10 @@ def measure_costs(
     inputs = inputs[:PILOT_EXAMPLES]
     with probe_batch_statistics(model, inputs):
         count = output_count(model, inputs[:1], output_fn)
-        outputs = outputs_without_error(outputs_setting, count, PROBE_SIZES[-1])
+        outputs = outputs_without_error(outputs_setting, count, PROBE_SIZES[-1], budgeted=True)
         kernel_output_fn = outputs.output_fn(output_fn, model, inputs)
         samples = []
-        structured = outputs.sketch is None  # a sketch's timings are not the kernel start computes
+        structured = True
         for m in PILOT_SIZES:
             m = min(m, inputs.shape[0])
             probe = NTKProbe(inputs[:m], kernel_output_fn, param_weights, plan)
@@ -95,7 +96,8 @@ def measure_costs(
         shadow_cached_s=hashing,
         steps_per_epoch=steps_per_epoch if center else None,
         exact_ntk_factor=_exact_factor(outputs_setting, outputs),
-        structured_ntk_s=tuple(_distinct(samples)) if structured else (),
+        # a sketch's timings are not those of the kernel start computes (the plan may still take the exact one)
+        structured_ntk_s=tuple(_distinct(samples)) if structured and outputs.sketch is None else (),
     )
 
 

@@ -160,17 +160,24 @@ def test_no_budget_gives_the_fixed_defaults_and_no_plan(
 
 
 @pytest.mark.parametrize("exact", [True, False])
-def test_a_many_output_model_gets_the_exact_kernel_only_when_the_budget_affords_it(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, exact: bool
+@pytest.mark.parametrize(("d", "projections"), [(96, 50), (10, 2)])  # 50 = ⌈2 / (16 · 0.05²)⌉ at n = 16
+def test_a_model_gets_the_exact_kernel_only_when_the_budget_affords_it(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    exact: bool,
+    d: int,
+    projections: int,
 ) -> None:
-    """96 outputs per example: ``outputs="auto"`` would sketch them (32 directions, so the exact kernel
-    costs 3×). The pilot's timings are fixed here (the choice is the planner's, tested in
+    """96 outputs per example: ``outputs="auto"`` would sketch them (50 directions on this 16-example
+    probe); 10 (a classifier): the pilot times a 2-direction sketch (the exact kernel costs 5×).
+    The pilot's timings are fixed here (the choice is the planner's, tested in
     tests/monitor/test_budget.py; this pins the wiring): a cheap NTK lets the plan take the exact
     kernel, a dear one keeps the sketch; the line says which and the monitor measures what it says."""
     ntk_quadratic = 1e-9 if exact else 1.0  # seconds × n²: free, or far over any budget
-    fixed = Costs(1e-2, 0.0, ntk_quadratic, 1e-9, 1e-9, 1e-9, None, exact_ntk_factor=96 / 32, figure_s=0.0)
+    factor = d / projections
+    fixed = Costs(1e-2, 0.0, ntk_quadratic, 1e-9, 1e-9, 1e-9, None, exact_ntk_factor=factor, figure_s=0.0)
     monkeypatch.setattr(callback_module, "measure_costs", lambda *args, **kwargs: fixed)
-    d = 96
     x, y = sphere_data(N_TRAIN + N_VAL, d, d)
     train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], 16)
     monitor = LinearRegimeMonitor(n_probe=16, verbose=False)
@@ -181,7 +188,9 @@ def test_a_many_output_model_gets_the_exact_kernel_only_when_the_budget_affords_
     said = "NTK over every output" if exact else "NTK over a sketch of the outputs"
     assert said in line, line
     assert monitor.core is not None and monitor.core.kernel_outputs is not None
-    assert (monitor.core.kernel_outputs.sketch is None) == exact
+    sketch = monitor.core.kernel_outputs.sketch
+    assert (sketch is None) == exact
+    assert sketch is None or sketch.projections == projections
     assert monitor.core.kernel_outputs.outputs == d
 
 

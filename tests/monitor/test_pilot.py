@@ -1,8 +1,9 @@
 """``measure_costs``: what the pilot records about the NTK's outputs for the planner.
 
 The seconds themselves are timings (the planner's tests use fixed ones); what is pinned here is
-what is not timed: ``exact_ntk_factor`` = C/S, set only where ``outputs="auto"`` would sketch, so
-that only there may the budget choose the exact kernel instead; and the counted Gram share the
+what is not timed: ``exact_ntk_factor`` = C/S, set only where ``outputs="auto"`` may sketch (any
+model with more outputs than a sketch's directions, a classifier too), so that only there may the
+budget choose between the exact kernel and the sketch; and the counted Gram share the
 NTK's cost curve is given (against the closed-form multiply-adds of a plain Linear stack).
 """
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lin_probe.monitor.outputs import MIN_PROJECTIONS
+from lin_probe.monitor.outputs import FEW_OUTPUT_PROJECTIONS, MIN_PROJECTIONS
 from lin_probe.monitor.pilot import measure_costs
 from lin_probe.plan import ComputePlan
 
@@ -36,7 +37,9 @@ def _costs(model: nn.Module, inputs: torch.Tensor, setting: str):  # type: ignor
     (256, "auto", 256 / MIN_PROJECTIONS),  # sketched by auto at 32 directions: exact costs 8×
     (256, "sketch", None),  # forced: the budget does not overrule the user
     (256, "exact", None),
-    (10, "auto", None),  # a classifier: exact already
+    (10, "auto", 10 / FEW_OUTPUT_PROJECTIONS),  # a classifier: timed over 2 directions, planned both ways
+    (10, "exact", None),
+    (2, "auto", None),  # two outputs: no sketch is cheaper
 ])  # fmt: skip
 def test_the_exact_factor_is_set_only_where_auto_would_sketch(
     outputs: int, setting: str, factor: float | None
@@ -75,14 +78,16 @@ def test_the_cost_curve_gets_the_counted_gram_share_where_every_multiply_add_is_
     monkeypatch.setattr(pilot_module, "ntk_cost_curve", spy)
     torch.manual_seed(0)
     stack = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-    _costs(stack, torch.randn(32, 6), "auto")
+    _costs(stack, torch.randn(32, 6), "exact")
     # 8 examples, C = 3; per example: (1 + C) forwards of 6·16 + 16·3 multiply-adds; both layers'
     # patch Grams (one position): n²·(C·O + D) = 64·(3·16 + 6) and 64·(3·3 + 16)
     recording = 8 * (1 + 3) * (6 * 16 + 16 * 3)
     gram = 64 * (3 * 16 + 6) + 64 * (3 * 3 + 16)
-    _costs(_Scaled(), torch.randn(32, 6), "auto")
+    _costs(_Scaled(), torch.randn(32, 6), "exact")
+    _costs(stack, torch.randn(32, 6), "auto")  # timed over a 2-direction sketch: its share is counted too
     assert shares[0] == pytest.approx(gram / (recording + gram), rel=1e-9)
     assert shares[1] is None  # the scale's generic kernel is not counted
+    assert shares[2] is not None and 0.0 < shares[2] < 1.0
 
 
 def test_the_pilot_measures_on_the_smallest_probe_only() -> None:

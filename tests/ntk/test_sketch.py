@@ -13,6 +13,7 @@ import torch
 from _ntk_reference import DTYPE, assert_close, brute_force_ntk
 from torch import Tensor, nn
 
+from lin_probe.monitor.outputs import FEW_OUTPUT_PROJECTIONS
 from lin_probe.ntk import empirical_ntk
 from lin_probe.ntk.sketch import (
     OutputSketch,
@@ -84,6 +85,27 @@ def test_error_shrinks_like_one_over_sqrt_projections() -> None:
 
     ratio = mean_error(8) / mean_error(32)
     assert 1.4 <= ratio <= 2.8, ratio
+
+
+def test_a_classifiers_two_direction_sketch_is_accurate_behind_a_wide_final_layer() -> None:
+    """Why a classifier's budget sketch needs only ``FEW_OUTPUT_PROJECTIONS`` directions: with
+    Rademacher directions the diagonal terms are exact and the error is the outputs' cross terms,
+    which at init vanish at least like ``1/√width`` behind a final Linear layer (the pNTK argument,
+    Mohamadi et al., ICML 2023; the last layer's own cross terms are exactly zero). Against the
+    brute force, over 8 draws: the error at width 1024 is under 1 %, and from width 64 to 1024 it
+    shrinks at least by the predicted √16 = 4 (it does by ~25 here)."""
+    x = torch.randn(24, 20, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+
+    def mean_error(width: int) -> float:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(20, width), nn.Tanh(), nn.Linear(width, 10)).to(DTYPE)
+        exact = brute_force_ntk(model, x)
+        draws = [sketched_ntk(model, x, OutputSketch(FEW_OUTPUT_PROJECTIONS, seed=s)) for s in range(8)]
+        return sum(_rel_spectral(k, exact) for k in draws) / len(draws)
+
+    narrow, wide = mean_error(64), mean_error(1024)
+    assert wide < 0.01, wide
+    assert narrow / wide >= 4.0, (narrow, wide)
 
 
 def test_sketch_through_generic_and_structured_paths_agrees() -> None:
