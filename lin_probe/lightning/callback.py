@@ -124,9 +124,11 @@ class LinearRegimeMonitor(Callback):
         outputs: what the NTK is taken over: ``"exact"`` (every output, ``C`` backward passes per probe
             example), ``"sketch"`` (an unbiased random projection of the outputs; the fit card gives the
             number of projections and its estimated error, from the spread between the kernels of its
-            two halves of directions: no exact kernel is computed), or ``"auto"``: exact up to 64
-            outputs per example; above (language models) the sketch, unless the ``max_overhead``
-            budget affords the exact kernel at the same probe size (the plan line says which).
+            two halves of directions: no exact kernel is computed), or ``"auto"``: the exact kernel
+            where the ``max_overhead`` budget affords it at the same probe size, else the sketch (2
+            directions for a classifier, whose cross-output terms are small at init; 32 or more above
+            64 outputs per example); without a budget exact up to 64 outputs, sketched above (the
+            plan line says which).
         max_overhead: the monitor's budget, as a share of the run's wall time (default 5 %;
             ``None``: no budget, the fixed defaults above). At train start the monitor times its parts and
             plans what fits the run's length (``trainer.estimated_stepping_batches``): the probe size,
