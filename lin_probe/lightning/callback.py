@@ -304,7 +304,7 @@ class LinearRegimeMonitor(Callback):
                 config,
                 train_size=_bridge.train_set_length(trainer),
                 host=host,
-                structured_seconds=self._pilot_structured_seconds(),
+                **self._pilot_structured_timings(),
             )
         except (ValueError, TypeError):
             raise  # lin_probe's configuration errors: they name the argument to change
@@ -483,10 +483,16 @@ class LinearRegimeMonitor(Callback):
         config = self.config if plan.outputs is None else replace(self.config, outputs=plan.outputs)
         return probe.head(plan.n_probe), config
 
-    def _pilot_structured_seconds(self) -> dict[int, float]:
-        """The pilot's structured NTK timings, for ``method="auto"`` at start (none without a budget)."""
+    def _pilot_structured_timings(self) -> dict[str, Any]:
+        """The pilot's structured NTK timings and the outputs they were taken over, for
+        ``method="auto"`` at start (none without a budget): ``RegimeProbe.start``'s keywords."""
         costs = self.budget.costs if self.budget is not None else None
-        return dict(costs.structured_ntk_s) if costs is not None else {}
+        if costs is None:
+            return {}
+        return {
+            "structured_seconds": dict(costs.structured_ntk_s),
+            "structured_projections": costs.structured_ntk_projections,
+        }
 
     @property
     def _gathered_n(self) -> int:

@@ -116,8 +116,10 @@ class Costs:
     between the two (:func:`plan_within_budget`). An upper bound: the forward and the per-example
     work that does not grow with the outputs are counted ``C/S`` times too."""
     structured_ntk_s: tuple[tuple[int, float], ...] = ()
-    """``(m, seconds)`` of the pilot's NTKs where they ran the structured path over the exact
-    outputs: ``method="auto"`` at start reuses them instead of timing that path again."""
+    """``(m, seconds)`` of the pilot's NTKs where they ran the structured path: ``method="auto"`` at
+    start reuses them instead of timing that path again, when its kernel's outputs are these."""
+    structured_ntk_projections: int | None = None
+    """The directions of the sketch :attr:`structured_ntk_s` was timed over (``None``: every output)."""
     figure_s: float = FIGURE_PRIOR_S
     """Seconds per summary-figure draw (:data:`FIGURE_PRIOR_S` unless measured)."""
 

@@ -126,14 +126,16 @@ class RegimeProbe:
         train_size: int | None = None,
         host: Host | None = None,
         structured_seconds: Mapping[int, float] | None = None,
+        structured_projections: int | None = None,
     ) -> RegimeProbe:
         """Measure ``Θ_0`` on the probe, fit the affine kernel and build the shadows, before any step.
 
         ``probe``: a :class:`ProbeSet`, a tensor of inputs or an ``(inputs, targets)`` pair.
         ``train_size`` (the training set's length, when known) sizes the memorizing shadow's table
         and bounds its example identities. ``structured_seconds``: the structured NTK's seconds on
-        the probe's first ``m`` examples over the exact outputs, already timed (the budget's pilot),
-        so ``method="auto"`` does not time that path again; ignored when the outputs are sketched.
+        the probe's first ``m`` examples, already timed (the budget's pilot) over every output or
+        (``structured_projections``) a sketch of that many directions, so ``method="auto"`` does not
+        time that path again; ignored when the kernel's outputs here are other ones.
         """
         config = config or MonitorConfig()
         if not isinstance(probe, ProbeSet):
@@ -147,12 +149,15 @@ class RegimeProbe:
         with probe_batch_statistics(model, probe.inputs):
             outputs = choose_kernel_outputs(config.outputs, model, probe.inputs, config.output_fn)
             kernel_output_fn = outputs.output_fn(config.output_fn, model, probe.inputs)
+            timed_alike = structured_projections == (
+                None if outputs.sketch is None else outputs.sketch.projections
+            )
             ntk = NTKProbe(
                 probe.inputs,
                 kernel_output_fn,
                 learning_rate_weights(model, optimizer),
                 config.plan,
-                structured_seconds=dict(structured_seconds or {}) if outputs.sketch is None else {},
+                structured_seconds=dict(structured_seconds or {}) if timed_alike else {},
             )
             progress = host.progress(f"NTK at init on {len(probe)} probe examples")
             halves = outputs.half_output_fns(config.output_fn, model, probe.inputs)

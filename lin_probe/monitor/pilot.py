@@ -96,8 +96,8 @@ def measure_costs(
         shadow_cached_s=hashing,
         steps_per_epoch=steps_per_epoch if center else None,
         exact_ntk_factor=_exact_factor(outputs_setting, outputs),
-        # a sketch's timings are not those of the kernel start computes (the plan may still take the exact one)
-        structured_ntk_s=tuple(_distinct(samples)) if structured and outputs.sketch is None else (),
+        structured_ntk_s=tuple(_distinct(samples)) if structured else (),
+        structured_ntk_projections=None if outputs.sketch is None else outputs.sketch.projections,
     )
 
 

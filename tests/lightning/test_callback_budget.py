@@ -173,11 +173,37 @@ def test_a_model_gets_the_exact_kernel_only_when_the_budget_affords_it(
     probe); 10 (a classifier): the pilot times a 2-direction sketch (the exact kernel costs 5×).
     The pilot's timings are fixed here (the choice is the planner's, tested in
     tests/monitor/test_budget.py; this pins the wiring): a cheap NTK lets the plan take the exact
-    kernel, a dear one keeps the sketch; the line says which and the monitor measures what it says."""
+    kernel, a dear one keeps the sketch; the line says which and the monitor measures what it says.
+
+    The pilot's structured timings reach ``method="auto"`` at start only for the kernel they timed:
+    the pilot's sketch at its 32 examples (32 directions for 96 outputs, 2 for 10), which start
+    takes again only for the classifier's sketch (50 directions at 16 examples for 96 outputs)."""
+    from lin_probe.monitor import checks as checks_module
+
     ntk_quadratic = 1e-9 if exact else 1.0  # seconds × n²: free, or far over any budget
-    factor = d / projections
-    fixed = Costs(1e-2, 0.0, ntk_quadratic, 1e-9, 1e-9, 1e-9, None, exact_ntk_factor=factor, figure_s=0.0)
+    factor, timed_over = d / projections, 32 if d == 96 else 2
+    fixed = Costs(
+        1e-2,
+        0.0,
+        ntk_quadratic,
+        1e-9,
+        1e-9,
+        1e-9,
+        None,
+        exact_ntk_factor=factor,
+        structured_ntk_s=((4, 1e-3), (8, 2e-3)),
+        structured_ntk_projections=timed_over,
+        figure_s=0.0,
+    )
     monkeypatch.setattr(callback_module, "measure_costs", lambda *args, **kwargs: fixed)
+    handed: list[Any] = []
+    real_choose = checks_module.choose_method
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        handed.append(kwargs.get("structured_seconds"))
+        return real_choose(*args, **kwargs)
+
+    monkeypatch.setattr(checks_module, "choose_method", spy)
     x, y = sphere_data(N_TRAIN + N_VAL, d, d)
     train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], 16)
     monitor = LinearRegimeMonitor(n_probe=16, verbose=False)
@@ -192,6 +218,8 @@ def test_a_model_gets_the_exact_kernel_only_when_the_budget_affords_it(
     assert (sketch is None) == exact
     assert sketch is None or sketch.projections == projections
     assert monitor.core.kernel_outputs.outputs == d
+    reused = not exact and d == 10
+    assert handed and handed[0] == ({4: 1e-3, 8: 2e-3} if reused else {}), handed
 
 
 def test_the_figures_drawn_at_epoch_ends_and_train_end_count_as_the_monitors_time(
