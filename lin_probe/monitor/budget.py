@@ -201,7 +201,7 @@ class MonitorPlan:
     minimal: bool = False
     outputs: str | None = None
     """``"exact"`` or ``"sketch"`` when the budget chose the NTK's outputs (``outputs="auto"`` on a model
-    with more than 64 outputs); ``None`` when the setting decided alone."""
+    with more outputs than a sketch's directions); ``None`` when the setting decided alone."""
     measured_until: int | None = None
     """The last step measured (checks and shadows stop after its check); ``None``: the whole run."""
 

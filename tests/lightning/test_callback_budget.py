@@ -67,9 +67,9 @@ def test_the_default_monitor_announces_its_plan_and_does_exactly_that(
     early = [s for s in range(REPLAN_AT_STEP + 1) if s in (0, 1, 2, 4, 8)]
     later = [s for s in range(REPLAN_AT_STEP + 1, 61) if schedule.functional(s)]
     stopped = monitor.verdict is not None and monitor.verdict.state != "inside"
-    assert steps[: len(early)] == early
-    if not stopped:
-        assert steps == early + later
+    # stopped after the verdict (maybe at it, before the re-plan): a prefix of the planned checks
+    planned = early + later
+    assert steps == (planned[: len(steps)] if stopped else planned)
     for record in monitor.history:
         step = int(record["step"])
         concluded = "exit_step" in record or "outside_from_start" in record  # the exit's own NTK
@@ -107,12 +107,31 @@ def test_auto_reuses_the_pilots_structured_timings_at_start(
     assert not {m, 2 * m} & set(structured_sizes[2:])
 
 
+@pytest.mark.parametrize(
+    ("ntk_quadratic", "user_stop", "after"),
+    [
+        (1e-12, None, STOP_AFTER_EXIT),  # within the budget: the planned checks after the verdict
+        (1.0, None, 0),  # over it, a verdict the init fit explains: none
+        (1.0, 2, 2),  # ... unless the user asked for them
+    ],
+)
 def test_the_plan_stops_measuring_a_few_checks_after_the_verdict(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    ntk_quadratic: float,
+    user_stop: int | None,
+    after: int,
 ) -> None:
     """A narrow net misfits the affine kernel: 'not in the linear regime from the start' at the first
-    checks; the plan keeps measuring for STOP_AFTER_EXIT more checks, then the shadows stop, and the
-    summary figure is drawn once, then (not at the verdict and again at the end)."""
+    checks. Within the budget the plan keeps measuring for STOP_AFTER_EXIT more checks; over it
+    (fixed pilot costs: a dear NTK) it stops at the verdict, since the init fit explains it and
+    later distances are from a poor proxy, and says so in one line; a user's stop_after_exit wins.
+    Then the shadows stop, and the summary figure is drawn once (not at the verdict and again at
+    the end)."""
+    fixed = Costs(1e-2, 0.0, ntk_quadratic, 1e-12, 1e-12, 1e-12, None, figure_s=0.0)
+    monkeypatch.setattr(callback_module, "measure_costs", lambda *args, **kwargs: fixed)
+    monkeypatch.setattr(budget_keeper_module, "costs_from_run", lambda previous, **kwargs: previous)
     drawn: list[int] = []
     original = Publisher.figure
 
@@ -121,18 +140,18 @@ def test_the_plan_stops_measuring_a_few_checks_after_the_verdict(
         original(self, trainer, probe)
 
     monkeypatch.setattr(Publisher, "figure", counted)
-    monitor = LinearRegimeMonitor(verbose=False)
-    with warnings.catch_warnings():
+    monitor = LinearRegimeMonitor(verbose=False, stop_after_exit=user_stop)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit(tmp_path, monitor, max_steps=200, width=4, lr=2.0)
     # epoch ends may draw too (their own rule); the last checks' figure is drawn once, when measuring stops
     assert drawn[-1] == len(monitor.history) and len(set(drawn)) == len(drawn)
-    assert monitor.verdict is not None and monitor.verdict.state != "inside"
-    concluded = next(
-        i for i, r in enumerate(monitor.history) if "exit_step" in r or "outside_from_start" in r
-    )
-    assert len(monitor.history) - 1 - concluded == STOP_AFTER_EXIT  # checks after the verdict's
+    assert monitor.verdict is not None and monitor.verdict.state == "outside_from_start"
+    concluded = next(i for i, r in enumerate(monitor.history) if "outside_from_start" in r)
+    assert len(monitor.history) - 1 - concluded == after  # checks after the verdict's
     assert not monitor._active
+    said = [r.getMessage() for r in caplog.records if "misfit at init explains the verdict" in r.getMessage()]
+    assert len(said) == (1 if after == 0 else 0), said
 
 
 def test_explicit_settings_win_and_warn_when_over_budget(tmp_path: Path) -> None:
