@@ -21,8 +21,11 @@ A monitoring callback that costs more than the training it watches gets switched
   and no probe size or schedule bounds that. The *minimal plan* (the smallest probe, the NTK at
   step 0 only, functional checks log-spaced, the run measured up to :data:`MIN_MEASURED_STEPS`)
   runs anyway with a warning that gives the numbers;
-* a model whose many outputs ``outputs="auto"`` would sketch is planned both ways: the exact kernel
-  (``C/S`` times the sketch's timed cost) when it fits with as large a probe, the sketch otherwise.
+* under ``outputs="auto"`` a model with more outputs than a sketch's directions (a classifier too:
+  :mod:`lin_probe.monitor.outputs`) is planned both ways: the exact kernel (``C/S`` times the
+  sketch's timed cost) when it fits with as large a probe, the sketch otherwise;
+* over the budget, a verdict the init fit explains ("not in the linear regime from the start") ends
+  the measuring at once, not after the usual :data:`STOP_AFTER_EXIT` checks (the callback's rule).
 
 Settings the user passed (``n_probe``, ``every_n_steps``, ``ntk_every_n_steps``) are kept, not
 planned; the planner then only estimates their cost, so the caller can warn when it exceeds the
