@@ -59,6 +59,7 @@ SERIES: dict[str, tuple[str, str]] = {
     "kernel_velocity": ("kernel_velocity", NETWORK),
     "kernel_alignment": ("kernel_alignment", NETWORK),
     "ntk_scale": ("ntk_scale", NETWORK),
+    "ntk_sketch_error": ("ntk_sketch_error", NETWORK),  # a sketched NTK's estimated error, per check
 }
 
 REL_CHART = "functional_distance_rel"

@@ -140,3 +140,64 @@ def test_a_matrix_free_probe_estimates_the_sketch_error_on_its_first_block() -> 
     assert halves is not None
     a, b = (empirical_ntk(model, tokens, output_fn=half) for half in halves)
     assert outputs.error == pytest.approx(split_half_error(a, b), rel=1e-4)
+
+
+def _classifier_start(outputs: str) -> tuple[RegimeProbe, nn.Module, Tensor, Tensor]:
+    """A 10-class MLP, its probe and labels: ``outputs="sketch"`` takes 2 directions of its 10 outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 10))
+    x = torch.randn(N, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (N,), generator=torch.Generator().manual_seed(2))
+    config = MonitorConfig(loss="cross_entropy", outputs=outputs, center=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return RegimeProbe.start(model, (x, y), optimizer, config), model, x, y
+
+
+def _trained_away(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Large SGD steps on the labels: the outputs align with the features, the cross terms grow."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(50):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def test_every_dense_ntk_check_of_a_sketch_reports_its_split_half_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The error stated at init does not hold for the run (training aligns the outputs), so each NTK
+    check reports the split-half error of its own Θ_t: at step 0 the init figure (Θ_0 is reused),
+    later the halves' figure recomputed here with the generic path,
+    ``‖(Θ_A − Θ_B)/2‖₂ / ‖(Θ_A + Θ_B)/2‖₂``. Past the noise threshold it is said once, with the step;
+    an exact kernel reports no such value."""
+    probe, model, x, y = _classifier_start("sketch")
+    outputs = probe.kernel_outputs
+    assert outputs is not None and outputs.sketch is not None and outputs.error is not None
+    assert outputs.sketch.projections == 2
+    assert probe.measure(model, 0).record["ntk_sketch_error"] == outputs.error
+    _trained_away(model, x, y)
+    halves = [
+        empirical_ntk(
+            model,
+            x,
+            method="generic",
+            output_fn=outputs.sketch.output_fn(
+                None, outputs.outputs, device="cpu", dtype=torch.float32, half=k
+            ),
+        ).double()
+        for k in (0, 1)
+    ]
+    spectral = lambda m: float(torch.linalg.matrix_norm(m, ord=2))  # noqa: E731
+    expected = spectral((halves[0] - halves[1]) / 2) / spectral((halves[0] + halves[1]) / 2)
+    assert expected > outputs.error  # the premise: training made the sketch noisier
+    monkeypatch.setattr(core_module, "NOISY_SKETCH_ERROR", (outputs.error + expected) / 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = probe.measure(model, 5).record["ntk_sketch_error"]
+        again = probe.measure(model, 6).record["ntk_sketch_error"]
+    assert first == pytest.approx(expected, rel=1e-3) and again == pytest.approx(expected, rel=1e-3)
+    said = [str(w.message) for w in caught if "reached" in str(w.message)]
+    assert len(said) == 1 and f"reached {expected:.2f} at step 5" in said[0], said
+    exact, exact_model, exact_x, exact_y = _classifier_start("exact")
+    _trained_away(exact_model, exact_x, exact_y)
+    assert "ntk_sketch_error" not in exact.measure(exact_model, 5).record
