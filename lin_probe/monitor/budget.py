@@ -24,8 +24,9 @@ A monitoring callback that costs more than the training it watches gets switched
 * under ``outputs="auto"`` a model with more outputs than a sketch's directions (a classifier too:
   :mod:`lin_probe.monitor.outputs`) is planned both ways: the exact kernel (``C/S`` times the
   sketch's timed cost) when it fits with as large a probe, the sketch otherwise;
-* over the budget, a verdict the init fit explains ("not in the linear regime from the start") ends
-  the measuring at once, not after the usual :data:`STOP_AFTER_EXIT` checks (the callback's rule).
+* a verdict the init fit explains ("not in the linear regime from the start") ends the measuring at
+  once when the usual :data:`STOP_AFTER_EXIT` checks after it (:func:`after_verdict_s`) would not
+  fit in what is left of the budget (:meth:`BudgetKeeper.affords_after_verdict`).
 
 Settings the user passed (``n_probe``, ``every_n_steps``, ``ntk_every_n_steps``) are kept, not
 planned; the planner then only estimates their cost, so the caller can warn when it exceeds the
@@ -379,6 +380,18 @@ def _cost(costs: Costs, n: int, schedule: CheckSchedule, horizon: int) -> float:
     )
 
 
+def after_verdict_s(costs: Costs, n: int, schedule: CheckSchedule, step: int, checks: int) -> float:
+    """What measuring on after a verdict at ``step`` costs: the next ``checks`` checks (NTKs where the
+    schedule has them) and the shadow steps up to the last of them (the figure is drawn either way)."""
+    steps, last = [], step
+    for _ in range(checks):
+        last = schedule.next_functional(last)
+        steps.append(last)
+    ntks = sum(schedule.ntk(s) for s in steps)
+    shadows = costs.shadow_total_s(last) - costs.shadow_total_s(step)
+    return checks * costs.functional_s(n) + ntks * costs.ntk_s(n) + shadows
+
+
 def costs_from_run(
     previous: Costs,
     *,
@@ -430,6 +443,7 @@ __all__ = [
     "Costs",
     "MonitorPlan",
     "OverBudgetWarning",
+    "after_verdict_s",
     "check_max_overhead",
     "costs_from_run",
     "ntk_cost_curve",

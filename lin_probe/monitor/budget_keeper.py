@@ -17,6 +17,7 @@ from typing import Any, Final, NamedTuple
 from lin_probe.monitor.budget import (
     Costs,
     MonitorPlan,
+    after_verdict_s,
     check_max_overhead,
     costs_from_run,
     plan_within_budget,
@@ -102,6 +103,15 @@ class BudgetKeeper:
         """One of the user's optimizer steps (wall time between two step ends, less the monitor's)."""
         if len(self.user_step_seconds) < 64:
             self.user_step_seconds.append(seconds)
+
+    def affords_after_verdict(self, step: int, spent_s: float) -> bool:
+        """Whether the plan's checks after a verdict at ``step`` fit in its budget, ``spent_s`` (the
+        monitor's seconds so far) already spent; always, without a plan or a stop after the exit."""
+        plan, costs = self.plan, self.costs
+        if plan is None or costs is None or plan.stop_after_exit is None:
+            return True
+        more = after_verdict_s(costs, plan.n_probe, plan.schedule, step, plan.stop_after_exit)
+        return spent_s + more <= plan.budget_s
 
     def replan(self, step: int, user_s: float) -> MonitorPlan | None:
         """Once, at the first check after :data:`REPLAN_AT_STEP` steps: the plan from the run's own

@@ -68,6 +68,13 @@ class CheckSchedule:
         log_until = self.ntk_log_until if self.log_spaced else None
         return self.functional(step) and is_ntk_step(step, self.ntk_interval, log_until)
 
+    def next_functional(self, step: int) -> int:
+        """The first functional check after ``step`` (the next power of two or multiple of the interval)."""
+        candidates = [(step // self.every_n_steps + 1) * self.every_n_steps] if self.every_n_steps > 0 else []
+        if self.log_spaced:
+            candidates.append(1 << step.bit_length() if step > 0 else 1)
+        return min(candidates)
+
     def count(self, horizon: int) -> tuple[int, int]:
         """Functional and NTK checks in steps ``0 … horizon`` (step 0 included), without listing them."""
         functional = 1 + _multiples(self.every_n_steps, horizon)

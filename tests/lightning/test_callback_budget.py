@@ -108,10 +108,10 @@ def test_auto_reuses_the_pilots_structured_timings_at_start(
 
 
 @pytest.mark.parametrize(
-    ("ntk_quadratic", "user_stop", "after"),
+    ("shadow_step_s", "user_stop", "after"),
     [
-        (1e-12, None, STOP_AFTER_EXIT),  # within the budget: the planned checks after the verdict
-        (1.0, None, 0),  # over it, a verdict the init fit explains: none
+        (1e-12, None, STOP_AFTER_EXIT),  # they fit in the budget: the planned checks after the verdict
+        (1.0, None, 0),  # they do not (a verdict the init fit explains): none
         (1.0, 2, 2),  # ... unless the user asked for them
     ],
 )
@@ -119,17 +119,18 @@ def test_the_plan_stops_measuring_a_few_checks_after_the_verdict(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
-    ntk_quadratic: float,
+    shadow_step_s: float,
     user_stop: int | None,
     after: int,
 ) -> None:
     """A narrow net misfits the affine kernel: 'not in the linear regime from the start' at the first
-    checks. Within the budget the plan keeps measuring for STOP_AFTER_EXIT more checks; over it
-    (fixed pilot costs: a dear NTK) it stops at the verdict, since the init fit explains it and
-    later distances are from a poor proxy, and says so in one line; a user's stop_after_exit wins.
-    Then the shadows stop, and the summary figure is drawn once (not at the verdict and again at
-    the end)."""
-    fixed = Costs(1e-2, 0.0, ntk_quadratic, 1e-12, 1e-12, 1e-12, None, figure_s=0.0)
+    checks. Fixed pilot costs: a 1-s step, so the budget (0.05/0.95 of 200 s) holds the monitor's
+    real seconds; the checks after the verdict cost their shadow steps. Where those fit, the plan
+    keeps measuring for STOP_AFTER_EXIT more checks; where they do not (1 s a shadow step) it stops
+    at the verdict, since the init fit explains it and later distances are from a poor proxy, and
+    says so in one line; a user's stop_after_exit wins. Then the shadows stop, and the summary
+    figure is drawn once (not at the verdict and again at the end)."""
+    fixed = Costs(1.0, 0.0, 1e-12, 1e-12, shadow_step_s, shadow_step_s, None, figure_s=0.0)
     monkeypatch.setattr(callback_module, "measure_costs", lambda *args, **kwargs: fixed)
     monkeypatch.setattr(budget_keeper_module, "costs_from_run", lambda previous, **kwargs: previous)
     drawn: list[int] = []
@@ -150,7 +151,7 @@ def test_the_plan_stops_measuring_a_few_checks_after_the_verdict(
     concluded = next(i for i, r in enumerate(monitor.history) if "outside_from_start" in r)
     assert len(monitor.history) - 1 - concluded == after  # checks after the verdict's
     assert not monitor._active
-    said = [r.getMessage() for r in caplog.records if "misfit at init explains the verdict" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "not fit in what is left" in r.getMessage()]
     assert len(said) == (1 if after == 0 else 0), said
 
 

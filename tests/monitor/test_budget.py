@@ -19,6 +19,7 @@ from lin_probe.monitor.budget import (
     UNKNOWN_HORIZON_STEPS,
     Costs,
     MonitorPlan,
+    after_verdict_s,
     check_max_overhead,
     costs_from_run,
     ntk_cost_curve,
@@ -329,3 +330,14 @@ def test_an_exact_kernel_that_would_shrink_the_probe_leaves_the_sketch() -> None
 def test_without_an_auto_sketch_the_plan_does_not_choose_outputs() -> None:
     plan = plan_within_budget(costs(), horizon=1000, max_overhead=0.05, n_available=256)
     assert plan.outputs is None and "NTK over" not in plan.line()
+
+
+def test_after_verdict_counts_the_next_checks_and_the_shadow_steps_up_to_the_last() -> None:
+    """At step 4 of a log-spaced plan the next 3 checks are at 8, 16 and 32: 3 forwards over the probe,
+    an NTK only where the schedule has one (every 16 here), and 28 shadow steps, the first epoch's
+    at full price and the cached ones after it."""
+    c = costs(steps_per_epoch=20, functional_per_example_s=1e-3, shadow_step_s=1e-2, shadow_cached_s=1e-4)
+    schedule = CheckSchedule(0, 16, True, 0)
+    expected = 3 * 32 * 1e-3 + 2 * c.ntk_s(32) + (20 - 4) * 1e-2 + (32 - 20) * 1e-4  # NTKs at 16 and 32
+    assert after_verdict_s(c, 32, schedule, 4, 3) == pytest.approx(expected, rel=1e-12)
+    assert after_verdict_s(c, 32, schedule, 4, 0) == 0.0

@@ -83,3 +83,18 @@ def test_ntk_steps_text_names_the_log_steps_and_the_interval() -> None:
     assert CheckSchedule(0, 0, True, 512).ntk_steps_text(2000) == "0, 1, 2, 4, …, 512"
     assert CheckSchedule(100, 1000, True, 4).ntk_steps_text(5000) == "0, 1, 2, 4 and every 1,000"
     assert CheckSchedule(10, 0, True, None).ntk_steps_text(50) == "0"
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        CheckSchedule(0, 0, True),
+        CheckSchedule(10, 0, True),
+        CheckSchedule(7, 0, False),
+        CheckSchedule(64, 0, True),
+    ],
+)
+def test_next_functional_is_the_first_check_after_the_step(schedule: CheckSchedule) -> None:
+    checks = [s for s in range(2 * HORIZON + 2) if schedule.functional(s)]  # the rule, step by step
+    for step in range(HORIZON):
+        assert schedule.next_functional(step) == next(s for s in checks if s > step), step
