@@ -152,9 +152,7 @@ class RegimeProbe:
         with probe_batch_statistics(model, probe.inputs):
             outputs = choose_kernel_outputs(config.outputs, model, probe.inputs, config.output_fn)
             kernel_output_fn = outputs.output_fn(config.output_fn, model, probe.inputs)
-            timed_alike = structured_projections == (
-                None if outputs.sketch is None else outputs.sketch.projections
-            )
+            timed_alike = structured_projections == outputs.projections
             ntk = NTKProbe(
                 probe.inputs,
                 kernel_output_fn,
@@ -566,9 +564,9 @@ class RegimeProbe:
         if reused is not None:
             return reused, None if outputs is None else outputs.error
         halves = (
-            None
-            if outputs is None
-            else outputs.half_output_fns(self.config.output_fn, model, self.probe.inputs)
+            outputs.half_output_fns(self.config.output_fn, model, self.probe.inputs)
+            if outputs is not None
+            else None
         )
         if halves is None or not self.reference.dense:
             return self.ntk.operator(model), None

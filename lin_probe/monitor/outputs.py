@@ -92,6 +92,11 @@ class KernelOutputs:
         return first, second
 
     @property
+    def projections(self) -> int | None:
+        """The sketch's directions; ``None`` for the exact kernel (the pilot's timings are keyed by it)."""
+        return None if self.sketch is None else self.sketch.projections
+
+    @property
     def exact_cost_factor(self) -> float | None:
         """``C/S``: how many times a sketched NTK the exact one costs; ``None`` when exact already."""
         return None if self.sketch is None else self.outputs / self.sketch.projections

@@ -97,7 +97,7 @@ def measure_costs(
         steps_per_epoch=steps_per_epoch if center else None,
         exact_ntk_factor=_exact_factor(outputs_setting, outputs),
         structured_ntk_s=tuple(_distinct(samples)) if structured else (),
-        structured_ntk_projections=None if outputs.sketch is None else outputs.sketch.projections,
+        structured_ntk_projections=outputs.projections,
     )
 
 
