@@ -60,6 +60,34 @@ def test_explicit_settings_over_budget_warn_naming_them_and_are_kept() -> None:
     assert planned_stop(plan, None, budget.planned_anything) is None  # all set by hand: measure on
 
 
+def test_a_run_over_budget_at_start_and_at_the_replan_is_warned_once() -> None:
+    """An explicit ``n_probe=256`` too dear for the run: the start warns; the re-plan from the run's
+    own faster steps is still the minimal plan, over the budget again, and says nothing more."""
+    budget, warnings, _ = keeper(n_probe=256)
+    first = budget.start(cheap(step_s=0.1, ntk_quadratic=1e-3), horizon=5000, n_available=256)
+    assert not first.fits and len(warnings) == 1
+    for _step in (1, 2, 4):
+        budget.record_check(first.n_probe, 0.001, 5.0)
+        budget.record_shadow_step(1e-4)
+    assert budget.replan(REPLAN_AT_STEP, user_s=REPLAN_AT_STEP * 0.01) is None
+    assert not budget.plan.fits  # type: ignore[union-attr]
+    assert len(warnings) == 1
+
+
+def test_a_replan_over_a_budget_the_start_plan_fitted_warns_then() -> None:
+    """The pilot's step time misled the start plan (it fitted); the run's own steps are 10× faster and
+    its NTKs 20× dearer, so the re-plan cannot fit: that is the run's first and only warning."""
+    budget, warnings, _ = keeper(n_probe=256)
+    first = budget.start(cheap(step_s=0.1, ntk_quadratic=1e-4), horizon=5000, n_available=256)
+    assert first.fits and not warnings
+    for _step in (1, 2, 4):
+        budget.record_check(first.n_probe, 0.001, 5.0)
+        budget.record_shadow_step(1e-4)
+    plan = budget.replan(REPLAN_AT_STEP, user_s=REPLAN_AT_STEP * 0.01)
+    assert plan is not None and not plan.fits
+    assert len(warnings) == 1 and "settings (probe 256" in warnings[0]
+
+
 def test_a_slower_measured_step_replans_once_with_more_checks() -> None:
     """The pilot's step (forward + backward) was 10× faster than the run's real step: the budget grows
     tenfold, so the re-plan at step 8 checks more often; it happens once."""
