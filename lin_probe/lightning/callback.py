@@ -548,7 +548,9 @@ class LinearRegimeMonitor(Callback):
                 failure = f"{type(err).__name__}: {err}"
         self.core.discard()
         self._active, self._pending = False, []
-        reason = f"the linear shadow could not take a step ({failure})"
+        self._warn_stopping(f"the linear shadow could not take a step ({failure})")
+
+    def _warn_stopping(self, reason: str) -> None:
         self.publisher.warnings.warn(f"LinearRegimeMonitor stops measuring: {reason}. Training continues.")
 
     def _run_check(self, trainer: pl.Trainer, model: nn.Module, step: int) -> None:
@@ -558,7 +560,11 @@ class LinearRegimeMonitor(Callback):
             self.budget.record_check(len(self.core.probe), *self.core.last_check_seconds)
         # Every rank measured the same thing; rank zero's record makes the exit (and so the
         # stop_after_exit schedule that gates the shadows' collectives) identical everywhere.
-        record = _bridge.from_rank_zero(trainer, measured.record)
+        record, stop_reason = _bridge.from_rank_zero(trainer, (measured.record, measured.stop_reason))
+        if stop_reason is not None:  # nothing left to compare: the checks so far are the result
+            self._stop_measuring(trainer)  # no NaN record: an EarlyStopping on lin_probe/* would stop the run
+            self._warn_stopping(stop_reason)
+            return
         exited = self.core.observe(record)
         over_budget = self.budget is not None and self.budget.plan is not None and not self.budget.plan.fits
         self.core.conclude(model, record, kernel_when_explained=not over_budget)  # the exit's cause

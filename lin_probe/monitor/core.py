@@ -73,10 +73,15 @@ _LINEARIZED_HINT = (
 
 @dataclass
 class Measurement:
-    """One check's values (``step`` included) and, for dense NTK checks, Θ_t's eigenvalues."""
+    """One check's values (``step`` included) and, for dense NTK checks, Θ_t's eigenvalues.
+
+    ``stop_reason``: why measuring must stop (the network and its shadow could not be compared, so no
+    check can say anything), for the host to act on; ``None`` when the check went through.
+    """
 
     record: dict[str, float]
     eigenvalues: Tensor | None = None
+    stop_reason: str | None = None
 
 
 class RegimeProbe:
@@ -109,6 +114,8 @@ class RegimeProbe:
         self.diagnosis: Diagnosis | None = None
         self._diagnosis_due = False
         self._previous_ntk: tuple[int, Tensor] | None = None
+        self.ntk_off = False
+        """An NTK check failed: no more NTK checks in this fit (the functional ones carry on)."""
         self._theta0_at: tuple[SymmetricOperator, dict[str, int]] | None = None
         self._warned: set[str] = set()
         self.last_check_seconds: tuple[float, float | None] = (0.0, None)  # functional, NTK (None: none)
@@ -335,7 +342,12 @@ class RegimeProbe:
 
     # ------------------------------------------------------------------ measuring
     def measure(self, model: nn.Module, step: int, *, ntk: bool = True) -> Measurement:
-        """One check's values; a part that fails is NaN with one warning, never an exception.
+        """One check's values; a part that fails is NaN, never an exception.
+
+        A failed functional comparison sets :attr:`Measurement.stop_reason` (the host stops
+        measuring and says so); a failed NTK warns once and switches the NTK checks off for the rest
+        of the fit (:attr:`ntk_off`): an NTK that cannot be computed once will not be computed at the
+        next check either, and trying again costs its seconds each time for NaN.
 
         Measured on the network train mode runs: training BatchNorms on the probe's own statistics
         at the current weights (:mod:`lin_probe.monitor.batch_statistics`), dropout off. A dense
@@ -350,15 +362,13 @@ class RegimeProbe:
         try:
             record.update(self._functional(model))
         except Exception as err:  # never crash the user's run over a measurement
-            self.warn_once(
-                "functional",
-                f"lin_probe could not compare network and shadow at step {step} "
-                f"({type(err).__name__}: {err}); logging NaN and carrying on.",
-            )
             record.update(functional_distance=math.nan, functional_distance_rel=math.nan)
+            self.last_check_seconds = (time.perf_counter() - started, None)
+            reason = f"it could not compare network and shadow at step {step} ({type(err).__name__}: {err})"
+            return Measurement(record, stop_reason=reason)
         functional_s = time.perf_counter() - started
         self.last_check_seconds = (functional_s, None)
-        if not ntk:
+        if not ntk or self.ntk_off:
             return Measurement(record)
         values, eigenvalues = self._ntk_values(model, step)
         self.last_check_seconds = (functional_s, time.perf_counter() - started - functional_s)
@@ -374,10 +384,11 @@ class RegimeProbe:
         except NonFiniteOperator:
             return failed, None
         except Exception as err:
+            self.ntk_off = True
             self.warn_once(
                 "ntk",
-                f"lin_probe could not compute the NTK at step {step} "
-                f"({type(err).__name__}: {err}); logging NaN and carrying on.",
+                f"lin_probe could not compute the NTK at step {step} ({type(err).__name__}: {err}): NTK "
+                "checks stop for the rest of this fit (logged as NaN here), the functional checks carry on.",
             )
             return failed, None
         if sketch_error is not None:
@@ -443,7 +454,7 @@ class RegimeProbe:
         self._diagnosis_due = False
         step = int(record["step"])
         from_start = self.outside_from_start and self.verdict_run.prefix == PAPER
-        if "ntk_drift" not in record and (kernel_when_explained or not from_start):
+        if "ntk_drift" not in record and not self.ntk_off and (kernel_when_explained or not from_start):
             with self._measured(model, step):
                 record.update(self._ntk_values(model, step)[0])
         self.diagnosis = diagnose(

@@ -587,6 +587,107 @@ def test_a_start_up_measurement_failure_switches_the_monitor_off_not_the_run(
         assert torch.equal(p, q), name
 
 
+def test_a_later_ntk_failure_switches_the_ntk_checks_off_and_the_functional_checks_carry_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The NTK at a check cannot be computed (after a good start): one warning, NaN at that check,
+    no NTK attempted at any later check, functional checks at every scheduled step, training intact."""
+    import lin_probe.monitor.core as core
+
+    calls: list[int] = []
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        raise RuntimeError("out of memory")
+
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=1, ntk_every_n_steps=2, log_spaced=False)
+    monkeypatch.setattr(core, "ntk_check", fails)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, module, _, _ = _run(tmp_path, monitor=monitor, max_steps=8)
+    messages = [str(w.message) for w in caught if "could not compute the NTK" in str(w.message)]
+    assert len(messages) == 1 and "NTK checks stop" in messages[0] and "out of memory" in messages[0]
+    assert len(calls) == 1  # never retried
+    assert [int(r["step"]) for r in monitor.history] == list(range(9))
+    assert all(math.isfinite(r["functional_distance_rel"]) for r in monitor.history)
+    assert math.isnan(monitor.history[0]["ntk_gap"])
+    assert all("ntk_gap" not in r for r in monitor.history[1:])
+    _, reference, _, _ = _run(tmp_path / "plain", monitor=None, max_steps=8)
+    for (name, p), (_, q) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_a_later_functional_failure_stops_measuring_and_training_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The network and its shadow cannot be compared at the third check: measuring stops there with
+    one warning that says so and why (no NaN record is published), and training runs to its end
+    exactly as without the monitor."""
+    from lin_probe.monitor.core import RegimeProbe
+
+    functional = RegimeProbe._functional
+    calls: list[int] = []
+
+    def third_fails(self: RegimeProbe, model: Any) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the probe forward broke")
+        return functional(self, model)
+
+    monkeypatch.setattr(RegimeProbe, "_functional", third_fails)
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=1, log_spaced=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, module, _, _ = _run(tmp_path, monitor=monitor, max_steps=8)
+    messages = [str(w.message) for w in caught if "stops measuring" in str(w.message)]
+    assert len(messages) == 1
+    assert (
+        "could not compare network and shadow at step 2" in messages[0]
+        and "the probe forward broke" in messages[0]
+    )
+    assert trainer.global_step == 8 and len(calls) == 3  # no check after the failure
+    assert [int(r["step"]) for r in monitor.history] == [0, 1]
+    assert float(trainer.callback_metrics["lin_probe/functional_distance_rel"]) == pytest.approx(
+        monitor.history[-1]["functional_distance_rel"]
+    )
+    _, reference, _, _ = _run(tmp_path / "plain", monitor=None, max_steps=8)
+    for (name, p), (_, q) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_a_shadow_step_failure_stops_measuring_and_training_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shadows cannot take their third step: one warning says measuring stops and why, no check
+    follows, and the user's training is exactly what it is without the monitor."""
+    from lin_probe.monitor.core import RegimeProbe
+
+    shadow_step = RegimeProbe.step
+    calls: list[int] = []
+
+    def third_fails(self: RegimeProbe, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("shadow optimizer state lost")
+        shadow_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(RegimeProbe, "step", third_fails)
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, every_n_steps=1, log_spaced=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, module, _, _ = _run(tmp_path, monitor=monitor, max_steps=8)
+    messages = [str(w.message) for w in caught if "stops measuring" in str(w.message)]
+    assert (
+        len(messages) == 1
+        and "could not take a step (RuntimeError: shadow optimizer state lost)" in messages[0]
+    )
+    assert trainer.global_step == 8 and len(calls) == 3
+    assert [int(r["step"]) for r in monitor.history] == [0, 1, 2]  # the checks before the failed step
+    _, reference, _, _ = _run(tmp_path / "plain", monitor=None, max_steps=8)
+    for (name, p), (_, q) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
 def test_overhead_share_is_logged_at_every_check(tmp_path: Path) -> None:
     """lin_probe/overhead: the monitor's measured share of the fit's wall time, in (0, 1), in TensorBoard's
     main run and in callback_metrics; and it counts the start-up (the first check's share is large)."""

@@ -92,18 +92,20 @@ def test_a_poor_fit_is_not_in_the_regime_from_the_start_at_any_learning_rate(lr:
     assert monitor.diagnosis.from_start
 
 
-@pytest.mark.parametrize("kernel_when_explained", [True, False])
+@pytest.mark.parametrize(("kernel_when_explained", "ntk_off"), [(True, False), (False, False), (True, True)])
 def test_a_verdict_the_init_fit_explains_takes_the_exit_kernel_only_when_asked(
-    kernel_when_explained: bool,
+    kernel_when_explained: bool, ntk_off: bool
 ) -> None:
     """The poor fit's verdict at step 1 (no NTK planned there): its cause is the init fit's either way,
-    and the exit's NTK (Θ_0's cost again) is taken only when the caller can afford it."""
+    and the exit's NTK (Θ_0's cost again) is taken only when the caller can afford it and the NTK
+    checks have not been switched off by an earlier failure."""
     x, y = sphere_data(64 + 32, 64)
     x, y = x.double(), y.double()
     torch.manual_seed(0)
     model = TwoLayerNet(64, 8).double()
     opt = torch.optim.SGD(model.parameters(), lr=1e-7)
     monitor = RegimeProbe.start(model, (x[64:], y[64:]), opt, MonitorConfig(tolerance=0.1, patience=1))
+    monitor.ntk_off = ntk_off
     for step in (0, 1):
         if step:
             F.mse_loss(model(x[:64]), y[:64]).backward()
@@ -115,7 +117,7 @@ def test_a_verdict_the_init_fit_explains_takes_the_exit_kernel_only_when_asked(
         monitor.conclude(model, record, kernel_when_explained=kernel_when_explained)
     assert monitor.verdict.state == "outside_from_start"
     assert monitor.diagnosis is not None and monitor.diagnosis.cause == "never_input_linear"
-    assert ("ntk_drift" in monitor.history[-1]) == kernel_when_explained
+    assert ("ntk_drift" in monitor.history[-1]) == (kernel_when_explained and not ntk_off)
 
 
 def test_the_memorizing_shadow_close_on_training_points_diagnoses_memorisation() -> None:
