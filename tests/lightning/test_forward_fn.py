@@ -102,6 +102,24 @@ def test_a_forward_that_needs_more_arguments_is_an_error_at_setup_naming_forward
     assert started == [] and trainer.global_step == 0  # raised at setup, before training started
 
 
+def test_with_the_default_probe_a_forward_that_needs_more_arguments_is_an_error_before_the_first_step(
+    tmp_path: Path,
+) -> None:
+    """No ``probe=``: the probe comes from the dataloaders, which exist only at train start, so the
+    same configuration error is raised there, before any step or costly measurement, naming
+    ``forward_fn``."""
+    x, y = sphere_data(32, D)
+    train, val = loaders(x, y, x, y, 16)
+    steps: list[int] = []
+    monitor = LinearRegimeMonitor(loss="mse")
+    monitor.on_train_batch_start = lambda *args: steps.append(1)  # type: ignore[method-assign]
+    trainer = make_trainer(tmp_path, [monitor], max_steps=2)
+    with pytest.raises(ValueError, match=r"forward_fn=lambda module, x") as raised:
+        trainer.fit(NeedsScale(TwoLayerNet(D, 32), 0.5), train, val)
+    assert "one probe example of shape (8,)" in str(raised.value)
+    assert steps == [] and trainer.global_step == 0
+
+
 @pytest.mark.slow
 def test_lightnings_demo_transformer_runs_under_the_monitor_with_forward_fn(tmp_path: Path) -> None:
     """``LightningTransformer.forward(inputs, target)`` (Lightning's own demo): no subclass needed.
