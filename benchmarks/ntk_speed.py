@@ -6,9 +6,10 @@ Configurations (float32, inputs ~ N(0, 1)):
 * ``cnn8``  8×8×1 input: Conv(16, 3×3, same) → ReLU → Conv(32, 3×3, stride 2, pad 1) → ReLU →
   Flatten → Linear(10) (9,930 parameters);
 * ``cnn32`` the same CNN on 32×32×3 inputs (87,018 parameters);
-* ``resnet_bn``, ``transformer``, ``lstm``: the networks of ``benchmarks/zoo.py`` (a BatchNorm
-  ResNet with global average pooling on 32×32×3, a token Transformer encoder and a token LSTM
-  classifier, 10 outputs each), on their own synthetic inputs, in eval mode (as the monitor measures).
+* ``resnet_bn``, ``transformer``, ``lstm``, ``digits_mlp``: the networks of ``benchmarks/zoo.py`` (a
+  BatchNorm ResNet with global average pooling on 32×32×3, a token Transformer encoder, a token LSTM
+  classifier and the digits MLP, 10 outputs each), on their own inputs (synthetic, or scikit-learn's
+  digits), in eval mode (as the monitor measures).
 
 (torch refuses ``padding="same"`` with stride 2; ``padding=1`` gives TF's "SAME" output size and
 the same cost, shifted by one pixel.)
@@ -54,7 +55,7 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zoo
 
-ZOO = ("resnet_bn", "transformer", "lstm")
+ZOO = ("resnet_bn", "transformer", "lstm", "digits_mlp")
 CONFIGS = ("mlp", "cnn8", "cnn32", *ZOO)
 METHODS = ("baseline", "ntvp", "auto", "auto_first", "generic", "structured", "spectral")
 AUTO_METHODS = ("auto", "auto_first")

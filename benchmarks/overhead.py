@@ -184,6 +184,8 @@ def main() -> None:
         help="the shadows follow every step (stop_after_exit very large): the cost of a run that stays linear",
     )
     args = parser.parse_args()
+    if args.repeats < 2 and not args.profile:
+        parser.error("--repeats must be at least 2: one fit per variant is not a best-of figure")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

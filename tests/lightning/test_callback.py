@@ -507,6 +507,24 @@ def test_auto_data_kernel_says_which_it_chose_with_every_score_in_one_line_and_o
     assert "the lowest centred fit error of the candidates" in text
 
 
+def test_a_sketched_kernel_is_stated_on_the_fit_card_with_its_projections_and_error(tmp_path: Path) -> None:
+    """``outputs="sketch"`` on a 10-output model: TensorBoard's fit card says the NTK is sketched, with
+    how many directions and the estimated error the monitor measured (its accuracy against the exact
+    kernel: tests/monitor/test_outputs.py)."""
+    x, y = sphere_data(N_TRAIN + N_VAL, D, outputs=10)
+    train, val = loaders(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], N_TRAIN)
+    monitor = LinearRegimeMonitor(n_probe=N_VAL, outputs="sketch", loss="mse", max_overhead=None)
+    make_trainer(tmp_path, [monitor], max_steps=2).fit(
+        Regressor(TwoLayerNet(D, 64, outputs=10), 0.5), train, val
+    )
+    outputs = monitor.core.kernel_outputs
+    assert outputs is not None and outputs.sketch is not None and outputs.error is not None
+    events = read_events(tmp_path / "run" / "version_0")
+    text = events.Tensors("lin_probe/1_fit/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "NTK over outputs sketched: 2 random projections of the 10 outputs per example" in text
+    assert f"estimated relative spectral error {outputs.error:.3g} on {N_VAL} probe examples" in text
+
+
 def test_the_verdict_is_announced_in_one_line_with_its_diagnosis(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
