@@ -181,9 +181,7 @@ class BudgetKeeper:
             return
         budget = f"max_overhead={self.max_overhead:g}"
         share = f"{100 * plan.share:.0f} %"
-        if (
-            self.n_probe is not None or self.user_schedule is not None
-        ):  # the user's settings, not the minimal plan
+        if self.n_probe is not None or self.user_schedule is not None:  # a setting of the user's is in it
             self.warn(
                 f"LinearRegimeMonitor's settings ({self._settings(plan)}) are estimated to cost {share} of "
                 f"this run's wall time, over the budget {budget}. Leave n_probe/every_n_steps unset to let "

@@ -582,6 +582,13 @@ def test_auto_loss_with_a_tensor_probe_asks_for_targets_or_a_loss(tmp_path: Path
         _run(tmp_path, monitor=monitor, max_steps=2)
 
 
+def _assert_trains_as_without_monitor(tmp_path: Path, module: Regressor, max_steps: int) -> None:
+    """``module``'s parameters are bit for bit those of the same run without the monitor."""
+    _, reference, _, _ = _run(tmp_path / "plain", monitor=None, max_steps=max_steps)
+    for (name, p), (_, q) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
 def test_a_start_up_measurement_failure_switches_the_monitor_off_not_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -600,9 +607,7 @@ def test_a_start_up_measurement_failure_switches_the_monitor_off_not_the_run(
     messages = [str(w.message) for w in caught if "switched off" in str(w.message)]
     assert len(messages) == 1 and "RuntimeError: no batching rule" in messages[0]
     assert monitor.core is None and monitor.history == []
-    _, reference, _, _ = _run(tmp_path / "plain", monitor=None, max_steps=3)
-    for (name, p), (_, q) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
-        assert torch.equal(p, q), name
+    _assert_trains_as_without_monitor(tmp_path, module, max_steps=3)
 
 
 def test_a_later_ntk_failure_switches_the_ntk_checks_off_and_the_functional_checks_carry_on(
@@ -630,9 +635,7 @@ def test_a_later_ntk_failure_switches_the_ntk_checks_off_and_the_functional_chec
     assert all(math.isfinite(r["functional_distance_rel"]) for r in monitor.history)
     assert math.isnan(monitor.history[0]["ntk_gap"])
     assert all("ntk_gap" not in r for r in monitor.history[1:])
-    _, reference, _, _ = _run(tmp_path / "plain", monitor=None, max_steps=8)
-    for (name, p), (_, q) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
-        assert torch.equal(p, q), name
+    _assert_trains_as_without_monitor(tmp_path, module, max_steps=8)
 
 
 def test_a_later_functional_failure_stops_measuring_and_training_continues(
@@ -668,9 +671,7 @@ def test_a_later_functional_failure_stops_measuring_and_training_continues(
     assert float(trainer.callback_metrics["lin_probe/functional_distance_rel"]) == pytest.approx(
         monitor.history[-1]["functional_distance_rel"]
     )
-    _, reference, _, _ = _run(tmp_path / "plain", monitor=None, max_steps=8)
-    for (name, p), (_, q) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
-        assert torch.equal(p, q), name
+    _assert_trains_as_without_monitor(tmp_path, module, max_steps=8)
 
 
 def test_a_shadow_step_failure_stops_measuring_and_training_continues(
@@ -701,9 +702,7 @@ def test_a_shadow_step_failure_stops_measuring_and_training_continues(
     )
     assert trainer.global_step == 8 and len(calls) == 3
     assert [int(r["step"]) for r in monitor.history] == [0, 1, 2]  # the checks before the failed step
-    _, reference, _, _ = _run(tmp_path / "plain", monitor=None, max_steps=8)
-    for (name, p), (_, q) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
-        assert torch.equal(p, q), name
+    _assert_trains_as_without_monitor(tmp_path, module, max_steps=8)
 
 
 def test_overhead_share_is_logged_at_every_check(tmp_path: Path) -> None:
